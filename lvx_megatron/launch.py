@@ -1,0 +1,34 @@
+"""Spawn a group of local processes joined over gloo (CPU demos and tests)."""
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], args: tuple, result_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(world_size: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes joined over gloo.
+
+    ``fn`` must be importable (a module-level function). Returns the per-rank return values;
+    an exception in any rank is raised here with that rank's traceback.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    with tempfile.TemporaryDirectory(prefix="lvx_gloo_") as tmp:
+        init_file = os.path.join(tmp, "init")
+        mp.spawn(_worker, args=(world_size, init_file, fn, args, tmp), nprocs=world_size, join=True)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

@@ -1,0 +1,127 @@
+"""The public entry point: exact cross-attention over visual tokens sharded across a group."""
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .backends import BlockAttentionBackend, get_backend
+from .kv_ring import KVRingAttention
+from .layout import exchange_layout
+from .problem import CrossAttentionProblem
+from .query_ring import QueryRingAttention
+
+STRATEGIES = {"query_ring": QueryRingAttention, "kv_ring": KVRingAttention}
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_inputs(
+    q: Tensor, k: Tensor, v: Tensor, q_image_mask: Tensor | None, kv_image_ids: Tensor | None, strategy: str
+) -> None:
+    """Raise ValueError naming the offending argument."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor [B, S_local, H, D], got {shape}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must have a floating dtype in {_FLOAT_DTYPES}, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must have the same head dim, got {q.shape[3]} and {k.shape[3]}")
+    hq, hkv = q.shape[2], k.shape[2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"the query heads of q ({hq}) must be a multiple of the key/value heads of k ({hkv})")
+    b, sq, skv = q.shape[0], q.shape[1], k.shape[1]
+    if q_image_mask is not None:
+        if kv_image_ids is None:
+            raise ValueError("q_image_mask needs kv_image_ids (the image id of each visual token)")
+        if q_image_mask.dtype != torch.bool or q_image_mask.dim() != 3 or tuple(q_image_mask.shape[:2]) != (b, sq):
+            raise ValueError(
+                f"q_image_mask must be a bool tensor [B={b}, Sq_local={sq}, N_ids], "
+                f"got {q_image_mask.dtype} {tuple(q_image_mask.shape)}"
+            )
+        if q_image_mask.device != q.device:
+            raise ValueError(f"q_image_mask must be on {q.device}, got {q_image_mask.device}")
+    if kv_image_ids is not None:
+        if (
+            kv_image_ids.dtype.is_floating_point
+            or kv_image_ids.dtype == torch.bool
+            or tuple(kv_image_ids.shape) != (b, skv)
+        ):
+            raise ValueError(
+                f"kv_image_ids must be an integer tensor [B={b}, Skv_local={skv}], "
+                f"got {kv_image_ids.dtype} {tuple(kv_image_ids.shape)}"
+            )
+        if kv_image_ids.device != k.device:
+            raise ValueError(f"kv_image_ids must be on {k.device}, got {kv_image_ids.device}")
+        if kv_image_ids.numel():
+            lo, hi = int(kv_image_ids.min()), int(kv_image_ids.max())
+            limit = q_image_mask.shape[-1] if q_image_mask is not None else None
+            if lo < -1 or (limit is not None and hi >= limit):
+                bound = f"[-1, {limit - 1}]" if limit is not None else ">= -1"
+                raise ValueError(f"kv_image_ids values must be in {bound} (-1 = padding), got min {lo}, max {hi}")
+
+
+def distributed_cross_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    strategy: str = "query_ring",
+    softmax_scale: float | None = None,
+    q_image_mask: Tensor | None = None,
+    kv_image_ids: Tensor | None = None,
+    backend: str | BlockAttentionBackend = "auto",
+) -> Tensor:
+    """Exact softmax cross-attention of text queries against visual keys/values sharded over ``group``.
+
+    Args:
+        q: ``[B, Sq_local, Hq, D]`` this rank's text queries.
+        k, v: ``[B, Skv_local, Hkv, D]`` this rank's visual keys/values; ``Hq % Hkv == 0``. Shard
+            lengths may differ between ranks, and may be zero.
+        group: the context-parallel group; None means a single process (or, when
+            ``torch.distributed`` is initialised, the default group).
+        strategy: ``"query_ring"`` (LV-XAttn: queries travel, K/V stay) or ``"kv_ring"``
+            (Ring Attention: K/V travel).
+        softmax_scale: defaults to ``D ** -0.5``.
+        q_image_mask: ``[B, Sq_local, N_ids]`` bool, which image ids each text token may see.
+        kv_image_ids: ``[B, Skv_local]`` int, image (or tile) id of each visual token, ``-1`` for
+            padding (never attended).
+        backend: block-attention backend: ``"auto"``, ``"torch"``, ``"fused"`` or an instance.
+
+    Returns:
+        ``[B, Sq_local, Hq, D]``: this rank's rows of the exact attention of the full Q against
+        the full K/V. Rows that see no visual token are exactly zero, with zero gradients.
+    """
+    _check_inputs(q, k, v, q_image_mask, kv_image_ids, strategy)
+    if softmax_scale is not None and not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be a positive number, got {softmax_scale}")
+    distributed = dist.is_available() and dist.is_initialized()
+    if group is not None and not distributed:
+        raise ValueError("group was given but torch.distributed is not initialised")
+    world_size = dist.get_world_size(group) if distributed else 1
+    layout = exchange_layout(q, k, q_image_mask, kv_image_ids, group, world_size)
+    problem = CrossAttentionProblem(
+        group=group if distributed else None,
+        layout=layout,
+        batch=q.shape[0],
+        q_heads=q.shape[2],
+        kv_heads=k.shape[2],
+        head_dim=q.shape[3],
+        num_ids=q_image_mask.shape[-1] if q_image_mask is not None else 0,
+        dtype=q.dtype,
+        scale=q.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale),
+        backend=get_backend(backend, q.device, q.dtype),
+    )
+    q_mask_rows = None if q_image_mask is None else q_image_mask.to(torch.uint8)
+    kv_ids = None if kv_image_ids is None else kv_image_ids.to(torch.int64)
+    return STRATEGIES[strategy].apply(q, k, v, q_mask_rows, kv_ids, problem)

@@ -1,0 +1,74 @@
+"""Shard sizes of every rank, exchanged once per call and checked for consistency."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_FIELDS = (
+    "Sq_local",
+    "Skv_local",
+    "batch",
+    "Hq",
+    "Hkv",
+    "head_dim",
+    "N_ids",
+    "dtype",
+    "has_q_image_mask",
+    "has_kv_image_ids",
+)
+_MUST_MATCH = _FIELDS[2:]
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Per-rank text and visual shard lengths of one distributed call."""
+
+    q_lens: tuple[int, ...]
+    kv_lens: tuple[int, ...]
+
+    @property
+    def world_size(self) -> int:
+        return len(self.q_lens)
+
+
+def exchange_layout(
+    q: Tensor,
+    k: Tensor,
+    q_image_mask: Tensor | None,
+    kv_image_ids: Tensor | None,
+    group: dist.ProcessGroup | None,
+    world_size: int,
+) -> ShardLayout:
+    """All-gather every rank's shard lengths and check that the rest of the shapes agree.
+
+    Raises ValueError on every rank (so none is left waiting) when batch, heads, head dim,
+    number of image ids, dtype or mask presence differ between ranks.
+    """
+    n_ids = q_image_mask.shape[-1] if q_image_mask is not None else -1
+    mine = [
+        q.shape[1],
+        k.shape[1],
+        q.shape[0],
+        q.shape[2],
+        k.shape[2],
+        q.shape[3],
+        n_ids,
+        _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1,
+        int(q_image_mask is not None),
+        int(kv_image_ids is not None),
+    ]
+    if world_size == 1:
+        return ShardLayout((mine[0],), (mine[1],))
+    device = q.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    local = torch.tensor(mine, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local, group=group)
+    table = torch.stack(gathered).cpu().tolist()
+    for i, name in enumerate(_FIELDS):
+        if name in _MUST_MATCH and len({row[i] for row in table}) > 1:
+            values = {rank: row[i] for rank, row in enumerate(table)}
+            raise ValueError(f"{name} must be the same on every rank of the group, got {values} (rank: value)")
+    return ShardLayout(tuple(row[0] for row in table), tuple(row[1] for row in table))

@@ -1,0 +1,63 @@
+"""What every strategy needs to know about one cross-attention call besides the tensors."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .backends import BlockAttentionBackend
+from .layout import ShardLayout
+from .masks import block_mask
+from .merge import accumulation_dtype
+from .ring import TensorSpec
+
+
+@dataclass(frozen=True)
+class CrossAttentionProblem:
+    """Shapes, scale, backend and group of one distributed call (shared by forward and backward)."""
+
+    group: dist.ProcessGroup | None
+    layout: ShardLayout
+    batch: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    num_ids: int
+    dtype: torch.dtype
+    scale: float
+    backend: BlockAttentionBackend
+
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        return accumulation_dtype(self.dtype)
+
+    def mask(self, q_mask_rows: Tensor | None, kv_ids: Tensor | None, num_queries: int) -> Tensor | None:
+        """Dense mask of one block pair (``q_mask_rows`` travel as uint8)."""
+        return block_mask(None if q_mask_rows is None else q_mask_rows.bool(), kv_ids, num_queries)
+
+    def q_spec(self, j: int, dtype: torch.dtype | None = None) -> TensorSpec:
+        """``[B, Sq_j, Hq, D]``."""
+        return TensorSpec((self.batch, self.layout.q_lens[j], self.q_heads, self.head_dim), dtype or self.dtype)
+
+    def stat_spec(self, j: int) -> TensorSpec:
+        """``[B, Sq_j, Hq]`` in the accumulation dtype (LSE, delta)."""
+        return TensorSpec((self.batch, self.layout.q_lens[j], self.q_heads), self.acc_dtype)
+
+    def q_mask_spec(self, j: int) -> TensorSpec:
+        """``[B, Sq_j, N_ids]`` uint8 visibility rows."""
+        return TensorSpec((self.batch, self.layout.q_lens[j], self.num_ids), torch.uint8)
+
+    def kv_spec(self, j: int, dtype: torch.dtype | None = None) -> TensorSpec:
+        """``[B, Skv_j, Hkv, D]``."""
+        return TensorSpec((self.batch, self.layout.kv_lens[j], self.kv_heads, self.head_dim), dtype or self.dtype)
+
+    def kv_ids_spec(self, j: int) -> TensorSpec:
+        """``[B, Skv_j]`` int64 image ids."""
+        return TensorSpec((self.batch, self.layout.kv_lens[j]), torch.int64)
+
+
+def output_delta(dout: Tensor, out: Tensor) -> Tensor:
+    """``D = rowsum(dO * O)`` ``[B, Sq, Hq]`` in the accumulation dtype."""
+    acc = accumulation_dtype(out.dtype)
+    return (dout.to(acc) * out.to(acc)).sum(-1)

@@ -1,0 +1,111 @@
+"""Random sharded cross-attention problems shared by the distributed tests (importable by workers)."""
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lvx_megatron.ops import dense_cross_attention, distributed_cross_attention
+
+
+@dataclass(frozen=True)
+class Case:
+    strategy: str
+    hq: int
+    hkv: int
+    masks: str  # "none", "padding" (ids only) or "images" (ids and per-token visibility)
+    dtype: torch.dtype
+    seed: int
+
+
+def random_lengths(gen: torch.Generator, world_size: int, low: int, high: int, allow_zero: bool) -> list[int]:
+    lens = torch.randint(low, high + 1, (world_size,), generator=gen).tolist()
+    if allow_zero and world_size > 1:
+        lens[int(torch.randint(0, world_size, (1,), generator=gen))] = 0
+    return lens
+
+
+def make_problem(case: Case, world_size: int, batch: int = 2, head_dim: int = 8, num_ids: int = 4):
+    """Full float64 tensors, shard lengths, and masks (rows that see nothing included)."""
+    gen = torch.Generator().manual_seed(case.seed)
+    q_lens = random_lengths(gen, world_size, 1, 6, allow_zero=True)
+    kv_lens = random_lengths(gen, world_size, 1, 9, allow_zero=True)
+    sq, skv = sum(q_lens), sum(kv_lens)
+    q = torch.randn(batch, sq, case.hq, head_dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(batch, skv, case.hkv, head_dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, skv, case.hkv, head_dim, generator=gen, dtype=torch.float64)
+    dout = torch.randn(batch, sq, case.hq, head_dim, generator=gen, dtype=torch.float64)
+    q_mask = ids = None
+    if case.masks in ("padding", "images"):
+        ids = torch.randint(-1, num_ids, (batch, skv), generator=gen)
+    if case.masks == "images":
+        q_mask = torch.rand(batch, sq, num_ids, generator=gen) < 0.5
+        q_mask[:, 0] = False  # a text row that sees nothing
+    return dict(q=q, k=k, v=v, dout=dout, q_mask=q_mask, ids=ids, q_lens=q_lens, kv_lens=kv_lens)
+
+
+def _shard(t: torch.Tensor | None, lens: list[int], rank: int) -> torch.Tensor | None:
+    if t is None:
+        return None
+    start = sum(lens[:rank])
+    return t[:, start : start + lens[rank]].contiguous()
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """``|x - ref| / |ref|``; the floor of 1 keeps degenerate all-but-zero references (a text row
+    that sees a single key has a mathematically zero dq) from turning rounding into huge ratios."""
+    x = x.detach().double()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    return float((x - ref).norm() / ref.norm().clamp_min(1.0))
+
+
+def run_case(case: Case, rank: int, world_size: int, group=None) -> dict[str, float]:
+    """Relative errors of this rank's output and gradients against the float64 dense reference."""
+    prob = make_problem(case, world_size)
+    q_lens, kv_lens = prob["q_lens"], prob["kv_lens"]
+    ref_in = [prob[n].clone().requires_grad_() for n in ("q", "k", "v")]
+    ref_out = dense_cross_attention(*ref_in, None, prob["q_mask"], prob["ids"])
+    ref_grads = torch.autograd.grad(ref_out, ref_in, prob["dout"])
+
+    q = _shard(prob["q"], q_lens, rank).to(case.dtype).requires_grad_()
+    k = _shard(prob["k"], kv_lens, rank).to(case.dtype).requires_grad_()
+    v = _shard(prob["v"], kv_lens, rank).to(case.dtype).requires_grad_()
+    out = distributed_cross_attention(
+        q,
+        k,
+        v,
+        group=group,
+        strategy=case.strategy,
+        q_image_mask=_shard(prob["q_mask"], q_lens, rank),
+        kv_image_ids=_shard(prob["ids"], kv_lens, rank),
+    )
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), _shard(prob["dout"], q_lens, rank).to(case.dtype))
+    errs = {
+        "out": _rel_err(out, _shard(ref_out.detach(), q_lens, rank)),
+        "dq": _rel_err(dq, _shard(ref_grads[0], q_lens, rank)),
+        "dk": _rel_err(dk, _shard(ref_grads[1], kv_lens, rank)),
+        "dv": _rel_err(dv, _shard(ref_grads[2], kv_lens, rank)),
+    }
+    if prob["q_mask"] is not None and q_lens[0] and rank == 0:
+        # Row 0 of rank 0 sees no image: exactly zero output and gradient.
+        errs["blind_row_max"] = float(out[:, 0].abs().max() + dq[:, 0].abs().max())
+    return errs
+
+
+def case_matrix(world_size: int) -> list[Case]:
+    hq = 4
+    out = []
+    for i, (strategy, hkv, masks, dtype) in enumerate(
+        itertools.product(
+            ("query_ring", "kv_ring"), (hq, 2, 1), ("none", "padding", "images"), (torch.float64, torch.float32)
+        )
+    ):
+        out.append(Case(strategy, hq, hkv, masks, dtype, seed=1000 * world_size + i))
+    return out
+
+
+def run_matrix(rank: int, world_size: int) -> list[tuple[Case, dict[str, float]]]:
+    """Worker: every case of the matrix on this rank."""
+    return [(case, run_case(case, rank, world_size, dist.group.WORLD)) for case in case_matrix(world_size)]
