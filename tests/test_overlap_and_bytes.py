@@ -28,11 +28,12 @@ def _record_order(rank: int, world_size: int, strategy: str) -> list[tuple]:
 
     def exchange(self, name, send, specs):
         pending = original_exchange(self, name, send, specs)
-        events.append(("post", name, id(pending)))
+        pending.trace_id = len(events)  # unique, unlike id() of short-lived objects
+        events.append(("post", name, pending.trace_id))
         return pending
 
     def wait(self):
-        events.append(("wait", id(self)))
+        events.append(("wait", self.trace_id))
         return original_wait(self)
 
     ring_module.Ring.exchange = exchange

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .merge import merge_partials
-from .problem import CrossAttentionProblem, output_delta
+from .problem import CrossAttentionProblem, accumulate, output_delta
 from .ring import Ring
 from .ring_pass import ring_pass
 
@@ -52,12 +52,12 @@ class KVRingAttention(torch.autograd.Function):
         has_ids = kv_ids is not None
         dout = dout.to(q.dtype)
         delta = output_delta(dout, out)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        local: dict[str, Tensor | None] = {"dq": None}
 
         def compute(j: int, payload: list[Tensor]) -> list[Tensor]:
             mask = p.mask(q_mask_rows, payload[2] if has_ids else None, q.shape[1])
             dqj, dkj, dvj = p.backend.backward(dout, q, payload[0], payload[1], lse, delta, mask, p.scale)
-            dq.add_(dqj)
+            local["dq"] = accumulate(local["dq"], dqj, acc)
             return [dkj.to(acc), dvj.to(acc)]
 
         ring = Ring(p.group, q.device)
@@ -69,4 +69,4 @@ class KVRingAttention(torch.autograd.Function):
             lambda c, d: [c[0] + d[0], c[1] + d[1]],
             lambda j: [p.kv_spec(j, acc), p.kv_spec(j, acc)],
         )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return local["dq"].to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None

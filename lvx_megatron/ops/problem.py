@@ -61,3 +61,14 @@ def output_delta(dout: Tensor, out: Tensor) -> Tensor:
     """``D = rowsum(dO * O)`` ``[B, Sq, Hq]`` in the accumulation dtype."""
     acc = accumulation_dtype(out.dtype)
     return (dout.to(acc) * out.to(acc)).sum(-1)
+
+
+def accumulate(total: Tensor | None, part: Tensor, acc: torch.dtype) -> Tensor:
+    """Add ``part`` to a running sum kept in ``acc`` precision.
+
+    The first part is kept as it is: a pass of one step (one rank) then adds no conversion or
+    copy of the (large) K/V-sized gradients; from the second part on the sum is in ``acc``.
+    """
+    if total is None:
+        return part
+    return (total if total.dtype == acc else total.to(acc)).add_(part)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .merge import merge_partials
-from .problem import CrossAttentionProblem, output_delta
+from .problem import CrossAttentionProblem, accumulate, output_delta
 from .ring import Ring
 from .ring_pass import ring_pass
 
@@ -50,8 +50,7 @@ class QueryRingAttention(torch.autograd.Function):
         p: CrossAttentionProblem = ctx.problem
         acc = p.acc_dtype
         has_mask = q_mask_rows is not None
-        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        local: dict[str, Tensor | None] = {"dk": None, "dv": None}
 
         def payload_specs(j: int):
             specs = [p.q_spec(j), p.q_spec(j), p.stat_spec(j), p.stat_spec(j)]
@@ -61,8 +60,8 @@ class QueryRingAttention(torch.autograd.Function):
             qj, doj, lsej, deltaj = payload[:4]
             mask = p.mask(payload[4] if has_mask else None, kv_ids, qj.shape[1])
             dqj, dkj, dvj = p.backend.backward(doj, qj, k, v, lsej, deltaj, mask, p.scale)
-            dk.add_(dkj)
-            dv.add_(dvj)
+            local["dk"] = accumulate(local["dk"], dkj, acc)
+            local["dv"] = accumulate(local["dv"], dvj, acc)
             return [dqj.to(acc)]
 
         ring = Ring(p.group, q.device)
@@ -70,4 +69,4 @@ class QueryRingAttention(torch.autograd.Function):
         (dq,) = ring_pass(
             ring, payload, payload_specs, compute, lambda c, d: [c[0] + d[0]], lambda j: [p.q_spec(j, acc)]
         )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), local["dk"].to(k.dtype), local["dv"].to(v.dtype), None, None, None

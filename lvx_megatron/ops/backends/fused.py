@@ -52,6 +52,11 @@ def unpack_stat(x: Tensor, sq: int) -> Tensor:
     return x.view(b, hkv, g, sq).permute(0, 3, 1, 2).reshape(b, sq, hkv * g)
 
 
+def _rows_major(x: Tensor) -> Tensor:
+    """``[B, H, M, D]`` with memory laid out as ``[B, M, H, D]``."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _heads_first(x: Tensor) -> Tensor:
     """``[B, S, H, D]`` -> ``[B, H, S, D]`` view (last dim stays contiguous)."""
     return x.transpose(1, 2)
@@ -139,16 +144,20 @@ class TorchFusedBackend(BlockAttentionBackend):
         coef = torch.where(norm2 > 0, delta.float() / norm2.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
         surrogate_out = (dout.float() * coef.unsqueeze(-1)).to(q.dtype)
         qp, kh, vh = pack_heads(q, hkv), _heads_first(k), _heads_first(v)
-        dop, op = pack_heads(dout, hkv), pack_heads(surrogate_out, hkv)
         lse_p = pack_stat(safe_lse(lse.float()), hkv).contiguous()
         rows = qp.shape[2]
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         offset = torch.zeros((), dtype=torch.int64, device=q.device)
         if self._use_flash(q, mask):
             dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
-                dop, qp, kh, vh, op, lse_p, None, None, rows, skv, 0.0, False, seed, offset, scale=scale
-            )
+                pack_heads(dout, hkv), qp, kh, vh, pack_heads(surrogate_out, hkv), lse_p,
+                None, None, rows, skv, 0.0, False, seed, offset, scale=scale,
+            )  # fmt: skip
         else:
+            # The memory-efficient backward reads O (and dO) as [B, M, H, D]-contiguous, the
+            # layout its forward writes; hand it that layout viewed as [B, H, M, D].
+            dop = _rows_major(pack_heads(dout, hkv))
+            op = _rows_major(pack_heads(surrogate_out, hkv))
             lse_pad = lse_p.new_zeros(b, hkv, _round_up(rows, _EFFICIENT_LSE_ALIGN))
             lse_pad[..., :rows] = lse_p
             bias = None if mask is None else self._bias(mask, hq // hkv, hkv, q.dtype, False)
