@@ -95,7 +95,7 @@ def run_case(case: Case, rank: int, world_size: int, group=None) -> dict[str, fl
 
 
 def case_matrix(world_size: int) -> list[Case]:
-    hq = 4
+    hq = 8  # GQA ratios 1, 4 and Hq (MQA)
     out = []
     for i, (strategy, hkv, masks, dtype) in enumerate(
         itertools.product(
