@@ -1,6 +1,6 @@
 """Exact distributed cross-attention (torch only; never imports megatron)."""
 
-from .api import STRATEGIES, distributed_cross_attention
+from .api import STRATEGIES, PreparedCall, Strategy, distributed_cross_attention, prepare_call
 from .backends import BACKENDS, BlockAttentionBackend, TorchFusedBackend, TorchReferenceBackend, get_backend
 from .reference import dense_cross_attention
 from .ring import CommStats, count_communication
@@ -10,10 +10,13 @@ __all__ = [
     "STRATEGIES",
     "BlockAttentionBackend",
     "CommStats",
+    "PreparedCall",
+    "Strategy",
     "TorchFusedBackend",
     "TorchReferenceBackend",
     "count_communication",
     "dense_cross_attention",
     "distributed_cross_attention",
     "get_backend",
+    "prepare_call",
 ]

@@ -1,16 +1,37 @@
 """The public entry point: exact cross-attention over visual tokens sharded across a group."""
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .backends import BlockAttentionBackend, get_backend
-from .kv_ring import KVRingAttention
+from .kv_ring import kv_ring_backward, kv_ring_forward
 from .layout import exchange_layout
 from .problem import CrossAttentionProblem
-from .query_ring import QueryRingAttention
+from .query_ring import query_ring_backward, query_ring_forward
 
-STRATEGIES = {"query_ring": QueryRingAttention, "kv_ring": KVRingAttention}
+
+@dataclass(frozen=True)
+class Strategy:
+    """A distributed strategy as a pair of plain functions (no autograd inside).
+
+    ``forward(q, k, v, q_mask_rows, kv_ids, problem) -> (out, lse)`` and
+    ``backward(dout, q, k, v, out, lse, q_mask_rows, kv_ids, problem) -> (dq, dk, dv)``.
+    """
+
+    name: str
+    forward: Callable[..., tuple[Tensor, Tensor]]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+STRATEGIES = {
+    "query_ring": Strategy("query_ring", query_ring_forward, query_ring_backward),
+    "kv_ring": Strategy("kv_ring", kv_ring_forward, kv_ring_backward),
+}
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -70,6 +91,74 @@ def _check_inputs(
                 raise ValueError(f"kv_image_ids values must be in {bound} (-1 = padding), got min {lo}, max {hi}")
 
 
+class PreparedCall(NamedTuple):
+    """Everything a strategy needs besides ``q``, ``k``, ``v``."""
+
+    problem: CrossAttentionProblem
+    q_mask_rows: Tensor | None
+    kv_ids: Tensor | None
+
+
+def prepare_call(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    strategy: str = "query_ring",
+    softmax_scale: float | None = None,
+    q_image_mask: Tensor | None = None,
+    kv_image_ids: Tensor | None = None,
+    backend: str | BlockAttentionBackend = "auto",
+) -> PreparedCall:
+    """Validate the arguments of :func:`distributed_cross_attention` and exchange shard lengths.
+
+    ``k``/``v`` only need the right shape, dtype and device here (callers that compute them
+    later, e.g. under recompute, may pass empty tensors of that shape).
+    """
+    _check_inputs(q, k, v, q_image_mask, kv_image_ids, strategy)
+    if softmax_scale is not None and not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be a positive number, got {softmax_scale}")
+    distributed = dist.is_available() and dist.is_initialized()
+    if group is not None and not distributed:
+        raise ValueError("group was given but torch.distributed is not initialised")
+    world_size = dist.get_world_size(group) if distributed else 1
+    problem = CrossAttentionProblem(
+        group=group if distributed else None,
+        layout=exchange_layout(q, k, q_image_mask, kv_image_ids, group, world_size),
+        batch=q.shape[0],
+        q_heads=q.shape[2],
+        kv_heads=k.shape[2],
+        head_dim=q.shape[3],
+        num_ids=q_image_mask.shape[-1] if q_image_mask is not None else 0,
+        dtype=q.dtype,
+        scale=q.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale),
+        backend=get_backend(backend, q.device, q.dtype),
+    )
+    return PreparedCall(
+        problem,
+        None if q_image_mask is None else q_image_mask.to(torch.uint8),
+        None if kv_image_ids is None else kv_image_ids.to(torch.int64),
+    )
+
+
+class DistributedCrossAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper of a :class:`Strategy`: saves ``q, k, v, out, lse`` and the masks."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_mask_rows, kv_ids, problem: CrossAttentionProblem, strategy: Strategy):
+        out, lse = strategy.forward(q, k, v, q_mask_rows, kv_ids, problem)
+        ctx.problem, ctx.strategy = problem, strategy
+        ctx.save_for_backward(q, k, v, out, lse, q_mask_rows, kv_ids)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, q_mask_rows, kv_ids = ctx.saved_tensors
+        dq, dk, dv = ctx.strategy.backward(dout, q, k, v, out, lse, q_mask_rows, kv_ids, ctx.problem)
+        return dq, dk, dv, None, None, None, None
+
+
 def distributed_cross_attention(
     q: Tensor,
     k: Tensor,
@@ -102,26 +191,17 @@ def distributed_cross_attention(
         ``[B, Sq_local, Hq, D]``: this rank's rows of the exact attention of the full Q against
         the full K/V. Rows that see no visual token are exactly zero, with zero gradients.
     """
-    _check_inputs(q, k, v, q_image_mask, kv_image_ids, strategy)
-    if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be a positive number, got {softmax_scale}")
-    distributed = dist.is_available() and dist.is_initialized()
-    if group is not None and not distributed:
-        raise ValueError("group was given but torch.distributed is not initialised")
-    world_size = dist.get_world_size(group) if distributed else 1
-    layout = exchange_layout(q, k, q_image_mask, kv_image_ids, group, world_size)
-    problem = CrossAttentionProblem(
-        group=group if distributed else None,
-        layout=layout,
-        batch=q.shape[0],
-        q_heads=q.shape[2],
-        kv_heads=k.shape[2],
-        head_dim=q.shape[3],
-        num_ids=q_image_mask.shape[-1] if q_image_mask is not None else 0,
-        dtype=q.dtype,
-        scale=q.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale),
-        backend=get_backend(backend, q.device, q.dtype),
+    call = prepare_call(
+        q,
+        k,
+        v,
+        group=group,
+        strategy=strategy,
+        softmax_scale=softmax_scale,
+        q_image_mask=q_image_mask,
+        kv_image_ids=kv_image_ids,
+        backend=backend,
     )
-    q_mask_rows = None if q_image_mask is None else q_image_mask.to(torch.uint8)
-    kv_ids = None if kv_image_ids is None else kv_image_ids.to(torch.int64)
-    return STRATEGIES[strategy].apply(q, k, v, q_mask_rows, kv_ids, problem)
+    return DistributedCrossAttentionFunction.apply(
+        q, k, v, call.q_mask_rows, call.kv_ids, call.problem, STRATEGIES[strategy]
+    )

@@ -6,7 +6,6 @@ Backward: the payload is ``(Q_j, dO_j, LSE_j, D_j, mask rows_j)``; the carry is 
 ``dQ_j`` (fp32); ``dK``/``dV`` of the local shard accumulate locally and never travel.
 """
 
-import torch
 from torch import Tensor
 
 from .merge import merge_partials
@@ -15,58 +14,66 @@ from .ring import Ring
 from .ring_pass import ring_pass
 
 
-class QueryRingAttention(torch.autograd.Function):
-    """Autograd function of the query ring; see :func:`lvx_megatron.ops.distributed_cross_attention`."""
+def query_ring_forward(
+    q: Tensor, k: Tensor, v: Tensor, q_mask_rows: Tensor | None, kv_ids: Tensor | None, p: CrossAttentionProblem
+) -> tuple[Tensor, Tensor]:
+    """Return this rank's ``(out, lse)``: ``out`` in ``q``'s dtype, ``lse`` ``[B, Sq, Hq]`` fp32."""
+    acc = p.acc_dtype
+    has_mask = q_mask_rows is not None
 
-    @staticmethod
-    def forward(ctx, q, k, v, q_mask_rows, kv_ids, problem: CrossAttentionProblem):
-        p = problem
-        acc = p.acc_dtype
-        has_mask = q_mask_rows is not None
+    def payload_specs(j: int):
+        return [p.q_spec(j)] + ([p.q_mask_spec(j)] if has_mask else [])
 
-        def payload_specs(j: int):
-            return [p.q_spec(j)] + ([p.q_mask_spec(j)] if has_mask else [])
+    def compute(j: int, payload: list[Tensor]) -> list[Tensor]:
+        qj = payload[0]
+        mask = p.mask(payload[1] if has_mask else None, kv_ids, qj.shape[1])
+        o, lse = p.backend.forward(qj, k, v, mask, p.scale)
+        return [o.to(acc), lse.to(acc)]
 
-        def compute(j: int, payload: list[Tensor]) -> list[Tensor]:
-            qj = payload[0]
-            mask = p.mask(payload[1] if has_mask else None, kv_ids, qj.shape[1])
-            o, lse = p.backend.forward(qj, k, v, mask, p.scale)
-            return [o.to(acc), lse.to(acc)]
+    def combine(carry: list[Tensor], part: list[Tensor]) -> list[Tensor]:
+        return list(merge_partials(carry[0], carry[1], part[0], part[1]))
 
-        def combine(carry: list[Tensor], part: list[Tensor]) -> list[Tensor]:
-            return list(merge_partials(carry[0], carry[1], part[0], part[1]))
+    payload = [q] + ([q_mask_rows] if has_mask else [])
+    carry_specs = lambda j: [p.q_spec(j, acc), p.stat_spec(j)]
+    o, lse = ring_pass(Ring(p.group, q.device), payload, payload_specs, compute, combine, carry_specs)
+    return o.to(q.dtype), lse
 
-        ring = Ring(p.group, q.device)
-        payload = [q] + ([q_mask_rows] if has_mask else [])
-        o, lse = ring_pass(ring, payload, payload_specs, compute, combine, lambda j: [p.q_spec(j, acc), p.stat_spec(j)])
-        out = o.to(q.dtype)
-        ctx.problem = p
-        ctx.save_for_backward(q, k, v, out, lse, q_mask_rows, kv_ids)
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, q_mask_rows, kv_ids = ctx.saved_tensors
-        p: CrossAttentionProblem = ctx.problem
-        acc = p.acc_dtype
-        has_mask = q_mask_rows is not None
-        local: dict[str, Tensor | None] = {"dk": None, "dv": None}
+def query_ring_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    q_mask_rows: Tensor | None,
+    kv_ids: Tensor | None,
+    p: CrossAttentionProblem,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Return ``(dq, dk, dv)`` in the inputs' dtypes."""
+    acc = p.acc_dtype
+    has_mask = q_mask_rows is not None
+    local: dict[str, Tensor | None] = {"dk": None, "dv": None}
 
-        def payload_specs(j: int):
-            specs = [p.q_spec(j), p.q_spec(j), p.stat_spec(j), p.stat_spec(j)]
-            return specs + ([p.q_mask_spec(j)] if has_mask else [])
+    def payload_specs(j: int):
+        specs = [p.q_spec(j), p.q_spec(j), p.stat_spec(j), p.stat_spec(j)]
+        return specs + ([p.q_mask_spec(j)] if has_mask else [])
 
-        def compute(j: int, payload: list[Tensor]) -> list[Tensor]:
-            qj, doj, lsej, deltaj = payload[:4]
-            mask = p.mask(payload[4] if has_mask else None, kv_ids, qj.shape[1])
-            dqj, dkj, dvj = p.backend.backward(doj, qj, k, v, lsej, deltaj, mask, p.scale)
-            local["dk"] = accumulate(local["dk"], dkj, acc)
-            local["dv"] = accumulate(local["dv"], dvj, acc)
-            return [dqj.to(acc)]
+    def compute(j: int, payload: list[Tensor]) -> list[Tensor]:
+        qj, doj, lsej, deltaj = payload[:4]
+        mask = p.mask(payload[4] if has_mask else None, kv_ids, qj.shape[1])
+        dqj, dkj, dvj = p.backend.backward(doj, qj, k, v, lsej, deltaj, mask, p.scale)
+        local["dk"] = accumulate(local["dk"], dkj, acc)
+        local["dv"] = accumulate(local["dv"], dvj, acc)
+        return [dqj.to(acc)]
 
-        ring = Ring(p.group, q.device)
-        payload = [q, dout.to(q.dtype), lse, output_delta(dout, out)] + ([q_mask_rows] if has_mask else [])
-        (dq,) = ring_pass(
-            ring, payload, payload_specs, compute, lambda c, d: [c[0] + d[0]], lambda j: [p.q_spec(j, acc)]
-        )
-        return dq.to(q.dtype), local["dk"].to(k.dtype), local["dv"].to(v.dtype), None, None, None
+    payload = [q, dout.to(q.dtype), lse, output_delta(dout, out)] + ([q_mask_rows] if has_mask else [])
+    (dq,) = ring_pass(
+        Ring(p.group, q.device),
+        payload,
+        payload_specs,
+        compute,
+        lambda c, d: [c[0] + d[0]],
+        lambda j: [p.q_spec(j, acc)],
+    )
+    return dq.to(q.dtype), local["dk"].to(k.dtype), local["dv"].to(v.dtype)
