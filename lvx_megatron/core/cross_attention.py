@@ -1,0 +1,201 @@
+"""Context-parallel cross-attention as a megatron-core module.
+
+Queries come from the text hidden states, keys and values from the visual features ``X`` that
+all cross-attention layers share. Heads are split over tensor parallelism (Column/RowParallel
+linears, sequence parallelism on the text side), and the visual tokens over context
+parallelism: every CP rank keeps its visual K/V shard and the ops' query ring (or another
+strategy) moves the queries. With ``recompute_visual_kv`` the layer keeps no K/V for backward:
+it recomputes ``K = X Wk``, ``V = X Wv`` (and the k-norm) from the shared ``X`` in backward.
+"""
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.utils import divide
+from torch import Tensor
+
+from ..ops import STRATEGIES, Strategy, distributed_cross_attention, prepare_call
+from ..ops.problem import CrossAttentionProblem
+from .config import CrossAttentionTransformerConfig
+from .masks import CrossAttentionMask
+
+
+@dataclass
+class ContextParallelCrossAttentionSubmodules:
+    """Builders (classes or ``ModuleSpec``) of the cross-attention's parts; norms optional."""
+
+    linear_q: ModuleSpec | type
+    linear_kv: ModuleSpec | type
+    linear_proj: ModuleSpec | type
+    q_norm: ModuleSpec | type | None = None  # per head; built with tp_group (see HeadRMSNorm)
+    k_norm: ModuleSpec | type | None = None
+
+
+class _RecomputedKVCrossAttention(torch.autograd.Function):
+    """Cross-attention whose K/V are recomputed from ``X`` in backward instead of being saved.
+
+    Forward gets ``k``/``v`` computed without autograd and saves only ``q``, ``X`` (shared by
+    every layer, so saving it costs nothing extra), the output and the LSE. Backward recomputes
+    ``k, v = project_kv(X)`` with autograd, runs the strategy's backward and pushes ``dk, dv``
+    through the recomputed graph: the projection weights get their gradients there, and
+    ``dX`` is returned.
+    """
+
+    @staticmethod
+    def forward(ctx, q, x, k, v, q_mask_rows, kv_ids, problem: CrossAttentionProblem, strategy: Strategy, project_kv):
+        out, lse = strategy.forward(q, k, v, q_mask_rows, kv_ids, problem)
+        ctx.problem, ctx.strategy, ctx.project_kv = problem, strategy, project_kv
+        ctx.save_for_backward(q, x, out, lse, q_mask_rows, kv_ids)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, x, out, lse, q_mask_rows, kv_ids = ctx.saved_tensors
+        x_leaf = x.detach().requires_grad_(ctx.needs_input_grad[1])
+        with torch.enable_grad():
+            k, v = ctx.project_kv(x_leaf)
+        dq, dk, dv = ctx.strategy.backward(dout, q, k.detach(), v.detach(), out, lse, q_mask_rows, kv_ids, ctx.problem)
+        torch.autograd.backward((k, v), (dk, dv))
+        return dq, x_leaf.grad, None, None, None, None, None, None, None
+
+
+class ContextParallelCrossAttention(MegatronModule):
+    """Gated-layer-ready cross-attention: ``[s, b, h]`` text x ``[s_vis, b, h_vis]`` visual.
+
+    Args:
+        config: the model config (``num_query_groups`` for GQA).
+        submodules: the linears and optional norms.
+        layer_number: 1-based index within this pipeline stage's block.
+        pg_collection: process groups; ``.tp`` splits heads, ``.cp`` carries the ring.
+        strategy: ops strategy (default: the config's for this layer).
+        layer_index: 0-based decoder index, used to look the strategy up in the config.
+    """
+
+    def __init__(
+        self,
+        config: CrossAttentionTransformerConfig,
+        submodules: ContextParallelCrossAttentionSubmodules,
+        layer_number: int,
+        pg_collection: ProcessGroupCollection | None = None,
+        strategy: str | None = None,
+        layer_index: int | None = None,
+    ) -> None:
+        super().__init__(config=config)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.pg_collection = pg_collection
+        self.layer_number = layer_number
+        tp = pg_collection.tp.size()
+        heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
+        if heads % tp or groups % tp:
+            raise ValueError(
+                f"num_attention_heads ({heads}) and num_query_groups ({groups}) must be divisible by the "
+                f"tensor-model-parallel size ({tp})"
+            )
+        self.head_dim = config.kv_channels
+        self.heads_per_rank = divide(heads, tp)
+        self.groups_per_rank = divide(groups, tp)
+        if strategy is None:
+            strategy = config.strategy_for_layer(layer_index) if layer_index is not None else "query_ring"
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+        self.strategy = strategy
+
+        self.linear_q = build_module(
+            submodules.linear_q,
+            config.hidden_size,
+            heads * self.head_dim,
+            config=config,
+            init_method=config.init_method,
+            gather_output=False,
+            bias=config.add_bias_linear,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="q",
+            tp_group=pg_collection.tp,
+        )
+        # X is replicated over TP (it is split over CP, not over the sequence-parallel region),
+        # so its projection must not all-gather along the sequence.
+        kv_config = copy.copy(config)
+        kv_config.sequence_parallel = False
+        self.linear_kv = build_module(
+            submodules.linear_kv,
+            config.visual_hidden_size,
+            2 * groups * self.head_dim,
+            config=kv_config,
+            init_method=config.init_method,
+            gather_output=False,
+            bias=config.add_bias_linear,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="kv",
+            tp_group=pg_collection.tp,
+        )
+        norm_kwargs = dict(
+            config=config, hidden_size=self.head_dim, eps=config.layernorm_epsilon, tp_group=pg_collection.tp
+        )
+        self.q_norm = build_module(submodules.q_norm, **norm_kwargs) if submodules.q_norm else None
+        self.k_norm = build_module(submodules.k_norm, **norm_kwargs) if submodules.k_norm else None
+        self.linear_proj = build_module(
+            submodules.linear_proj,
+            heads * self.head_dim,
+            config.hidden_size,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=config.add_bias_linear,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_comm_buffer_name="proj",
+            tp_group=pg_collection.tp,
+        )
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``X`` ``[s_vis, b, h_vis]`` -> ``k, v`` ``[b, s_vis, groups_per_rank, d]`` (k normed)."""
+        kv, _ = self.linear_kv(x)
+        s, b = kv.shape[:2]
+        k, v = kv.view(s, b, self.groups_per_rank, 2 * self.head_dim).split(self.head_dim, dim=-1)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return k.transpose(0, 1), v.transpose(0, 1)
+
+    def forward(
+        self, hidden_states: Tensor, context: Tensor, context_mask: CrossAttentionMask | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Return ``(output [s, b, h], bias)`` like megatron's attention modules."""
+        q, _ = self.linear_q(hidden_states)
+        s, b = q.shape[:2]
+        q = q.view(s, b, self.heads_per_rank, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = q.transpose(0, 1)
+        mask = context_mask or CrossAttentionMask()
+        kwargs = dict(
+            group=self.pg_collection.cp,
+            strategy=self.strategy,
+            softmax_scale=self.config.softmax_scale,
+            q_image_mask=mask.q_image_mask,
+            kv_image_ids=mask.kv_image_ids,
+            backend=self.config.cross_attention_backend,
+        )
+        if self.config.recompute_visual_kv:
+            out = self._recomputed_attention(q, context, kwargs)
+        else:
+            k, v = self.project_kv(context)
+            out = distributed_cross_attention(q, k, v, **kwargs)
+        out = out.transpose(0, 1).reshape(s, b, self.heads_per_rank * self.head_dim)
+        return self.linear_proj(out)
+
+    def _recomputed_attention(self, q: Tensor, x: Tensor, kwargs: dict) -> Tensor:
+        with torch.no_grad():
+            k, v = self.project_kv(x)
+        call = prepare_call(q, k, v, **kwargs)
+        project: Callable[[Tensor], tuple[Tensor, Tensor]] = self.project_kv
+        return _RecomputedKVCrossAttention.apply(
+            q, x, k, v, call.q_mask_rows, call.kv_ids, call.problem, STRATEGIES[self.strategy], project
+        )

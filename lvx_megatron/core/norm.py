@@ -1,0 +1,54 @@
+"""RMSNorm that works with sequence parallelism without apex or Transformer Engine.
+
+megatron-core's torch fallback (``WrappedTorchNorm``) refuses sequence parallelism; this one
+marks its weight ``sequence_parallel`` so that megatron's ``finalize_model_grads`` sums its
+gradient over the tensor-parallel group, exactly as for the fused norms.
+"""
+
+import torch
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+    return (normed * weight.float()).to(x.dtype)
+
+
+class RMSNorm(MegatronModule):
+    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dimension, computed in fp32."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__(config=config)
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _rms_norm(x, self.weight, self.eps)
+
+
+class HeadRMSNorm(RMSNorm):
+    """Per-head RMSNorm on q or k whose heads are split over tensor parallelism.
+
+    Every TP rank normalises different heads with the same weight, so the weight's gradient is
+    summed over the TP group in this module's own backward (megatron's finalize step only does
+    that for norms named ``q_layernorm``/``k_layernorm`` when ``config.qk_layernorm`` is set).
+    """
+
+    def __init__(
+        self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, tp_group: ProcessGroup | None = None
+    ) -> None:
+        super().__init__(config, hidden_size, eps)
+        self.weight.sequence_parallel = False
+        self.tp_group = tp_group
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight
+        if self.tp_group is not None and self.tp_group.size() > 1:
+            weight = copy_to_tensor_model_parallel_region(weight, group=self.tp_group)
+        return _rms_norm(x, weight, self.eps)

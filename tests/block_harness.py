@@ -1,0 +1,260 @@
+"""A small mllama-style decoder block run under any (TP, CP, PP) layout on gloo ranks.
+
+Every layout fills its (sharded) parameters from the same deterministic full tensors, feeds the
+same data through megatron's own pipeline schedules, and returns full-size gradients keyed by
+global parameter names, so layouts can be compared with the single-process run.
+"""
+
+import warnings
+import zlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+warnings.filterwarnings("ignore", message=".*absl.logging.*")
+
+TEXT, VISUAL, BATCH, N_IDS, MICROBATCHES = 12, 14, 2, 3, 2
+HIDDEN, VIS_HIDDEN, HEADS, GROUPS, HEAD_DIM, FFN = 32, 24, 4, 2, 8, 48
+
+
+def make_config(tp: int, cp: int, pp: int, recompute: bool = True, num_layers: int = 4, cross_layers=(1, 3)):
+    from lvx_megatron.core import CrossAttentionTransformerConfig
+
+    return CrossAttentionTransformerConfig(
+        num_layers=num_layers,
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        num_query_groups=GROUPS,
+        kv_channels=HEAD_DIM,
+        ffn_hidden_size=FFN,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        tensor_model_parallel_size=tp,
+        context_parallel_size=cp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=tp > 1,
+        cross_attention_layers=list(cross_layers),
+        cross_attention_strategy=["query_ring", "kv_ring"][: len(cross_layers)]
+        if len(cross_layers) == 2
+        else "query_ring",
+        recompute_visual_kv=recompute,
+        visual_hidden_size=VIS_HIDDEN,
+        cross_attention_gate_init=0.5,
+    )
+
+
+def global_name(name: str, offset: int) -> str:
+    parts = name.split(".")
+    if "layers" in parts:
+        i = parts.index("layers") + 1
+        parts[i] = str(int(parts[i]) + offset)
+    return ".".join(parts)
+
+
+def _full_shape(param, tp: int) -> list[int]:
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False) and tp > 1:
+        shape[param.partition_dim] *= tp
+    return shape
+
+
+def _glu_fc1(name: str, config) -> bool:
+    return config.gated_linear_unit and name.endswith("linear_fc1.weight")
+
+
+def shard_full(full: torch.Tensor, param, name: str, config, tp_rank: int, tp: int) -> torch.Tensor:
+    """This TP rank's piece of a full tensor (GLU fc1 weights hold [gate; up], each split)."""
+    if not getattr(param, "tensor_model_parallel", False) or tp == 1:
+        return full
+    if _glu_fc1(name, config):
+        return full.view(2, -1, full.shape[-1]).chunk(tp, dim=1)[tp_rank].reshape(-1, full.shape[-1])
+    return full.chunk(tp, dim=param.partition_dim)[tp_rank]
+
+
+def unshard(local: torch.Tensor, param, name: str, config, tp_group) -> torch.Tensor:
+    """Full tensor from every TP rank's piece (inverse of :func:`shard_full`)."""
+    tp = tp_group.size()
+    if not getattr(param, "tensor_model_parallel", False) or tp == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local.contiguous(), group=tp_group)
+    if _glu_fc1(name, config):
+        halves = [p.view(2, -1, p.shape[-1]) for p in parts]
+        return torch.cat(halves, dim=1).reshape(-1, local.shape[-1])
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def full_value(name: str, shape: list[int], seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 7919 + zlib.crc32(name.encode()))
+    if name.endswith("norm.weight") or "layernorm" in name:
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    return 0.3 * torch.randn(shape, generator=gen)
+
+
+def make_data(seed: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(MICROBATCHES):
+        q_mask = torch.rand(BATCH, TEXT, N_IDS, generator=gen) < 0.6
+        q_mask[:, :2] = False  # text before the first image
+        batches.append(
+            dict(
+                hidden=torch.randn(TEXT, BATCH, HIDDEN, generator=gen),
+                visual=torch.randn(VISUAL, BATCH, VIS_HIDDEN, generator=gen),
+                q_mask=q_mask,
+                ids=torch.randint(-1, N_IDS, (BATCH, VISUAL), generator=gen),
+                target=torch.randn(TEXT, BATCH, HIDDEN, generator=gen),
+            )
+        )
+    return batches
+
+
+def _pieces(total: int, n: int) -> list[tuple[int, int]]:
+    """(start, length) of ``n`` contiguous pieces, the first ones one longer when uneven."""
+    sizes = [len(t) for t in torch.tensor_split(torch.arange(total), n)]
+    return [(sum(sizes[:i]), sizes[i]) for i in range(n)]
+
+
+class _Stage(torch.nn.Module):
+    """The block as one pipeline stage: megatron's schedules hand set_input_tensor a list."""
+
+    def __init__(self, block) -> None:
+        super().__init__()
+        self.block = block
+        self.config = block.config
+
+    def set_input_tensor(self, tensors) -> None:
+        self.block.set_input_tensor(tensors[0] if isinstance(tensors, list) else tensors)
+
+    def forward(self, **kwargs):
+        return self.block(**kwargs)
+
+
+def run_block(rank: int, world_size: int, tp: int, cp: int, pp: int, recompute: bool = True, seed: int = 0) -> dict:
+    """Worker: losses, dX/dH shards and full parameter gradients of one layout."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.enums import ModelType
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from lvx_megatron.core import CrossAttentionMask, cross_attention_decoder_block_spec
+    from lvx_megatron.core.cpu_compat import enable_cpu_compat
+
+    enable_cpu_compat()
+    ps.initialize_model_parallel(tp, pp, context_parallel_size=cp)
+    model_parallel_cuda_manual_seed(seed)
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    config = make_config(tp, cp, pp, recompute)
+    tp_rank, cp_rank, pp_rank = pg.tp.rank(), pg.cp.rank(), pg.pp.rank()
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    block = TransformerBlock(
+        config,
+        spec=cross_attention_decoder_block_spec(config, pp_rank=pp_rank),
+        pre_process=first,
+        post_process=last,
+        pg_collection=pg,
+    )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    stage = _Stage(block)
+    stage.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+    offset = get_transformer_layer_offset(config, None, pp_rank)
+    with torch.no_grad():
+        for name, param in block.named_parameters():
+            gname = global_name(name, offset)
+            param.copy_(shard_full(full_value(gname, _full_shape(param, tp), seed), param, name, config, tp_rank, tp))
+
+    text_start, text_len = _pieces(TEXT, cp)[cp_rank]
+    vis_start, vis_len = _pieces(VISUAL, cp)[cp_rank]
+    sp_len = text_len // tp
+    # The text is split into contiguous pieces (not megatron's zigzag): take this piece's rows of
+    # the full table.
+    rotary = RotaryEmbedding(kv_channels=HEAD_DIM, rotary_percent=1.0, use_cpu_initialization=True)
+    rope = rotary.get_emb(TEXT)[text_start : text_start + text_len]
+    batches = make_data(seed)
+    leaves = []
+    for b in batches:
+        text = slice(text_start, text_start + text_len)
+        sp = slice(tp_rank * sp_len, (tp_rank + 1) * sp_len)
+        visual = b["visual"][vis_start : vis_start + vis_len].clone().requires_grad_()
+        hidden = b["hidden"][text][sp].clone().requires_grad_()
+        leaves.append(
+            dict(
+                hidden=hidden,
+                visual=visual,
+                mask=CrossAttentionMask(b["q_mask"][:, text], b["ids"][:, vis_start : vis_start + vis_len]),
+                target=b["target"][text][sp],
+            )
+        )
+
+    def forward_step(data_iterator, model):
+        item = next(data_iterator)
+        out = model(
+            hidden_states=item["hidden"] if first else None,
+            attention_mask=None,
+            context=item["visual"],
+            context_mask=item["mask"],
+            rotary_pos_emb=rope,
+        )
+
+        def loss_func(output):
+            loss = (output * item["target"]).sum()
+            return loss, {"loss": loss.detach().clone()}
+
+        return out, loss_func
+
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(leaves),
+        model=[stage],
+        num_microbatches=MICROBATCHES,
+        seq_length=TEXT,
+        micro_batch_size=BATCH,
+        forward_only=False,
+    )
+
+    # megatron's schedules scale each rank's loss by the CP size and its DDP averages gradients
+    # over the DP x CP group; finalize_model_grads sums sequence-parallel norms and gates over TP.
+    grads = {}
+    for name, param in block.named_parameters():
+        g = param.grad if param.grad is not None else torch.zeros_like(param)
+        if cp > 1:
+            dist.all_reduce(g, group=pg.cp)
+            g /= cp
+        if config.sequence_parallel and getattr(param, "sequence_parallel", False):
+            dist.all_reduce(g, group=pg.tp)
+        grads[global_name(name, offset)] = unshard(g, param, name, config, pg.tp)
+    # dX: each pipeline stage that owns cross-attention layers adds its part (see docs).
+    # Inputs' gradients carry the CP loss scale that DDP's averaging removes for parameters.
+    dx = [
+        leaf["visual"].grad / cp if leaf["visual"].grad is not None else torch.zeros_like(leaf["visual"])
+        for leaf in leaves
+    ]
+    for g in dx:
+        dist.all_reduce(g, group=pg.pp)
+    # Each last-stage (TP, CP) rank holds the loss of its own rows (TP splits rows under SP).
+    loss_total = torch.tensor(float(sum(d["loss"] for d in losses)) if last else 0.0, dtype=torch.float64)
+    dist.all_reduce(loss_total)
+    ps.destroy_model_parallel()
+    return dict(
+        rank=rank,
+        tp_rank=tp_rank,
+        cp_rank=cp_rank,
+        pp_rank=pp_rank,
+        loss=loss_total.item(),
+        grads=grads,
+        dx=[(vis_start, vis_len, g) for g in dx],
+        dh=[(text_start + tp_rank * sp_len, sp_len, leaf["hidden"].grad / cp) for leaf in leaves] if first else [],
+    )
