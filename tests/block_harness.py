@@ -258,3 +258,55 @@ def run_block(rank: int, world_size: int, tp: int, cp: int, pp: int, recompute: 
         dx=[(vis_start, vis_len, g) for g in dx],
         dh=[(text_start + tp_rank * sp_len, sp_len, leaf["hidden"].grad / cp) for leaf in leaves] if first else [],
     )
+
+
+def saved_tensor_bytes(rank: int, world_size: int, num_cross_layers: int, recompute: bool, visual: int) -> dict:
+    """Worker: what a block of ``num_cross_layers`` cross-attention layers saves for backward.
+
+    Returns the bytes of distinct activation storages (parameters excluded) saved by autograd
+    during one forward, whether any
+    saved tensor is a per-layer visual K/V (its storage as large as one layer's K/V), and the
+    size of one layer's K/V.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from lvx_megatron.core import CrossAttentionMask, cross_attention_decoder_block_spec
+    from lvx_megatron.core.cpu_compat import enable_cpu_compat
+
+    enable_cpu_compat()
+    ps.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(0)
+    config = make_config(1, 1, 1, recompute, num_layers=num_cross_layers, cross_layers=range(num_cross_layers))
+    block = TransformerBlock(
+        config,
+        spec=cross_attention_decoder_block_spec(config),
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+    text = 8
+    hidden = torch.randn(text, 1, HIDDEN, requires_grad=True)
+    x = torch.randn(visual, 1, VIS_HIDDEN, requires_grad=True)
+    mask = CrossAttentionMask(torch.ones(1, text, 1, dtype=torch.bool), torch.zeros(1, visual, dtype=torch.long))
+    storages: dict[int, int] = {}
+    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:  # weights saved by matmuls cost no extra memory
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block(hidden_states=hidden, attention_mask=None, context=x, context_mask=mask)
+    out.sum().backward()
+    kv_bytes = 2 * visual * GROUPS * HEAD_DIM * 4  # one layer's K and V, fp32, batch 1
+    ps.destroy_model_parallel()
+    return dict(
+        saved_bytes=sum(storages.values()),
+        kv_bytes=kv_bytes,
+        saves_layer_kv=any(n >= kv_bytes // 2 and n != x.untyped_storage().nbytes() for n in storages.values()),
+        grads_finite=all(torch.isfinite(p.grad).all() for p in block.parameters() if p.grad is not None),
+        x_grad_norm=float(x.grad.norm()),
+    )
