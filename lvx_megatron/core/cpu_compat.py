@@ -1,10 +1,12 @@
-"""Minimal CPU/gloo compatibility layer for megatron-core 0.19.2 (no CUDA at all).
+"""Lets real megatron-core 0.19 code run on machines without CUDA (CPU tests, laptops).
 
-enable_cpu_compat() is idempotent and a no-op when torch.cuda.is_available() is True.
-Strategy: instead of patching torch globally, the few megatron modules that call
-torch.cuda.* / build tensors with device="cuda" get their module-global `torch`
-replaced by a thin proxy (_TorchShim) that forwards everything to the real torch
-except (a) `torch.cuda.<a few fns>` and (b) tensor factories given a cuda device.
+``enable_cpu_compat()`` is idempotent and does nothing when CUDA is available. Nothing in torch
+is patched: the few megatron modules that call ``torch.cuda.*`` or build tensors on
+``device="cuda"`` see their module-global ``torch`` replaced by a stand-in that forwards
+everything to torch except a handful of ``torch.cuda`` functions and tensor factories given a
+CUDA device; the model-parallel RNG tracker keeps its named states in the CPU generator.
+With it, parallel_state (TP/CP/PP over gloo), the parallel linears with sequence parallelism,
+``TransformerBlock``/``TransformerLayer`` and the pipeline schedules run unchanged.
 """
 
 import contextlib
@@ -12,29 +14,29 @@ import importlib
 
 import torch
 
-_ENABLED = False
 _CPU = torch.device("cpu")
+_enabled = False
 
 
-def _is_cuda_dev(d):
-    if isinstance(d, int):
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, int) and not isinstance(device, bool):
         return True
-    if isinstance(d, str):
-        return d.startswith("cuda")
-    return isinstance(d, torch.device) and d.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
 
 
-class _CudaShim:
-    """Stand-in for `torch.cuda` as seen by the shimmed megatron modules."""
+class _CudaStandIn:
+    """``torch.cuda`` as the patched modules see it; anything not listed is the real one."""
 
-    # device=torch.cuda.current_device() tensor factories -> CPU (the real one raises w/o GPU)
+    # `device=torch.cuda.current_device()` in buffers; the real call raises without a driver.
     current_device = staticmethod(lambda: _CPU)
-    # p2p_communication.py / parallel_state.py call it after comms; gloo ops are synchronous
-    synchronize = staticmethod(lambda *a, **k: None)
-    # tensor_parallel/random.py: the "default CUDA generator" becomes the CPU default generator
+    # After batched P2P in the pipeline schedules; gloo work has been waited on already.
+    synchronize = staticmethod(lambda *args, **kwargs: None)
+    # The "default CUDA generator" of the RNG tracker becomes the CPU generator.
     manual_seed = staticmethod(lambda seed: torch.manual_seed(seed))
-    get_rng_state = staticmethod(lambda *a, **k: torch.get_rng_state())
-    set_rng_state = staticmethod(lambda s, *a, **k: torch.set_rng_state(s))
+    get_rng_state = staticmethod(lambda *args, **kwargs: torch.get_rng_state())
+    set_rng_state = staticmethod(lambda state, *args, **kwargs: torch.set_rng_state(state))
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -60,86 +62,82 @@ _FACTORIES = frozenset(
 )
 
 
-def _cpu_factory(fn):
+def _on_cpu(factory):
     def wrapper(*args, **kwargs):
-        if _is_cuda_dev(kwargs.get("device")):
+        if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = _CPU
-        return fn(*args, **kwargs)
+        return factory(*args, **kwargs)
 
     return wrapper
 
 
-class _TorchShim:
-    """Stand-in for the `torch` module inside selected megatron modules."""
+class _TorchStandIn:
+    """``torch`` as the patched modules see it."""
 
-    cuda = _CudaShim()
+    cuda = _CudaStandIn()
 
     def __getattr__(self, name):
         obj = getattr(torch, name)
-        # schedules.py builds `torch.zeros([], ..., device="cuda")` (literal) for token counts
-        return _cpu_factory(obj) if name in _FACTORIES else obj
+        return _on_cpu(obj) if name in _FACTORIES else obj
 
 
-# Modules whose `torch` global gets the shim (see report for the exact call sites).
-_SHIMMED_MODULES = (
-    "megatron.core.tensor_parallel.random",  # torch.cuda.manual_seed/get_rng_state in tracker
-    "megatron.core.tensor_parallel.layers",  # SP backward: torch.empty(device=current_device())
-    "megatron.core.tensor_parallel.mappings",  # SP gather/reduce-scatter output buffers
-    "megatron.core.tensor_parallel.utils",  # split/gather_split_1d_tensor buffers
-    "megatron.core.utils",  # GlobalMemoryBuffer.get_tensor (SP all-gather buffer)
-    "megatron.core.pipeline_parallel.p2p_communication",  # recv buffers + synchronize
-    "megatron.core.pipeline_parallel.schedules",  # total_num_tokens device="cuda"
-    "megatron.core.transformer.utils",  # get_default_causal_mask: torch.ones(device="cuda")
-    "megatron.core.transformer.dot_product_attention",
-    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+# Modules whose `torch` is replaced, and why.
+_PATCHED_MODULES = (
+    "megatron.core.tensor_parallel.random",  # RNG tracker: cuda manual_seed / rng state
+    "megatron.core.tensor_parallel.layers",  # sequence-parallel backward buffers
+    "megatron.core.tensor_parallel.mappings",  # sequence-parallel gather / reduce-scatter buffers
+    "megatron.core.tensor_parallel.utils",  # distribute_saved_activations split/gather
+    "megatron.core.utils",  # GlobalMemoryBuffer
+    "megatron.core.pipeline_parallel.p2p_communication",  # receive buffers, synchronize
+    "megatron.core.pipeline_parallel.schedules",  # token-count tensors on device="cuda"
+    "megatron.core.transformer.utils",  # causal / sliding-window mask factories
+    "megatron.core.transformer.dot_product_attention",  # softmax offset (non-vanilla softmax)
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",  # inv_freq moved to the device
 )
 
 
-def _make_cpu_tracker(random_mod):
-    base = random_mod.CudaRNGStatesTracker
+def _cpu_rng_tracker(random_module):
+    class CpuRNGStatesTracker(random_module.CudaRNGStatesTracker):
+        """Named RNG states swapped in and out of the CPU generator.
 
-    class CpuRNGStatesTracker(base):
-        """CudaRNGStatesTracker whose named states live in the CPU default generator.
-
-        fork() is overridden only because the base one warns 'CPU RNG state changed
-        within GPU RNG context' on every use once the 'GPU' generator *is* the CPU one."""
+        Only ``fork`` differs: the base one warns on every use that the CPU state changed inside
+        the "GPU" context, which is always true once that generator is the CPU one.
+        """
 
         @contextlib.contextmanager
-        def fork(self, name=random_mod._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        def fork(self, name=random_module._MODEL_PARALLEL_RNG_TRACKER_NAME):
             if name not in self.states_:
-                raise Exception(f"cuda rng state {name} is not added")
-            orig = torch.get_rng_state()
+                raise Exception(f"rng state {name} is not added")
+            outer = torch.get_rng_state()
             torch.set_rng_state(self.states_[name])
             try:
                 yield
             finally:
                 self.states_[name] = torch.get_rng_state()
-                torch.set_rng_state(orig)
+                torch.set_rng_state(outer)
 
     return CpuRNGStatesTracker
 
 
-def enable_cpu_compat():
-    """Apply all patches (idempotent). Returns True if patches are active."""
-    global _ENABLED
-    if _ENABLED:
+def enable_cpu_compat() -> bool:
+    """Apply the patches once; returns True when they are active (no CUDA), else False."""
+    global _enabled
+    if _enabled:
         return True
     if torch.cuda.is_available():
         return False
-    shim = _TorchShim()
-    for name in _SHIMMED_MODULES:
-        importlib.import_module(name).torch = shim
-
-    random_mod = importlib.import_module("megatron.core.tensor_parallel.random")
-    # _get/_set_cuda_rng_state index torch.cuda.default_generators / use _lazy_call (which
-    # silently queues forever w/o CUDA); used by tracker.add/fork and CheckpointFunction.
-    random_mod._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    random_mod._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
-    # initialize_rng_tracker() instantiates the module-global CudaRNGStatesTracker.
-    random_mod.CudaRNGStatesTracker = _make_cpu_tracker(random_mod)
-    if random_mod._CUDA_RNG_STATE_TRACKER_INITIALIZED and not isinstance(
-        random_mod._CUDA_RNG_STATE_TRACKER, random_mod.CudaRNGStatesTracker
+    stand_in = _TorchStandIn()
+    for name in _PATCHED_MODULES:
+        importlib.import_module(name).torch = stand_in
+    rnd = importlib.import_module("megatron.core.tensor_parallel.random")
+    # These index torch.cuda.default_generators or queue a lazy CUDA call that never runs
+    # without CUDA (the tracker would then leave the generator on its last seed).
+    rnd._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    rnd._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    rnd.CudaRNGStatesTracker = _cpu_rng_tracker(rnd)
+    if rnd._CUDA_RNG_STATE_TRACKER_INITIALIZED and not isinstance(
+        rnd._CUDA_RNG_STATE_TRACKER, rnd.CudaRNGStatesTracker
     ):
-        random_mod.initialize_rng_tracker(force_reset=True)
-    _ENABLED = True
+        rnd.initialize_rng_tracker(force_reset=True)
+    _enabled = True
     return True

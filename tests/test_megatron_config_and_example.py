@@ -1,0 +1,64 @@
+"""Config validation of the cross-attention settings, and the README's megatron example runs."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch.nn.functional as F
+
+from lvx_megatron.core import CrossAttentionTransformerConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides):
+    base = dict(num_layers=4, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True)
+    return CrossAttentionTransformerConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            dict(cross_attention_layers=[1, 4]),
+            r"cross_attention_layers must be distinct indices in \[0, num_layers=4\)",
+        ),
+        (dict(cross_attention_layers=[1, 1]), r"cross_attention_layers must be distinct"),
+        (
+            dict(cross_attention_layers=[1], cross_attention_strategy="ulysses"),
+            r"cross_attention_strategy must be one of",
+        ),
+        (dict(cross_attention_layers=[1, 2], cross_attention_strategy=["kv_ring"]), r"lists 1 strategies for 2"),
+        (dict(cross_attention_backend="triton"), r"cross_attention_backend must be one of"),
+    ],
+)
+def test_bad_cross_attention_config_names_the_field(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _config(**overrides)
+
+
+def test_config_defaults_and_per_layer_strategy():
+    cfg = _config(cross_attention_layers=[3, 1], cross_attention_strategy=["kv_ring", "query_ring"])
+    assert cfg.cross_attention_layers == [1, 3] and cfg.visual_hidden_size == 32 and cfg.recompute_visual_kv
+    assert cfg.strategy_for_layer(1) == "kv_ring" and cfg.strategy_for_layer(3) == "query_ring"
+    assert _config(activation_func=F.silu).cross_attention_strategy == "query_ring"
+
+
+def _run(cmd: list[str]) -> str:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_megatron_example_runs_single_process_and_with_tp_and_cp():
+    single = _run([sys.executable, "examples/megatron_block.py"])
+    assert "on cpu" in single and "TP=1 CP=1" in single
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", port]
+    parallel = _run([*torchrun, "examples/megatron_block.py", "--tp", "2", "--cp", "2"])
+    assert "TP=2 CP=2" in parallel
