@@ -1,0 +1,185 @@
+"""GPU check of the megatron cross-attention block: CPU parity and recompute memory.
+
+1. Parity: a small decoder block (self- and cross-attention layers, GQA, masks) with the same
+   weights on CPU (float32, torch backend) and on CUDA (float32 and bfloat16, fused kernels);
+   relative errors of the output and all gradients.
+2. Memory: peak memory of forward+backward of ``L`` gated cross-attention layers (Llama-3.2-11B
+   widths) at a long visual length, with ``recompute_visual_kv`` on and off, for L in 2, 4, 8.
+
+    python tools/xattn_memory.py --output benchmarks/results/xattn_memory_h100.json
+"""
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import zlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from lvx_megatron.core import CrossAttentionMask, CrossAttentionTransformerConfig, cross_attention_decoder_block_spec
+
+
+def _config(num_layers, cross_layers, hidden, heads, groups, ffn, visual_hidden, recompute, dtype, backend):
+    return CrossAttentionTransformerConfig(
+        num_layers=num_layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        ffn_hidden_size=ffn,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        cross_attention_layers=list(cross_layers),
+        cross_attention_backend=backend,
+        recompute_visual_kv=recompute,
+        visual_hidden_size=visual_hidden,
+        cross_attention_gate_init=0.5,
+    )
+
+
+def _block(config, device):
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    return TransformerBlock(config, spec=cross_attention_decoder_block_spec(config), pg_collection=pg).to(device)
+
+
+def parity() -> list[dict]:
+    """Same weights and data on CPU (fp32 reference) and CUDA (fp32, bf16)."""
+    torch.manual_seed(0)
+    text, visual, batch, ids = 48, 1000, 2, 4
+    data = dict(
+        hidden=torch.randn(text, batch, 256),
+        x=torch.randn(visual, batch, 192),
+        q_mask=torch.rand(batch, text, ids) < 0.6,
+        kv_ids=torch.randint(-1, ids, (batch, visual)),
+        dout=torch.randn(text, batch, 256),
+    )
+    data["q_mask"][:, :5] = False
+    runs = {}
+    for name, device, dtype, backend in (
+        ("cpu-fp32", "cpu", torch.float32, "torch"),
+        ("cuda-fp32", "cuda", torch.float32, "auto"),
+        ("cuda-bf16", "cuda", torch.bfloat16, "auto"),
+    ):
+        cfg = _config(4, [1, 3], 256, 8, 2, 512, 192, True, dtype, backend)
+        block = _block(cfg, device)
+        with torch.no_grad():
+            for pname, p in block.named_parameters():
+                gen = torch.Generator().manual_seed(zlib.crc32(pname.encode()))
+                value = (
+                    (1 + 0.1 * torch.randn(p.shape, generator=gen))
+                    if "norm" in pname
+                    else 0.05 * torch.randn(p.shape, generator=gen)
+                )
+                p.copy_(value.to(p.dtype))
+        h = data["hidden"].to(device, dtype).requires_grad_()
+        x = data["x"].to(device, dtype).requires_grad_()
+        mask = CrossAttentionMask(data["q_mask"].to(device), data["kv_ids"].to(device))
+        out = block(hidden_states=h, attention_mask=None, context=x, context_mask=mask)
+        out.backward(data["dout"].to(device, dtype))
+        grads = {n: p.grad.float().cpu() for n, p in block.named_parameters()}
+        runs[name] = dict(out=out.detach().float().cpu(), dh=h.grad.float().cpu(), dx=x.grad.float().cpu(), grads=grads)
+    ref = runs["cpu-fp32"]
+    rows = []
+    for name in ("cuda-fp32", "cuda-bf16"):
+        run = runs[name]
+        rel = lambda a, b: (
+            float((a - b).norm() / b.norm().clamp_min(1e-12)) if torch.isfinite(a).all() else float("nan")
+        )
+        errs = {"out": rel(run["out"], ref["out"]), "dh": rel(run["dh"], ref["dh"]), "dx": rel(run["dx"], ref["dx"])}
+        errs["params_worst"] = max(rel(run["grads"][n], ref["grads"][n]) for n in ref["grads"])
+        rows.append({"run": name, "errors": errs})
+    return rows
+
+
+def memory(layers: int, recompute: bool, text: int, visual: int) -> dict:
+    """Peak bytes above the block's weights and inputs for one forward+backward."""
+    cfg = _config(layers, range(layers), 4096, 32, 8, 14336, 4096, recompute, torch.bfloat16, "auto")
+    block = _block(cfg, "cuda")
+    h = torch.randn(text, 1, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(visual, 1, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = block(hidden_states=h, attention_mask=None, context=x, context_mask=None)
+    after_forward = torch.cuda.memory_allocated() - base
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    kv_per_layer = 2 * visual * 8 * 128 * 2
+    del block, h, x, out
+    torch.cuda.empty_cache()
+    return dict(
+        layers=layers,
+        recompute=recompute,
+        text=text,
+        visual=visual,
+        kept_after_forward=after_forward,
+        peak=peak,
+        kv_bytes_per_layer=kv_per_layer,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", type=int, default=2048)
+    parser.add_argument("--visual", type=int, default=131072, help="visual tokens (6404 per Llama-3.2-Vision image)")
+    parser.add_argument("--output", help="JSON results file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("xattn_memory needs a CUDA device", file=sys.stderr)
+        return 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(0)
+
+    par = parity()
+    for row in par:
+        print(row["run"], " ".join(f"{k}={v:.2e}" for k, v in row["errors"].items()), flush=True)
+    mem = []
+    print(f"{'layers':>6} {'recompute':>9} {'kept after fwd GiB':>19} {'peak GiB':>9} {'K/V per layer GiB':>18}")
+    for layers in (2, 4, 8):
+        for recompute in (True, False):
+            r = memory(layers, recompute, args.text, args.visual)
+            mem.append(r)
+            print(
+                f"{layers:>6} {recompute!s:>9} {r['kept_after_forward'] / 2**30:>19.3f} {r['peak'] / 2**30:>9.3f} "
+                f"{r['kv_bytes_per_layer'] / 2**30:>18.3f}",
+                flush=True,
+            )
+    if args.output:
+        meta = dict(
+            device=torch.cuda.get_device_name(),
+            torch=torch.__version__,
+            cuda=torch.version.cuda,
+            python=platform.python_version(),
+            dtype="bfloat16",
+            widths="hidden 4096, 32/8 heads, d 128, ffn 14336",
+            command="python tools/xattn_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        )
+        with open(args.output, "w") as f:
+            json.dump({"meta": meta, "parity": par, "memory": mem}, f, indent=1)
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
