@@ -137,7 +137,11 @@ def memory(layers: int, recompute: bool, text: int, visual: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", type=int, default=2048)
-    parser.add_argument("--visual", type=int, default=131072, help="visual tokens (6404 per Llama-3.2-Vision image)")
+    parser.add_argument(
+        "--visual",
+        default="65536,131072",
+        help="comma-separated visual lengths (6404 tokens per Llama-3.2-Vision image)",
+    )
     parser.add_argument("--output", help="JSON results file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
