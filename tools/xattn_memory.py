@@ -158,16 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     for row in par:
         print(row["run"], " ".join(f"{k}={v:.2e}" for k, v in row["errors"].items()), flush=True)
     mem = []
-    print(f"{'layers':>6} {'recompute':>9} {'kept after fwd GiB':>19} {'peak GiB':>9} {'K/V per layer GiB':>18}")
-    for layers in (2, 4, 8):
-        for recompute in (True, False):
-            r = memory(layers, recompute, args.text, args.visual)
-            mem.append(r)
-            print(
-                f"{layers:>6} {recompute!s:>9} {r['kept_after_forward'] / 2**30:>19.3f} {r['peak'] / 2**30:>9.3f} "
-                f"{r['kv_bytes_per_layer'] / 2**30:>18.3f}",
-                flush=True,
-            )
+    print(
+        f"{'visual':>7} {'layers':>6} {'recompute':>9} {'kept after fwd GiB':>19} {'peak GiB':>9} {'K/V/layer GiB':>14}"
+    )
+    for visual in map(int, args.visual.split(",")):
+        for layers in (2, 4, 8):
+            for recompute in (True, False):
+                r = memory(layers, recompute, args.text, visual)
+                mem.append(r)
+                print(
+                    f"{visual:>7} {layers:>6} {recompute!s:>9} {r['kept_after_forward'] / 2**30:>19.3f} "
+                    f"{r['peak'] / 2**30:>9.3f} {r['kv_bytes_per_layer'] / 2**30:>14.3f}",
+                    flush=True,
+                )
     if args.output:
         meta = dict(
             device=torch.cuda.get_device_name(),
