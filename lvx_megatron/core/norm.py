@@ -13,10 +13,35 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm in fp32 (fp64 for fp64) that saves only its input and ``rstd`` for backward.
+
+    Autograd through the plain formula would keep several fp32 copies of the input per norm
+    (most of a layer's text-side activation memory).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xa = x.to(acc)
+        rstd = torch.rsqrt(xa.square().mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xa * rstd * weight.to(acc)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        acc = rstd.dtype
+        x_hat = x.to(acc) * rstd
+        g = grad.to(acc)
+        gw = g * weight.to(acc)
+        dx = rstd * (gw - x_hat * (gw * x_hat).mean(-1, keepdim=True))
+        dweight = (g * x_hat).reshape(-1, x.shape[-1]).sum(0)
+        return dx.to(x.dtype), dweight.to(weight.dtype), None
+
+
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
-    return (normed * weight.float()).to(x.dtype)
+    return _RMSNormFunction.apply(x, weight, eps)
 
 
 class RMSNorm(MegatronModule):
