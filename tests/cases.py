@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lvx_megatron.ops import dense_cross_attention, distributed_cross_attention
+from lvx_megatron.ops import STRATEGIES, dense_cross_attention, distributed_cross_attention
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,7 @@ def case_matrix(world_size: int) -> list[Case]:
     hq = 8  # GQA ratios 1, 4 and Hq (MQA)
     out = []
     for i, (strategy, hkv, masks, dtype) in enumerate(
-        itertools.product(
-            ("query_ring", "kv_ring"), (hq, 2, 1), ("none", "padding", "images"), (torch.float64, torch.float32)
-        )
+        itertools.product(sorted(STRATEGIES), (hq, 2, 1), ("none", "padding", "images"), (torch.float64, torch.float32))
     ):
         out.append(Case(strategy, hq, hkv, masks, dtype, seed=1000 * world_size + i))
     return out
@@ -108,4 +106,8 @@ def case_matrix(world_size: int) -> list[Case]:
 
 def run_matrix(rank: int, world_size: int) -> list[tuple[Case, dict[str, float]]]:
     """Worker: every case of the matrix on this rank."""
-    return [(case, run_case(case, rank, world_size, dist.group.WORLD)) for case in case_matrix(world_size)]
+    # Alternate an explicit group and None (the default group) so both paths are exercised.
+    return [
+        (case, run_case(case, rank, world_size, dist.group.WORLD if i % 2 else None))
+        for i, case in enumerate(case_matrix(world_size))
+    ]

@@ -26,7 +26,10 @@ def _qkv(b=1, sq=3, hq=4, hkv=2, skv=5, d=8, dtype=torch.float32):
         (lambda q, k, v: (q[..., :3, :], k, v, {}), r"query heads of q \(3\) must be a multiple"),
         (lambda q, k, v: (q[..., :4], k, v, {}), r"same head dim"),
         (lambda q, k, v: (torch.cat([q, q]), k, v, {}), r"same batch size"),
-        (lambda q, k, v: (q, k, v, {"strategy": "ulysses"}), r"strategy must be one of \['kv_ring', 'query_ring'\]"),
+        (
+            lambda q, k, v: (q, k, v, {"strategy": "ulysses"}),
+            r"strategy must be one of \['kv_allgather', 'kv_ring', 'q_allgather', 'query_ring'\]",
+        ),
         (lambda q, k, v: (q, k, v, {"softmax_scale": -1.0}), r"softmax_scale must be a positive"),
         (
             lambda q, k, v: (q, k, v, {"q_image_mask": torch.ones(1, 3, 2, dtype=torch.bool)}),

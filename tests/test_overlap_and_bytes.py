@@ -97,6 +97,18 @@ def test_bytes_moved_per_rank_match_the_algorithm():
             "fwd": 4 * ((n - 1) * q_elems + n * (q_elems + stat_elems)),
             "bwd": 4 * ((n - 1) * (2 * q_elems + 2 * stat_elems) + n * q_elems),
         },
+        # Q all-gather (ring-algorithm counts): Q to n-1 ranks, two all-reduces of the LSE of all
+        # n blocks (2 (n-1)/n each), reduce-scatter of fp32 O; backward gathers Q, dO, LSE, D and
+        # reduce-scatters dQ.
+        "q_allgather": {
+            "fwd": 4 * ((n - 1) * q_elems + (n - 1) * q_elems) + 2 * (2 * (n - 1) * 4 * n * stat_elems) // n,
+            "bwd": 4 * ((n - 1) * (2 * q_elems + 2 * stat_elems) + (n - 1) * q_elems),
+        },
+        # KV all-gather: K, V to n-1 ranks, twice (backward gathers again), dK, dV reduce-scattered.
+        "kv_allgather": {
+            "fwd": 4 * (n - 1) * 2 * kv_elems,
+            "bwd": 4 * ((n - 1) * 2 * kv_elems + (n - 1) * 2 * kv_elems),
+        },
         # KV ring: K, V travel n-1 hops; backward adds dK, dV for n hops.
         "kv_ring": {"fwd": 4 * (n - 1) * 2 * kv_elems, "bwd": 4 * ((n - 1) * 2 * kv_elems + n * 2 * kv_elems)},
     }

@@ -2,8 +2,8 @@
 
 from .api import STRATEGIES, PreparedCall, Strategy, distributed_cross_attention, prepare_call
 from .backends import BACKENDS, BlockAttentionBackend, TorchFusedBackend, TorchReferenceBackend, get_backend
+from .comm_stats import CommStats, count_communication
 from .reference import dense_cross_attention
-from .ring import CommStats, count_communication
 
 __all__ = [
     "BACKENDS",

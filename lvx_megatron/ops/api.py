@@ -9,9 +9,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backends import BlockAttentionBackend, get_backend
+from .kv_allgather import kv_allgather_backward, kv_allgather_forward
 from .kv_ring import kv_ring_backward, kv_ring_forward
 from .layout import exchange_layout
 from .problem import CrossAttentionProblem
+from .q_allgather import q_allgather_backward, q_allgather_forward
 from .query_ring import query_ring_backward, query_ring_forward
 
 
@@ -31,6 +33,8 @@ class Strategy:
 STRATEGIES = {
     "query_ring": Strategy("query_ring", query_ring_forward, query_ring_backward),
     "kv_ring": Strategy("kv_ring", kv_ring_forward, kv_ring_backward),
+    "q_allgather": Strategy("q_allgather", q_allgather_forward, q_allgather_backward),
+    "kv_allgather": Strategy("kv_allgather", kv_allgather_forward, kv_allgather_backward),
 }
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -125,6 +129,7 @@ def prepare_call(
     world_size = dist.get_world_size(group) if distributed else 1
     problem = CrossAttentionProblem(
         group=group if distributed else None,
+        rank=dist.get_rank(group) if distributed else 0,
         layout=exchange_layout(q, k, q_image_mask, kv_image_ids, group, world_size),
         batch=q.shape[0],
         q_heads=q.shape[2],

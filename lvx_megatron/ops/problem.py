@@ -17,7 +17,8 @@ from .ring import TensorSpec
 class CrossAttentionProblem:
     """Shapes, scale, backend and group of one distributed call (shared by forward and backward)."""
 
-    group: dist.ProcessGroup | None
+    group: dist.ProcessGroup | None  # None: the default group when distributed, else one process
+    rank: int  # this process's rank in the group
     layout: ShardLayout
     batch: int
     q_heads: int

@@ -7,43 +7,14 @@ process group's own stream (NCCL) or thread (gloo) while the compute proceeds, s
 "post next transfer; compute; wait".
 """
 
-import contextlib
-import contextvars
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-@dataclass
-class CommStats:
-    """Bytes and messages this process sent through rings while the counter was active."""
-
-    bytes_sent: int = 0
-    messages: int = 0
-    by_name: dict[str, int] = field(default_factory=dict)
-
-    def add(self, name: str, tensors: Sequence[Tensor]) -> None:
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        self.bytes_sent += nbytes
-        self.messages += len(tensors)
-        self.by_name[name] = self.by_name.get(name, 0) + nbytes
-
-
-_active_stats: contextvars.ContextVar[CommStats | None] = contextvars.ContextVar("lvx_comm_stats", default=None)
-
-
-@contextlib.contextmanager
-def count_communication() -> Iterator[CommStats]:
-    """Count the bytes this process sends through rings inside the ``with`` block."""
-    stats = CommStats()
-    token = _active_stats.set(stats)
-    try:
-        yield stats
-    finally:
-        _active_stats.reset(token)
+from .comm_stats import record_sent
 
 
 @dataclass(frozen=True)
@@ -126,7 +97,5 @@ class Ring:
         sent = [t.contiguous() for t in send]
         ops = [dist.P2POp(dist.isend, t, self.next_rank, self.group) for t in sent]
         ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group) for t in received]
-        stats = _active_stats.get()
-        if stats is not None:
-            stats.add(name, sent)
+        record_sent(name, sent)
         return PendingExchange(dist.batch_isend_irecv(ops), received, sent)
