@@ -15,13 +15,12 @@ forward+backward. Variants:
 
 import argparse
 import itertools
-import json
-import platform
 import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
+from results_file import write_results
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lvx_megatron.ops import TorchFusedBackend, distributed_cross_attention
@@ -175,19 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         del q, k, v
         torch.cuda.empty_cache()
     if args.output:
-        meta = {
-            "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "python": platform.python_version(),
+        extra = {
             "dtype": args.dtype,
             "head_dim": args.head_dim,
             "batch": 1,
             "flops": "fwd 4*B*Hq*Sq*Skv*d, fwd+bwd 3.5x",
-            "command": "python tools/bench_block_attention.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
-        with open(args.output, "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=1)
+        write_results(args.output, "bench_block_attention.py", argv, extra, results=rows)
     return 0
 
 

@@ -10,12 +10,11 @@ random inputs, compares output and dq/dk/dv with the float64 dense reference by
 
 import argparse
 import itertools
-import json
-import platform
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
+from results_file import write_results
 
 from lvx_megatron.ops import (
     TorchFusedBackend,
@@ -142,15 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = sum(not r["passed"] for r in records)
     print(f"{len(records) - failed} passed, {failed} failed")
     if args.output:
-        meta = {
-            "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "python": platform.python_version(),
-            "command": "python tools/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        }
-        with open(args.output, "w") as f:
-            json.dump({"meta": meta, "results": records}, f, indent=1)
+        write_results(args.output, "gpu_check.py", argv, {}, results=records)
     return 1 if failed else 0
 
 

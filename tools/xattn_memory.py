@@ -10,9 +10,7 @@
 """
 
 import argparse
-import json
 import os
-import platform
 import socket
 import sys
 import zlib
@@ -24,6 +22,7 @@ from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_block import TransformerBlock
+from results_file import write_results
 
 from lvx_megatron.core import CrossAttentionMask, CrossAttentionTransformerConfig, cross_attention_decoder_block_spec
 
@@ -172,17 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     if args.output:
-        meta = dict(
-            device=torch.cuda.get_device_name(),
-            torch=torch.__version__,
-            cuda=torch.version.cuda,
-            python=platform.python_version(),
-            dtype="bfloat16",
-            widths="hidden 4096, 32/8 heads, d 128, ffn 14336",
-            command="python tools/xattn_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        )
-        with open(args.output, "w") as f:
-            json.dump({"meta": meta, "parity": par, "memory": mem}, f, indent=1)
+        extra = {"dtype": "bfloat16", "widths": "hidden 4096, 32/8 heads, d 128, ffn 14336"}
+        write_results(args.output, "xattn_memory.py", argv, extra, parity=par, memory=mem)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
     return 0
