@@ -310,3 +310,32 @@ def saved_tensor_bytes(rank: int, world_size: int, num_cross_layers: int, recomp
         grads_finite=all(torch.isfinite(p.grad).all() for p in block.parameters() if p.grad is not None),
         x_grad_norm=float(x.grad.norm()),
     )
+
+
+def frozen_visual_side(rank: int, world_size: int) -> dict:
+    """Worker: recompute with a frozen K/V projection and an X that needs no gradient."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from lvx_megatron.core import cross_attention_decoder_block_spec
+    from lvx_megatron.core.cpu_compat import enable_cpu_compat
+
+    enable_cpu_compat()
+    ps.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(0)
+    config = make_config(1, 1, 1, True, num_layers=2, cross_layers=[1])
+    block = TransformerBlock(
+        config,
+        spec=cross_attention_decoder_block_spec(config),
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+    for name, param in block.named_parameters():
+        param.requires_grad_("linear_kv" not in name and "k_norm" not in name)
+    hidden = torch.randn(6, 1, HIDDEN, requires_grad=True)
+    out = block(hidden_states=hidden, attention_mask=None, context=torch.randn(9, 1, VIS_HIDDEN))
+    out.sum().backward()
+    grads = {n: p.grad is not None for n, p in block.named_parameters()}
+    ps.destroy_model_parallel()
+    return grads

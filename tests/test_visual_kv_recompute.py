@@ -1,6 +1,6 @@
 """With recompute on, cross-attention layers keep no per-layer visual K/V for backward."""
 
-from block_harness import saved_tensor_bytes
+from block_harness import frozen_visual_side, saved_tensor_bytes
 
 from lvx_megatron.launch import spawn_gloo
 
@@ -23,3 +23,9 @@ def test_recompute_keeps_no_visual_kv_and_memory_does_not_grow_with_layers():
     assert (on4["saved_bytes"] - on2["saved_bytes"]) / 2 < 0.05 * kv
     # Without recompute each extra layer keeps (at least) its K/V.
     assert (off4["saved_bytes"] - off2["saved_bytes"]) / 2 >= kv
+
+
+def test_recompute_with_frozen_visual_side_still_trains_the_text_side():
+    grads = spawn_gloo(1, frozen_visual_side)[0]
+    assert grads["layers.1.cross_attention.linear_q.weight"] and grads["layers.1.cross_attention.q_norm.weight"]
+    assert not grads["layers.1.cross_attention.linear_kv.weight"]

@@ -9,7 +9,6 @@ it recomputes ``K = X Wk``, ``V = X Wv`` (and the k-norm) from the shared ``X`` 
 """
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +59,8 @@ class _RecomputedKVCrossAttention(torch.autograd.Function):
         with torch.enable_grad():
             k, v = ctx.project_kv(x_leaf)
         dq, dk, dv = ctx.strategy.backward(dout, q, k.detach(), v.detach(), out, lse, q_mask_rows, kv_ids, ctx.problem)
-        torch.autograd.backward((k, v), (dk, dv))
+        if k.requires_grad or v.requires_grad:  # False only when X and the projection are all frozen
+            torch.autograd.backward((k, v), (dk, dv))
         return dq, x_leaf.grad, None, None, None, None, None, None, None
 
 
@@ -70,7 +70,7 @@ class ContextParallelCrossAttention(MegatronModule):
     Args:
         config: the model config (``num_query_groups`` for GQA).
         submodules: the linears and optional norms.
-        layer_number: 1-based index within this pipeline stage's block.
+        layer_number: 1-based layer number in the whole decoder.
         pg_collection: process groups; ``.tp`` splits heads, ``.cp`` carries the ring.
         strategy: ops strategy (default: the config's for this layer).
         layer_index: 0-based decoder index, used to look the strategy up in the config.
@@ -195,7 +195,6 @@ class ContextParallelCrossAttention(MegatronModule):
         with torch.no_grad():
             k, v = self.project_kv(x)
         call = prepare_call(q, k, v, **kwargs)
-        project: Callable[[Tensor], tuple[Tensor, Tensor]] = self.project_kv
         return _RecomputedKVCrossAttention.apply(
-            q, x, k, v, call.q_mask_rows, call.kv_ids, call.problem, STRATEGIES[self.strategy], project
+            q, x, k, v, call.q_mask_rows, call.kv_ids, call.problem, STRATEGIES[self.strategy], self.project_kv
         )
