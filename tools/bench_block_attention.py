@@ -4,7 +4,8 @@ Prints one table: per shape and variant, forward and forward+backward time (medi
 timings) and TFLOP/s, counting ``4 * B * Hq * Sq * Skv * d`` flops forward and 3.5x that for
 forward+backward. Variants:
 
-- ``fused/flash``, ``fused/efficient``: our fused backend (GQA heads packed into rows);
+- ``fused/auto``, ``fused/flash``, ``fused/cudnn``, ``fused/efficient``: our fused backend (GQA
+  heads packed into rows), with its own kernel choice or one kernel for both directions;
 - ``fused/masked``: the fused backend given a dense mask (memory-efficient kernel with a bias);
 - ``sdpa/flash``, ``sdpa/cudnn``, ``sdpa/efficient``: torch's public SDPA with ``enable_gqa``
   (or K/V expanded where the kernel needs it), the best plain torch kernels;
@@ -45,7 +46,7 @@ def _variants(q, k, v, scale):
     """name -> (forward fn, forward+backward fn)."""
     dout = torch.randn_like(q)
     out = {}
-    for kernel in ("flash", "efficient"):
+    for kernel in ("auto", "flash", "cudnn", "efficient"):
         be = TorchFusedBackend(kernel)
         o, lse = be.forward(q, k, v, None, scale)
         delta = output_delta(dout, o)

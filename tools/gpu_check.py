@@ -29,7 +29,7 @@ TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 @dataclass
 class GpuCase:
     strategy: str
-    backend: str  # "fused", "fused-efficient" or "torch"
+    backend: str  # "fused" (auto), "fused-<kernel>" or "torch"
     dtype: str
     hq: int
     hkv: int
@@ -92,14 +92,16 @@ def case_matrix(quick: bool) -> list[GpuCase]:
     cases = []
     heads = [(32, 8), (8, 8), (8, 1)]
     dims = [128, 64, 80]
-    lengths = [(67, 1031), (1, 4099)] if not quick else [(67, 1031)]
+    # (517, 2053) at 32/8 packs 2 x 8 x 2068 query rows: large enough for cuDNN's forward.
+    lengths = [(67, 1031), (1, 4099), (517, 2053)] if not quick else [(67, 1031), (517, 2053)]
     for strategy, (hq, hkv), d, (sq, skv), masks in itertools.product(
         ("query_ring", "kv_ring"), heads, dims, lengths, (False, True)
     ):
         for dtype in ("bfloat16", "float16"):
             cases.append(GpuCase(strategy, "fused", dtype, hq, hkv, d, sq, skv, masks))
     for strategy in ("query_ring", "kv_ring"):
-        cases.append(GpuCase(strategy, "fused-efficient", "bfloat16", 32, 8, 128, 67, 1031, False))
+        for kernel in ("efficient", "flash", "cudnn"):
+            cases.append(GpuCase(strategy, f"fused-{kernel}", "bfloat16", 32, 8, 128, 67, 1031, False))
         cases.append(GpuCase(strategy, "fused", "float32", 32, 8, 128, 67, 1031, True))
         cases.append(GpuCase(strategy, "torch", "bfloat16", 32, 8, 128, 67, 1031, True))
     return cases

@@ -2,8 +2,9 @@
 
 The LSE-returning aten entry points give ``(o, lse)`` per block. GQA heads are packed into the
 row dimension (``[B, Hkv, G * Sq, D]`` against ``[B, Hkv, Skv, D]``), so K/V are read once per
-key/value head and never expanded. Unmasked fp16/bf16 blocks run on the flash kernel; masked
-blocks (an additive ``-inf`` bias) and fp32 run on the memory-efficient kernel.
+key/value head and never expanded. Unmasked fp16/bf16 blocks run on cuDNN (backward, and
+forward from about 8K query rows) or flash (smaller forwards); masked blocks (an additive
+``-inf`` bias) and fp32 run on the memory-efficient kernel.
 
 The fused backward kernels take the block's output ``O`` only to form ``rowsum(dO * O)``. The
 distributed strategies carry the global ``delta`` instead of ``O`` (``D`` times smaller), so the
@@ -62,31 +63,54 @@ def _heads_first(x: Tensor) -> Tensor:
     return x.transpose(1, 2)
 
 
+# With GQA rows packed, cuDNN's forward overtakes flash from about this many query rows in all
+# (batch x K/V heads x packed rows); its backward is faster at every measured shape
+# (H100, bf16, d=128: docs/ops.md).
+_CUDNN_FORWARD_MIN_ROWS = 8192
+
+
+def _cudnn_available(device: torch.device) -> bool:
+    return (
+        device.type == "cuda"
+        and torch.backends.cudnn.is_available()
+        and torch.backends.cuda.cudnn_sdp_enabled()
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
+
+
 class TorchFusedBackend(BlockAttentionBackend):
     """torch's fused CUDA attention kernels behind the block-attention interface.
 
     Args:
-        kernel: ``"auto"`` (flash when unmasked fp16/bf16, otherwise memory-efficient),
-            ``"flash"`` or ``"efficient"``.
+        kernel: ``"auto"`` (unmasked fp16/bf16: cuDNN for the backward and for large forward
+            blocks, flash for small ones; masked blocks and fp32: memory-efficient), or one of
+            ``"flash"``, ``"cudnn"``, ``"efficient"`` for both directions.
     """
 
     name = "fused"
-    KERNELS = ("auto", "flash", "efficient")
+    KERNELS = ("auto", "flash", "cudnn", "efficient")
 
     def __init__(self, kernel: str = "auto") -> None:
         if kernel not in self.KERNELS:
             raise ValueError(f"kernel must be one of {self.KERNELS}, got {kernel!r}")
         self.kernel = kernel
 
-    def _use_flash(self, q: Tensor, mask: Tensor | None) -> bool:
+    def _choose(self, q: Tensor, mask: Tensor | None, rows: int, backward: bool) -> str:
+        """The kernel of one call: ``"flash"``, ``"cudnn"`` or ``"efficient"``."""
         d = q.shape[-1]
-        flash_ok = mask is None and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
-        if self.kernel == "flash" and not flash_ok:
+        low_precision = mask is None and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0
+        flash_ok = low_precision and d <= 256
+        cudnn_ok = low_precision and d <= 128 and _cudnn_available(q.device)
+        if self.kernel in ("flash", "cudnn") and not (flash_ok if self.kernel == "flash" else cudnn_ok):
             raise ValueError(
-                "the flash kernel takes only unmasked fp16/bf16 blocks with head dim a multiple of 8 "
-                "up to 256; use kernel='auto'"
+                f"the {self.kernel} kernel takes only unmasked fp16/bf16 blocks with head dim a multiple of 8 "
+                f"up to {256 if self.kernel == 'flash' else 128}; use kernel='auto'"
             )
-        return flash_ok and self.kernel != "efficient"
+        if self.kernel != "auto":
+            return self.kernel
+        if cudnn_ok and (backward or q.shape[0] * rows >= _CUDNN_FORWARD_MIN_ROWS):
+            return "cudnn"
+        return "flash" if flash_ok else "efficient"
 
     @staticmethod
     def _bias(mask: Tensor, g: int, hkv: int, dtype: torch.dtype, rows_all_masked_to_zero: bool) -> Tensor:
@@ -111,8 +135,12 @@ class TorchFusedBackend(BlockAttentionBackend):
         if sq == 0 or skv == 0:
             return q.new_zeros(q.shape), q.new_full((b, sq, hq), float("-inf"), dtype=torch.float32)
         qp, kh, vh = pack_heads(q, hkv), _heads_first(k), _heads_first(v)
-        if self._use_flash(q, mask):
+        kernel = self._choose(q, mask, hkv * qp.shape[2], backward=False)
+        if kernel == "flash":
             o, lse = _aten._scaled_dot_product_flash_attention(qp, kh, vh, scale=scale)[:2]
+        elif kernel == "cudnn":
+            o, lse = _aten._scaled_dot_product_cudnn_attention(qp, kh, vh, None, True, scale=scale)[:2]
+            lse = lse.reshape(b, hkv, -1)  # cuDNN returns [B, H, M, 1]
         else:
             bias = None if mask is None else self._bias(mask, hq // hkv, hkv, q.dtype, True)
             o, lse = _aten._scaled_dot_product_efficient_attention(qp, kh, vh, bias, True, scale=scale)[:2]
@@ -148,10 +176,16 @@ class TorchFusedBackend(BlockAttentionBackend):
         rows = qp.shape[2]
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         offset = torch.zeros((), dtype=torch.int64, device=q.device)
-        if self._use_flash(q, mask):
+        kernel = self._choose(q, mask, hkv * rows, backward=True)
+        if kernel == "flash":
             dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
                 pack_heads(dout, hkv), qp, kh, vh, pack_heads(surrogate_out, hkv), lse_p,
                 None, None, rows, skv, 0.0, False, seed, offset, scale=scale,
+            )  # fmt: skip
+        elif kernel == "cudnn":
+            dq, dk, dv = _aten._scaled_dot_product_cudnn_attention_backward(
+                pack_heads(dout, hkv), qp, kh, vh, pack_heads(surrogate_out, hkv), lse_p.unsqueeze(-1),
+                seed, offset, None, None, None, rows, skv, 0.0, False, scale=scale,
             )  # fmt: skip
         else:
             # The memory-efficient backward reads O (and dO) as [B, M, H, D]-contiguous, the
