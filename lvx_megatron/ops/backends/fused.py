@@ -2,8 +2,8 @@
 
 The LSE-returning aten entry points give ``(o, lse)`` per block. GQA heads are packed into the
 row dimension (``[B, Hkv, G * Sq, D]`` against ``[B, Hkv, Skv, D]``), so K/V are read once per
-key/value head and never expanded. Unmasked fp16/bf16 blocks run on cuDNN (backward, and
-forward from about 8K query rows) or flash (smaller forwards); masked blocks (an additive
+key/value head and never expanded. Unmasked fp16/bf16 blocks run on cuDNN from about 8K query
+rows in all (batch x K/V heads x packed rows) and on flash below; masked blocks (an additive
 ``-inf`` bias) and fp32 run on the memory-efficient kernel.
 
 The fused backward kernels take the block's output ``O`` only to form ``rowsum(dO * O)``. The
@@ -63,10 +63,10 @@ def _heads_first(x: Tensor) -> Tensor:
     return x.transpose(1, 2)
 
 
-# With GQA rows packed, cuDNN's forward overtakes flash from about this many query rows in all
-# (batch x K/V heads x packed rows); its backward is faster at every measured shape
-# (H100, bf16, d=128: docs/ops.md).
-_CUDNN_FORWARD_MIN_ROWS = 8192
+# With GQA rows packed, cuDNN overtakes flash (forward and backward) from about this many query
+# rows in all (batch x K/V heads x packed rows); below it flash is as fast or faster
+# (H100, bf16, d=128: benchmarks/results/block_attention_h100.json).
+_CUDNN_MIN_ROWS = 8192
 
 
 def _cudnn_available(device: torch.device) -> bool:
@@ -82,9 +82,9 @@ class TorchFusedBackend(BlockAttentionBackend):
     """torch's fused CUDA attention kernels behind the block-attention interface.
 
     Args:
-        kernel: ``"auto"`` (unmasked fp16/bf16: cuDNN for the backward and for large forward
-            blocks, flash for small ones; masked blocks and fp32: memory-efficient), or one of
-            ``"flash"``, ``"cudnn"``, ``"efficient"`` for both directions.
+        kernel: ``"auto"`` (unmasked fp16/bf16: cuDNN from about 8K query rows in all, flash
+            below; masked blocks and fp32: memory-efficient), or one of ``"flash"``, ``"cudnn"``,
+            ``"efficient"``.
     """
 
     name = "fused"
@@ -95,7 +95,7 @@ class TorchFusedBackend(BlockAttentionBackend):
             raise ValueError(f"kernel must be one of {self.KERNELS}, got {kernel!r}")
         self.kernel = kernel
 
-    def _choose(self, q: Tensor, mask: Tensor | None, rows: int, backward: bool) -> str:
+    def _choose(self, q: Tensor, mask: Tensor | None, rows: int) -> str:
         """The kernel of one call: ``"flash"``, ``"cudnn"`` or ``"efficient"``."""
         d = q.shape[-1]
         low_precision = mask is None and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0
@@ -108,7 +108,7 @@ class TorchFusedBackend(BlockAttentionBackend):
             )
         if self.kernel != "auto":
             return self.kernel
-        if cudnn_ok and (backward or q.shape[0] * rows >= _CUDNN_FORWARD_MIN_ROWS):
+        if cudnn_ok and q.shape[0] * rows >= _CUDNN_MIN_ROWS:
             return "cudnn"
         return "flash" if flash_ok else "efficient"
 
@@ -135,7 +135,7 @@ class TorchFusedBackend(BlockAttentionBackend):
         if sq == 0 or skv == 0:
             return q.new_zeros(q.shape), q.new_full((b, sq, hq), float("-inf"), dtype=torch.float32)
         qp, kh, vh = pack_heads(q, hkv), _heads_first(k), _heads_first(v)
-        kernel = self._choose(q, mask, hkv * qp.shape[2], backward=False)
+        kernel = self._choose(q, mask, hkv * qp.shape[2])
         if kernel == "flash":
             o, lse = _aten._scaled_dot_product_flash_attention(qp, kh, vh, scale=scale)[:2]
         elif kernel == "cudnn":
@@ -176,7 +176,7 @@ class TorchFusedBackend(BlockAttentionBackend):
         rows = qp.shape[2]
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         offset = torch.zeros((), dtype=torch.int64, device=q.device)
-        kernel = self._choose(q, mask, hkv * rows, backward=True)
+        kernel = self._choose(q, mask, hkv * rows)
         if kernel == "flash":
             dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
                 pack_heads(dout, hkv), qp, kh, vh, pack_heads(surrogate_out, hkv), lse_p,
