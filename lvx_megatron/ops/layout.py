@@ -69,6 +69,6 @@ def exchange_layout(
     table = torch.stack(gathered).cpu().tolist()
     for i, name in enumerate(_FIELDS):
         if name in _MUST_MATCH and len({row[i] for row in table}) > 1:
-            values = {rank: _DTYPES[row[i]] if name == "dtype" else row[i] for rank, row in enumerate(table)}
+            values = {r: _DTYPES[row[i]] if name == "dtype" and row[i] >= 0 else row[i] for r, row in enumerate(table)}
             raise ValueError(f"{name} must be the same on every rank of the group, got {values} (rank: value)")
     return ShardLayout(tuple(row[0] for row in table), tuple(row[1] for row in table))
