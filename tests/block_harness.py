@@ -139,34 +139,48 @@ class _Stage(torch.nn.Module):
         return self.block(**kwargs)
 
 
-def run_block(rank: int, world_size: int, tp: int, cp: int, pp: int, recompute: bool = True, seed: int = 0) -> dict:
-    """Worker: losses, dX/dH shards and full parameter gradients of one layout."""
+def build_block(tp: int, cp: int, pp: int, config, seed: int = 0):
+    """Initialise megatron's parallel state on CPU and build this pipeline stage's block.
+
+    Returns ``(block, pg_collection)``; the block's weights are megatron's own initialisation.
+    """
     from megatron.core import parallel_state as ps
-    from megatron.core.enums import ModelType
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer.transformer_block import TransformerBlock
 
-    from lvx_megatron.core import CrossAttentionMask, cross_attention_decoder_block_spec
+    from lvx_megatron.core import cross_attention_decoder_block_spec
     from lvx_megatron.core.cpu_compat import enable_cpu_compat
 
     enable_cpu_compat()
     ps.initialize_model_parallel(tp, pp, context_parallel_size=cp)
     model_parallel_cuda_manual_seed(seed)
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    config = make_config(tp, cp, pp, recompute)
-    tp_rank, cp_rank, pp_rank = pg.tp.rank(), pg.cp.rank(), pg.pp.rank()
-    first, last = pp_rank == 0, pp_rank == pp - 1
+    pp_rank = pg.pp.rank()
     block = TransformerBlock(
         config,
         spec=cross_attention_decoder_block_spec(config, pp_rank=pp_rank),
-        pre_process=first,
-        post_process=last,
+        pre_process=pp_rank == 0,
+        post_process=pp_rank == pp - 1,
         pg_collection=pg,
     )
+    return block, pg
+
+
+def run_block(rank: int, world_size: int, tp: int, cp: int, pp: int, recompute: bool = True, seed: int = 0) -> dict:
+    """Worker: losses, dX/dH shards and full parameter gradients of one layout."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.enums import ModelType
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from lvx_megatron.core import CrossAttentionMask
+
+    config = make_config(tp, cp, pp, recompute)
+    block, pg = build_block(tp, cp, pp, config, seed)
+    tp_rank, cp_rank, pp_rank = pg.tp.rank(), pg.cp.rank(), pg.pp.rank()
+    first, last = pp_rank == 0, pp_rank == pp - 1
 
     stage = _Stage(block)
     stage.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
@@ -264,27 +278,15 @@ def saved_tensor_bytes(rank: int, world_size: int, num_cross_layers: int, recomp
     """Worker: what a block of ``num_cross_layers`` cross-attention layers saves for backward.
 
     Returns the bytes of distinct activation storages (parameters excluded) saved by autograd
-    during one forward, whether any
-    saved tensor is a per-layer visual K/V (its storage as large as one layer's K/V), and the
-    size of one layer's K/V.
+    during one forward, whether any saved tensor is a per-layer visual K/V (its storage as large
+    as one layer's K/V), and the size of one layer's K/V.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.transformer_block import TransformerBlock
 
-    from lvx_megatron.core import CrossAttentionMask, cross_attention_decoder_block_spec
-    from lvx_megatron.core.cpu_compat import enable_cpu_compat
+    from lvx_megatron.core import CrossAttentionMask
 
-    enable_cpu_compat()
-    ps.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(0)
     config = make_config(1, 1, 1, recompute, num_layers=num_cross_layers, cross_layers=range(num_cross_layers))
-    block = TransformerBlock(
-        config,
-        spec=cross_attention_decoder_block_spec(config),
-        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-    )
+    block, _ = build_block(1, 1, 1, config)
     text = 8
     hidden = torch.randn(text, 1, HIDDEN, requires_grad=True)
     x = torch.randn(visual, 1, VIS_HIDDEN, requires_grad=True)
@@ -315,22 +317,9 @@ def saved_tensor_bytes(rank: int, world_size: int, num_cross_layers: int, recomp
 def frozen_visual_side(rank: int, world_size: int) -> dict:
     """Worker: recompute with a frozen K/V projection and an X that needs no gradient."""
     from megatron.core import parallel_state as ps
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.transformer_block import TransformerBlock
 
-    from lvx_megatron.core import cross_attention_decoder_block_spec
-    from lvx_megatron.core.cpu_compat import enable_cpu_compat
-
-    enable_cpu_compat()
-    ps.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(0)
     config = make_config(1, 1, 1, True, num_layers=2, cross_layers=[1])
-    block = TransformerBlock(
-        config,
-        spec=cross_attention_decoder_block_spec(config),
-        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-    )
+    block, _ = build_block(1, 1, 1, config)
     for name, param in block.named_parameters():
         param.requires_grad_("linear_kv" not in name and "k_norm" not in name)
     hidden = torch.randn(6, 1, HIDDEN, requires_grad=True)
