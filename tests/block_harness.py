@@ -15,6 +15,8 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 warnings.filterwarnings("ignore", message=".*absl.logging.*")
 
+from lvx_megatron.core.tp_layout import full_shape, shard_full, unshard  # noqa: E402
+
 TEXT, VISUAL, BATCH, N_IDS, MICROBATCHES = 12, 14, 2, 3, 2
 HIDDEN, VIS_HIDDEN, HEADS, GROUPS, HEAD_DIM, FFN = 32, 24, 4, 2, 8, 48
 
@@ -58,39 +60,6 @@ def global_name(name: str, offset: int) -> str:
         i = parts.index("layers") + 1
         parts[i] = str(int(parts[i]) + offset)
     return ".".join(parts)
-
-
-def _full_shape(param, tp: int) -> list[int]:
-    shape = list(param.shape)
-    if getattr(param, "tensor_model_parallel", False) and tp > 1:
-        shape[param.partition_dim] *= tp
-    return shape
-
-
-def _glu_fc1(name: str, config) -> bool:
-    return config.gated_linear_unit and name.endswith("linear_fc1.weight")
-
-
-def shard_full(full: torch.Tensor, param, name: str, config, tp_rank: int, tp: int) -> torch.Tensor:
-    """This TP rank's piece of a full tensor (GLU fc1 weights hold [gate; up], each split)."""
-    if not getattr(param, "tensor_model_parallel", False) or tp == 1:
-        return full
-    if _glu_fc1(name, config):
-        return full.view(2, -1, full.shape[-1]).chunk(tp, dim=1)[tp_rank].reshape(-1, full.shape[-1])
-    return full.chunk(tp, dim=param.partition_dim)[tp_rank]
-
-
-def unshard(local: torch.Tensor, param, name: str, config, tp_group) -> torch.Tensor:
-    """Full tensor from every TP rank's piece (inverse of :func:`shard_full`)."""
-    tp = tp_group.size()
-    if not getattr(param, "tensor_model_parallel", False) or tp == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(tp)]
-    dist.all_gather(parts, local.contiguous(), group=tp_group)
-    if _glu_fc1(name, config):
-        halves = [p.view(2, -1, p.shape[-1]) for p in parts]
-        return torch.cat(halves, dim=1).reshape(-1, local.shape[-1])
-    return torch.cat(parts, dim=param.partition_dim)
 
 
 def full_value(name: str, shape: list[int], seed: int) -> torch.Tensor:
@@ -188,7 +157,11 @@ def run_block(rank: int, world_size: int, tp: int, cp: int, pp: int, recompute: 
     with torch.no_grad():
         for name, param in block.named_parameters():
             gname = global_name(name, offset)
-            param.copy_(shard_full(full_value(gname, _full_shape(param, tp), seed), param, name, config, tp_rank, tp))
+            param.copy_(
+                shard_full(
+                    full_value(gname, full_shape(param, tp), seed), param, name, config.gated_linear_unit, tp_rank, tp
+                )
+            )
 
     text_start, text_len = _pieces(TEXT, cp)[cp_rank]
     vis_start, vis_len = _pieces(VISUAL, cp)[cp_rank]
@@ -249,7 +222,7 @@ def run_block(rank: int, world_size: int, tp: int, cp: int, pp: int, recompute: 
             g /= cp
         if config.sequence_parallel and getattr(param, "sequence_parallel", False):
             dist.all_reduce(g, group=pg.tp)
-        grads[global_name(name, offset)] = unshard(g, param, name, config, pg.tp)
+        grads[global_name(name, offset)] = unshard(g, param, name, config.gated_linear_unit, pg.tp)
     # dX: each pipeline stage that owns cross-attention layers adds its part (see docs).
     # Inputs' gradients carry the CP loss scale that DDP's averaging removes for parameters.
     dx = [

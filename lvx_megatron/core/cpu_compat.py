@@ -26,6 +26,16 @@ def _is_cuda_device(device) -> bool:
     return isinstance(device, torch.device) and device.type == "cuda"
 
 
+class _NullStream:
+    """A CUDA stream stand-in: CPU work is synchronous, so waiting is a no-op."""
+
+    def wait_stream(self, other) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
 class _CudaStandIn:
     """``torch.cuda`` as the patched modules see it; anything not listed is the real one."""
 
@@ -37,6 +47,11 @@ class _CudaStandIn:
     manual_seed = staticmethod(lambda seed: torch.manual_seed(seed))
     get_rng_state = staticmethod(lambda *args, **kwargs: torch.get_rng_state())
     set_rng_state = staticmethod(lambda state, *args, **kwargs: torch.set_rng_state(state))
+    # DDP's gradient-reduction streams and the optimizer's cache release.
+    Stream = staticmethod(lambda *args, **kwargs: _NullStream())
+    current_stream = staticmethod(lambda *args, **kwargs: _NullStream())
+    stream = staticmethod(lambda *args, **kwargs: contextlib.nullcontext())
+    empty_cache = staticmethod(lambda: None)
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -93,6 +108,18 @@ _PATCHED_MODULES = (
     "megatron.core.transformer.utils",  # causal / sliding-window mask factories
     "megatron.core.transformer.dot_product_attention",  # softmax offset (non-vanilla softmax)
     "megatron.core.models.common.embeddings.rotary_pos_embedding",  # inv_freq moved to the device
+    "megatron.core.distributed.param_and_grad_buffer",  # DDP's grad buffers, streams
+    "megatron.core.distributed.distributed_data_parallel",  # communication stream
+    "megatron.core.distributed.finalize_model_grads",  # token-count and norm tensors
+    "megatron.core.optimizer.optimizer",  # found-inf / grad-norm tensors
+    "megatron.core.optimizer.distrib_optimizer",  # gather buffers
+    "megatron.core.optimizer.clip_grads",  # total-norm tensors
+    "megatron.core.transformer.module",  # Float16Module
+    "megatron.core.dist_checkpointing.exchange_utils",  # shard exchange buffers
+    "megatron.core.dist_checkpointing.strategies.torch",  # load buffers
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",  # exchange buffers
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",  # preload synchronize
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # save-plan tensors
 )
 
 
@@ -119,6 +146,42 @@ def _cpu_rng_tracker(random_module):
     return CpuRNGStatesTracker
 
 
+class _CpuParameter(torch.nn.Parameter):
+    """A parameter whose ``type()`` names the CUDA tensor type of its dtype.
+
+    megatron's optimizers accept parameters only after checking
+    ``param.type() in ("torch.cuda.FloatTensor", ...)``; everything else is a plain parameter.
+    """
+
+    def type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and self.device.type == "cpu":
+            return super().type().replace("torch.", "torch.cuda.", 1)
+        return super().type(dtype, non_blocking, **kwargs)
+
+
+def mark_cpu_parameters(module: torch.nn.Module) -> None:
+    """Let megatron's optimizers take ``module``'s CPU parameters (no-op when CUDA is available)."""
+    if torch.cuda.is_available():
+        return
+    for param in module.parameters():
+        if type(param) is torch.nn.Parameter:
+            param.__class__ = _CpuParameter
+
+
+def _clip_grads_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's ``clip_grad_by_total_norm_fp32`` without its ``torch.cuda.FloatTensor`` assert."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(clip_coeff, torch.Tensor):
+        clip_coeff = clip_coeff.clamp_max(1.0)
+    elif clip_coeff >= 1.0:
+        return
+    for param in parameters:
+        grad = getattr(param, attr, None)
+        if grad is not None:
+            grad.detach().mul_(clip_coeff)
+
+
 def enable_cpu_compat() -> bool:
     """Apply the patches once; returns True when they are active (no CUDA), else False."""
     global _enabled
@@ -129,6 +192,9 @@ def enable_cpu_compat() -> bool:
     stand_in = _TorchStandIn()
     for name in _PATCHED_MODULES:
         importlib.import_module(name).torch = stand_in
+    importlib.import_module(
+        "megatron.core.optimizer.optimizer"
+    ).clip_grad_by_total_norm_fp32 = _clip_grads_by_total_norm
     rnd = importlib.import_module("megatron.core.tensor_parallel.random")
     # These index torch.cuda.default_generators or queue a lazy CUDA call that never runs
     # without CUDA (the tracker would then leave the generator on its last seed).

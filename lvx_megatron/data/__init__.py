@@ -1,0 +1,42 @@
+"""Data pipeline: synthetic video QA, tokenizers, Mllama tiling and batching, webdataset shards, DP sampling.
+
+Depends on torch, numpy, PIL (and webdataset for writing shards); never on megatron.
+"""
+
+from lvx_megatron.data.batch import answer_accuracy, collate, encode_sample
+from lvx_megatron.data.sampler import micro_batches
+from lvx_megatron.data.shards import ShardedVideoDataset, write_shards
+from lvx_megatron.data.tiling import (
+    IMAGE_MEAN,
+    IMAGE_STD,
+    cross_attention_token_mask,
+    supported_aspect_ratios,
+    tile_image,
+    tile_images,
+)
+from lvx_megatron.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, WordTokenizer, build_tokenizer
+from lvx_megatron.data.video_qa import VideoQAGenerator, answer_distribution, chance_accuracy, vocabulary
+
+__all__ = [
+    "IMAGE_MEAN",
+    "IMAGE_STD",
+    "ByteTokenizer",
+    "HFTokenizer",
+    "ShardedVideoDataset",
+    "Tokenizer",
+    "VideoQAGenerator",
+    "WordTokenizer",
+    "answer_accuracy",
+    "answer_distribution",
+    "build_tokenizer",
+    "chance_accuracy",
+    "collate",
+    "cross_attention_token_mask",
+    "encode_sample",
+    "micro_batches",
+    "supported_aspect_ratios",
+    "tile_image",
+    "tile_images",
+    "vocabulary",
+    "write_shards",
+]

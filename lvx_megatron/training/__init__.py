@@ -1,0 +1,28 @@
+"""Training glue of ``pretrain_mllm.py``: config, data, model set-up, loop, checkpoints, logging."""
+
+import os
+import sys
+
+from .config import ConfigError, RunConfig, load_config
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """Entry point: parse flags + YAML, train, return the final metrics (exit 2 on a config error)."""
+    from .arguments import parse_run_config
+
+    try:
+        cfg = parse_run_config(argv)
+        from .loop import Trainer
+
+        trainer = Trainer(cfg)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
+    except ConfigError as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(str(exc), file=sys.stderr)
+        sys.exit(2)
+
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "main"]

@@ -1,0 +1,224 @@
+"""The run configuration: a YAML file validated by pydantic, then command-line overrides.
+
+Unknown keys are errors (a typo must not silently fall back to a default), and every error is
+one line naming the field, e.g. ``config error: model.text.hidden_size: Input should be greater
+than 0 (got -4)``.
+"""
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from ..ops import BACKENDS, STRATEGIES
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line that names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TextModelConfig(_Section):
+    """The language decoder (Llama 3 style: RMSNorm, SwiGLU, RoPE, GQA)."""
+
+    num_layers: PositiveInt
+    hidden_size: PositiveInt
+    ffn_hidden_size: PositiveInt
+    num_attention_heads: PositiveInt
+    num_query_groups: PositiveInt | None = None
+    cross_attention_layers: list[int] = Field(min_length=1)
+    rotary_base: PositiveFloat = 500000.0
+    rope_scaling: bool = False
+    rope_scaling_factor: PositiveFloat = 8.0
+    norm_epsilon: PositiveFloat = 1e-5
+    init_method_std: PositiveFloat = 0.02
+    make_vocab_size_divisible_by: PositiveInt = 128
+
+    @model_validator(mode="after")
+    def _check(self) -> "TextModelConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads")
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ValueError(f"num_attention_heads must be divisible by num_query_groups ({groups})")
+        bad = [i for i in self.cross_attention_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"cross_attention_layers {bad} outside [0, num_layers={self.num_layers})")
+        return self
+
+
+class VisionModelConfig(_Section):
+    """The mllama vision encoder (one tile = ``image_size`` x ``image_size`` pixels)."""
+
+    hidden_size: PositiveInt
+    num_hidden_layers: PositiveInt
+    num_global_layers: int = Field(ge=0)
+    attention_heads: PositiveInt
+    intermediate_size: PositiveInt
+    image_size: PositiveInt
+    patch_size: PositiveInt
+    max_num_tiles: PositiveInt = 4
+    intermediate_layers_indices: list[int] = Field(default_factory=list)
+    norm_eps: PositiveFloat = 1e-5
+    activation_checkpointing: bool = False
+
+
+class CrossAttentionSettings(_Section):
+    """How the cross-attention layers run."""
+
+    strategy: str | list[str] = "query_ring"
+    backend: str = "auto"
+    recompute_visual_kv: bool = True
+    gate_init: float = 0.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "CrossAttentionSettings":
+        for name in [self.strategy] if isinstance(self.strategy, str) else self.strategy:
+            if name not in STRATEGIES:
+                raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {name!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        return self
+
+
+class ModelConfig(_Section):
+    text: TextModelConfig
+    vision: VisionModelConfig
+    cross_attention: CrossAttentionSettings = Field(default_factory=CrossAttentionSettings)
+    freeze_vision_encoder: bool = False
+
+
+class DataConfig(_Section):
+    """Where samples come from and how they become batches.
+
+    ``kind: synthetic_video_qa`` generates the embedded moving-shapes dataset into ``path`` on
+    first use; ``kind: shards`` reads WebDataset shards made by ``tools/folder_to_wds.py`` (``path``
+    holds ``train/`` and ``eval/``).
+    """
+
+    kind: Literal["synthetic_video_qa", "shards"] = "synthetic_video_qa"
+    path: str
+    seq_length: PositiveInt
+    max_images: PositiveInt
+    train_samples: PositiveInt = 4096
+    eval_samples: PositiveInt = 256
+    frame_size: PositiveInt = 32
+    tokenizer: Literal["words", "bytes", "huggingface"] = "words"
+    tokenizer_path: str | None = None
+    seed: int = 0
+
+
+class ParallelConfig(_Section):
+    tensor_model_parallel_size: PositiveInt = 1
+    pipeline_model_parallel_size: PositiveInt = 1
+    context_parallel_size: PositiveInt = 1
+    sequence_parallel: bool = True  # used whenever tensor_model_parallel_size > 1
+    use_distributed_optimizer: bool = True
+
+
+class TrainingConfig(_Section):
+    micro_batch_size: PositiveInt
+    global_batch_size: PositiveInt
+    train_iters: PositiveInt
+    lr: PositiveFloat
+    min_lr: float = Field(0.0, ge=0)
+    lr_warmup_iters: int = Field(0, ge=0)
+    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, gt=0, lt=1)
+    adam_beta2: float = Field(0.95, gt=0, lt=1)
+    clip_grad: float = Field(1.0, ge=0)
+    seed: int = 1234
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_interval: PositiveInt = 10
+    eval_interval: int = Field(0, ge=0)  # 0: evaluate only at the end
+    eval_iters: PositiveInt = 4
+    exit_interval: int = Field(0, ge=0)  # stop (after saving) when iteration % exit_interval == 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainingConfig":
+        if self.lr_warmup_iters >= self.train_iters:
+            raise ValueError(f"lr_warmup_iters ({self.lr_warmup_iters}) must be < train_iters ({self.train_iters})")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
+        return self
+
+
+class CheckpointConfig(_Section):
+    save: str | None = None
+    load: str | None = None
+    save_interval: int = Field(0, ge=0)  # 0: save only at the end (and on SIGTERM)
+
+
+class LoggingConfig(_Section):
+    run_dir: str = "runs/default"  # metrics.jsonl goes here when checkpoint.save is unset
+    wandb_project: str | None = None
+    wandb_exp_name: str | None = None
+    wandb_save_dir: str | None = None
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+
+
+class RunConfig(_Section):
+    """Everything a run needs; the YAML file's top-level sections."""
+
+    model: ModelConfig
+    data: DataConfig
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    training: TrainingConfig
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        """Where metrics.jsonl and the W&B run live: the save dir, else the run dir."""
+        return Path(self.checkpoint.save or self.logging.run_dir)
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field (check the spelling; see the config reference in README.md)"
+    elif "input" in first and not isinstance(first["input"], dict):
+        msg += f" (got {first['input']!r})"
+    more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"config error: {loc}: {msg}{more}"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config error: {dotted}: {key} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and validate ``path``; ``overrides`` maps dotted field names to values that win."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config error: --config: no such file {str(path)!r}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config error: {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config error: {path}: the top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None

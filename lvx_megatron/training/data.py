@@ -1,0 +1,124 @@
+"""Datasets and per-iteration micro-batches of a run.
+
+Sample order is a pure function of (seed, iteration) (``lvx_megatron.data.sampler``), so a resumed
+run reads exactly the batches the uninterrupted run would have read, with no loader state to save.
+Every rank of a data-parallel replica (its TP, CP and PP ranks) reads the same micro-batches.
+"""
+
+import json
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..data.batch import collate
+from ..data.sampler import micro_batches
+from ..data.shards import ShardedVideoDataset, write_shards
+from ..data.tokenizer import Tokenizer, build_tokenizer
+from ..data.video_qa import GENERATOR_VERSION, VideoQAGenerator
+from .config import ConfigError, RunConfig
+
+SPLITS = ("train", "eval")
+SETTINGS = "settings.json"  # what a generated copy was made with
+
+
+def _synthetic_settings(cfg: RunConfig) -> dict:
+    d = cfg.data
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "train_samples": d.train_samples,
+        "eval_samples": d.eval_samples,
+        "num_frames": d.max_images,
+        "frame_size": d.frame_size,
+        "seed": d.seed,
+    }
+
+
+def _generate_synthetic(cfg: RunConfig, root: Path) -> None:
+    """Write the generated video QA splits into ``root`` (replacing a copy made with other settings)."""
+    d = cfg.data
+    counts = {"train": d.train_samples, "eval": d.eval_samples}
+    for split in SPLITS:
+        shutil.rmtree(root / split, ignore_errors=True)
+        print(f"generating the synthetic video QA {split} split ({counts[split]} clips) in {root / split}", flush=True)
+        gen = VideoQAGenerator(counts[split], d.max_images, d.frame_size, seed=d.seed, split=split)
+        write_shards(gen, str(root / split), samples_per_shard=1024, log_every=1024)
+    (root / SETTINGS).write_text(json.dumps(_synthetic_settings(cfg), indent=1))
+
+
+def prepare_datasets(cfg: RunConfig) -> dict[str, ShardedVideoDataset]:
+    """The train and eval datasets; the synthetic one is generated (by global rank 0) when missing or stale."""
+    d = cfg.data
+    root = Path(d.path)
+    if d.kind == "synthetic_video_qa":
+        settings = root / SETTINGS
+        current = settings.is_file() and json.loads(settings.read_text()) == _synthetic_settings(cfg)
+        if not current and dist.get_rank() == 0:
+            _generate_synthetic(cfg, root)
+        dist.barrier()
+    for split in SPLITS:
+        if not (root / split / "index.json").is_file():
+            raise ConfigError(
+                f"config error: data.path: {root / split} holds no shards (index.json); make them with "
+                "tools/folder_to_wds.py or tools/make_video_qa.py"
+            )
+    return {split: ShardedVideoDataset(str(root / split)) for split in SPLITS}
+
+
+def make_tokenizer(cfg: RunConfig) -> Tokenizer:
+    return build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
+
+
+class BatchSource:
+    """This data-parallel replica's micro-batches of a dataset, iteration by iteration.
+
+    Reading and tiling the frames of iteration ``i + 1`` runs in a background thread while
+    iteration ``i`` trains (image decoding releases the GIL), so the accelerator does not wait for it.
+    """
+
+    def __init__(self, cfg: RunConfig, dataset, tokenizer: Tokenizer, dp_rank: int, dp_size: int, seed: int) -> None:
+        self.cfg, self.dataset, self.tokenizer = cfg, dataset, tokenizer
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lvx-data")
+        self._pending: dict[int, Future] = {}
+
+    def _load(self, iteration: int) -> list[dict[str, torch.Tensor]]:
+        tr, d, v = self.cfg.training, self.cfg.data, self.cfg.model.vision
+        try:
+            index_lists = micro_batches(
+                iteration,
+                tr.global_batch_size,
+                tr.micro_batch_size,
+                self.dp_rank,
+                self.dp_size,
+                len(self.dataset),
+                self.seed,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"config error: training: {exc}") from None
+        return [
+            collate(
+                [self.dataset[i] for i in indices],
+                self.tokenizer,
+                d.seq_length,
+                d.max_images,
+                v.max_num_tiles,
+                v.image_size,
+            )
+            for indices in index_lists
+        ]
+
+    def micro_batches(self, iteration: int, device: torch.device, prefetch_next: bool = True) -> list[dict]:
+        """The micro-batches of ``iteration`` on ``device``; starts reading the next iteration's."""
+        # Every read runs on the one worker thread: the dataset's file handles are not shared.
+        pending = self._pending.pop(iteration, None) or self._pool.submit(self._load, iteration)
+        batches = pending.result()
+        self._pending.clear()
+        if prefetch_next:
+            self._pending[iteration + 1] = self._pool.submit(self._load, iteration + 1)
+        return [{k: t.to(device, non_blocking=True) for k, t in b.items()} for b in batches]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,223 @@
+"""The training loop of ``pretrain_mllm.py`` on megatron-core's schedules, optimizer and checkpoints.
+
+One iteration: this replica's micro-batches -> ``get_forward_backward_func()`` (no pipelining, or
+1F1B across pipeline stages with the ``[text; X]`` stage tensors) -> megatron optimizer step
+(gradients summed over DP x CP and divided by the global count of answer tokens, clipped) ->
+``OptimizerParamScheduler`` step. Losses are per-token means over the whole global batch, so
+every parallel layout computes the same numbers.
+"""
+
+import math
+import resource
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.training.dist_signal_handler import DistributedSignalHandler
+
+from ..models.sharding import text_range
+from .checkpointing import latest_iteration, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .data import BatchSource, make_tokenizer, prepare_datasets
+from .flops import flops_per_sample, peak_flops, visual_tokens_per_image
+from .run_logger import RunLogger
+from .setup import TrainState, build_train_state, init_distributed
+from .xattn_timer import CrossAttentionTimer
+
+_MODEL_INPUTS = ("tokens", "cross_attention_mask", "aspect_ratio_mask", "pixel_values", "aspect_ratio_ids", "labels")
+
+
+def _loss_func(loss_mask: torch.Tensor, output):
+    """megatron loss function: summed token loss, token count, and logging sums."""
+    loss, correct = output
+    mask = loss_mask.float()
+    loss_sum = (loss.float() * mask).sum()
+    tokens = mask.sum()
+    wrong = ((~correct) & mask.bool()).sum(dim=1).float()  # per sample, this CP rank's rows
+    report = {"loss_sum": loss_sum.detach(), "tokens": tokens.detach(), "wrong": wrong}
+    return loss_sum, tokens.to(torch.int), report
+
+
+def _forward_step(state: TrainState, data_iterator, model):
+    batch = next(data_iterator)
+    cp = state.pg.cp
+    start, stop = text_range(batch["tokens"].shape[1], cp.size(), cp.rank())
+    output = model(**{k: batch[k] for k in _MODEL_INPUTS})
+    return output, partial(_loss_func, batch["loss_mask"][:, start:stop])
+
+
+def _reduce_reports(state: TrainState, reports: list[dict], device) -> dict:
+    """Global loss (per token) and answer accuracy from every last-stage rank's reports."""
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss_sum, tokens, correct, samples
+    last = state.pg.pp.rank() == state.pg.pp.size() - 1
+    if last and reports:
+        wrong = torch.cat([r["wrong"] for r in reports])
+        dist.all_reduce(wrong, group=state.pg.cp)  # a sample's answer may span CP ranks
+        if state.pg.tp.rank() == 0:
+            totals[0] = sum(float(r["loss_sum"]) for r in reports)
+            totals[1] = sum(float(r["tokens"]) for r in reports)
+            if state.pg.cp.rank() == 0:
+                totals[2] = float((wrong == 0).sum())
+                totals[3] = float(wrong.numel())
+    dist.all_reduce(totals)
+    loss_sum, tokens, correct, samples = totals.tolist()
+    return {"loss": loss_sum / max(tokens, 1.0), "accuracy": correct / max(samples, 1.0)}
+
+
+class Trainer:
+    """Owns a run: set-up, iterations, evaluation, checkpoints, logging."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.device = init_distributed()
+        self.tokenizer = make_tokenizer(cfg)
+        self.datasets = prepare_datasets(cfg)
+        self.state = build_train_state(cfg, self.tokenizer.vocab_size, self.device)
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        self.train_source = BatchSource(cfg, self.datasets["train"], self.tokenizer, dp_rank, dp_size, cfg.data.seed)
+        self.eval_source = BatchSource(cfg, self.datasets["eval"], self.tokenizer, dp_rank, dp_size, cfg.data.seed + 1)
+        self.logger = RunLogger(cfg, writer=dist.get_rank() == 0)
+        self.timer = CrossAttentionTimer(self.state.mllama, self.device)
+        self.flops_per_sample = flops_per_sample(cfg, self.state.mllama.text.padded_vocab_size)
+        self.peak = peak_flops(self.device)
+        self.iteration = 0
+        load = cfg.checkpoint.load
+        if load:
+            self.iteration = load_checkpoint(self.state, load)
+            found = (
+                f"resumed at iteration {self.iteration}" if self.iteration else "no checkpoint there, starting fresh"
+            )
+            self.logger.console(f"--load {load}: {found}")
+
+    # --- one step --------------------------------------------------------------------------
+
+    def _pipeline_shape_fn(self):
+        """1F1B stage tensors are ``[text; X]`` (see ``MllamaModel``); None without pipelining."""
+        if self.state.pg.pp.size() == 1:
+            return None
+        d, v = self.cfg.data, self.cfg.model.vision
+        shape = self.state.mllama.pipeline_tensor_shape(
+            d.seq_length, self.cfg.training.micro_batch_size, d.max_images, v.max_num_tiles
+        )
+        return lambda recv, send: ([shape] * len(recv), [shape] * len(send))
+
+    def _run_schedule(self, batches: list[dict], forward_only: bool) -> list[dict]:
+        return get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, self.state),
+            data_iterator=iter(batches),
+            model=[self.state.model],
+            num_microbatches=len(batches),
+            seq_length=self.cfg.data.seq_length,
+            micro_batch_size=self.cfg.training.micro_batch_size,
+            forward_only=forward_only,
+            adjust_tensor_shapes_fn=self._pipeline_shape_fn(),
+        )
+
+    def train_step(self) -> dict:
+        s = self.state
+        s.model.zero_grad_buffer()
+        s.optimizer.zero_grad()
+        batches = self.train_source.micro_batches(self.iteration, self.device)
+        reports = self._run_schedule(batches, forward_only=False)
+        lr = s.optimizer.param_groups[0]["lr"]
+        ok, grad_norm, _ = s.optimizer.step()
+        s.scheduler.step(increment=1)
+        metrics = _reduce_reports(s, reports, self.device)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["lr"] = lr
+        metrics["skipped"] = not ok
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.state.model.eval()
+        totals = {"loss": 0.0, "accuracy": 0.0}
+        n = self.cfg.training.eval_iters
+        for i in range(n):
+            batches = self.eval_source.micro_batches(i, self.device, prefetch_next=i + 1 < n)
+            result = _reduce_reports(self.state, self._run_schedule(batches, forward_only=True), self.device)
+            for k in totals:
+                totals[k] += result[k] / n
+        self.state.model.train()
+        return totals
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def _throughput(self, seconds: float, xattn_seconds: float) -> dict:
+        cfg = self.cfg
+        gbs, world = cfg.training.global_batch_size, dist.get_world_size()
+        text_tokens = gbs * cfg.data.seq_length
+        visual_tokens = gbs * cfg.data.max_images * visual_tokens_per_image(cfg)
+        tflops = self.flops_per_sample * gbs / seconds / world / 1e12
+        metrics = {
+            "step_s": seconds,
+            "text_tokens_per_s": text_tokens / seconds,
+            "visual_tokens_per_s": visual_tokens / seconds,
+            "tflops_per_device": tflops,
+            "xattn_time_share": xattn_seconds / seconds,
+        }
+        if self.peak:
+            metrics["mfu"] = tflops * 1e12 / self.peak
+        if self.device.type == "cuda":
+            metrics["max_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            metrics["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return metrics
+
+    def _save(self) -> None:
+        root = self.cfg.checkpoint.save
+        if root and latest_iteration(root) != self.iteration:
+            path = save_checkpoint(self.state, self.cfg, self.iteration, self.cfg.checkpoint.save)
+            self.logger.console(f"saved checkpoint {path}")
+
+    def run(self) -> dict:
+        """Train to ``train_iters``; returns the last train and eval metrics."""
+        cfg, tr = self.cfg, self.cfg.training
+        last_train, last_eval = {}, {}
+        self.logger.console(
+            f"training {tr.train_iters} iterations from {self.iteration} on {dist.get_world_size()} ranks "
+            f"(TP {cfg.parallel.tensor_model_parallel_size}, CP {cfg.parallel.context_parallel_size}, "
+            f"PP {cfg.parallel.pipeline_model_parallel_size}, DP {parallel_state.get_data_parallel_world_size()})"
+        )
+        with DistributedSignalHandler() as signals:
+            while self.iteration < tr.train_iters:
+                logged = (self.iteration + 1) % tr.log_interval == 0 or self.iteration + 1 == tr.train_iters
+                if logged:
+                    self.timer.start()
+                start = time.perf_counter()
+                metrics = self.train_step()
+                seconds = time.perf_counter() - start
+                self.iteration += 1
+                if not math.isfinite(metrics["loss"]):
+                    self.logger.log("train", self.iteration, metrics)
+                    raise FloatingPointError(f"loss is {metrics['loss']} at iteration {self.iteration}")
+                if logged:
+                    metrics.update(self._throughput(seconds, self.timer.stop()))
+                    self.logger.log("train", self.iteration, metrics)
+                last_train = metrics
+                if tr.eval_interval and self.iteration % tr.eval_interval == 0 and self.iteration < tr.train_iters:
+                    last_eval = self.evaluate()
+                    self.logger.log("eval", self.iteration, last_eval)
+                interval = cfg.checkpoint.save_interval
+                if interval and self.iteration % interval == 0 and self.iteration < tr.train_iters:
+                    self._save()
+                exit_now = tr.exit_interval and self.iteration % tr.exit_interval == 0
+                if any(signals.signals_received()) or exit_now:
+                    reason = f"exit interval {tr.exit_interval}" if exit_now else "SIGTERM"
+                    self.logger.console(f"{reason}: saving a checkpoint and stopping at iteration {self.iteration}")
+                    self._save()
+                    return {"train": last_train, "eval": last_eval, "iteration": self.iteration, "stopped": True}
+        last_eval = self.evaluate()
+        self.logger.log("eval", self.iteration, last_eval)
+        self._save()
+        return {"train": last_train, "eval": last_eval, "iteration": self.iteration, "stopped": False}
+
+    def close(self) -> None:
+        self.train_source.close()
+        self.eval_source.close()
+        self.logger.close()
+        parallel_state.destroy_model_parallel()
