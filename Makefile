@@ -17,9 +17,13 @@ demo: setup
 demo-ops: setup
 	$(PY) -m lvx_megatron.demo --world-size $(NPROC)
 
+SHELL_SCRIPTS := scripts/setup_env.sh .ci/run examples/run_local.sh examples/slurm/launch.sh examples/slurm/*.sbatch
+
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)
+	$(VENV)/bin/hadolint Dockerfile
 
 test: lint
 	$(PY) -m pytest -q

@@ -7,6 +7,8 @@ from train_harness import TINY
 
 from lvx_megatron.launch import spawn_gloo
 from lvx_megatron.models.sharding import image_range, text_range
+from lvx_megatron.training.config import load_config
+from lvx_megatron.training.memory import parameter_counts
 
 
 def _batch(num_images: int, seq: int = 24, tiles: int = 1, tile: int = 32, batch: int = 2) -> dict:
@@ -24,7 +26,7 @@ def _batch(num_images: int, seq: int = 24, tiles: int = 1, tile: int = 32, batch
     )
 
 
-def _loss_and_grads(cp: int, num_images: int) -> tuple[float, dict]:
+def _loss_and_grads(cp: int, num_images: int) -> tuple[float, dict, int]:
     from megatron.core import parallel_state as ps
 
     from lvx_megatron.training.config import load_config
@@ -43,7 +45,7 @@ def _loss_and_grads(cp: int, num_images: int) -> tuple[float, dict]:
             dist.all_reduce(p.grad, group=pg.cp)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     ps.destroy_model_parallel()
-    return float(total), grads
+    return float(total), grads, sum(p.numel() for p in model.parameters())
 
 
 def model_layouts(rank: int, world_size: int, num_images: int) -> dict:
@@ -56,7 +58,8 @@ def model_layouts(rank: int, world_size: int, num_images: int) -> dict:
 
 @pytest.mark.parametrize("world_size, num_images", [(3, 2), (2, 5)])
 def test_context_parallel_model_matches_one_rank(world_size, num_images):
-    (single_loss, single), (cp_loss, cp) = spawn_gloo(world_size, model_layouts, num_images)[0].values()
+    (single_loss, single, count), (cp_loss, cp, _) = spawn_gloo(world_size, model_layouts, num_images)[0].values()
+    assert count == sum(parameter_counts(load_config(TINY), vocab_size=29).values())  # the planner's count
     assert abs(cp_loss - single_loss) <= 1e-5 * abs(single_loss)
     for name, grad in single.items():
         assert torch.isfinite(cp[name]).all()

@@ -23,6 +23,7 @@ from .checkpointing import latest_iteration, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .data import BatchSource, make_tokenizer, prepare_datasets
 from .flops import flops_per_sample, peak_flops, visual_tokens_per_image
+from .layout import validate_layout
 from .run_logger import RunLogger
 from .setup import TrainState, build_train_state, init_distributed
 from .xattn_timer import CrossAttentionTimer
@@ -73,6 +74,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.device = init_distributed()
+        self.layout = validate_layout(cfg, dist.get_world_size())
         self.tokenizer = make_tokenizer(cfg)
         self.datasets = prepare_datasets(cfg)
         self.state = build_train_state(cfg, self.tokenizer.vocab_size, self.device)

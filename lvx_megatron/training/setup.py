@@ -27,7 +27,7 @@ from ..core.cpu_compat import enable_cpu_compat, mark_cpu_parameters
 from ..models.init import initialize_by_name
 from ..models.mllama import MllamaModel, MllamaTextSettings
 from ..models.mllama_vision import VisionEncoderConfig
-from .config import ConfigError, RunConfig
+from .config import RunConfig
 
 
 def init_distributed() -> torch.device:
@@ -45,15 +45,8 @@ def init_distributed() -> torch.device:
 
 
 def init_model_parallel(cfg: RunConfig) -> ProcessGroupCollection:
-    """megatron's TP/CP/PP/DP groups for this run; errors name the parallel field that misfits."""
+    """megatron's TP/CP/PP/DP groups for this run (``layout.validate_layout`` checks them first)."""
     p = cfg.parallel
-    world = dist.get_world_size()
-    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
-    if world % model_parallel:
-        raise ConfigError(
-            f"config error: parallel: tensor x pipeline x context parallel sizes ({model_parallel}) must divide "
-            f"the number of processes ({world})"
-        )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
