@@ -17,6 +17,9 @@ class Case:
     masks: str  # "none", "padding" (ids only) or "images" (ids and per-token visibility)
     dtype: torch.dtype
     seed: int
+    batch: int = 2
+    head_dim: int = 8
+    num_ids: int = 4
 
 
 def random_lengths(gen: torch.Generator, world_size: int, low: int, high: int, allow_zero: bool) -> list[int]:
@@ -26,8 +29,9 @@ def random_lengths(gen: torch.Generator, world_size: int, low: int, high: int, a
     return lens
 
 
-def make_problem(case: Case, world_size: int, batch: int = 2, head_dim: int = 8, num_ids: int = 4):
+def make_problem(case: Case, world_size: int):
     """Full float64 tensors, shard lengths, and masks (rows that see nothing included)."""
+    batch, head_dim, num_ids = case.batch, case.head_dim, case.num_ids
     gen = torch.Generator().manual_seed(case.seed)
     q_lens = random_lengths(gen, world_size, 1, 6, allow_zero=True)
     kv_lens = random_lengths(gen, world_size, 1, 9, allow_zero=True)
@@ -111,3 +115,35 @@ def run_matrix(rank: int, world_size: int) -> list[tuple[Case, dict[str, float]]
         (case, run_case(case, rank, world_size, dist.group.WORLD if i % 2 else None))
         for i, case in enumerate(case_matrix(world_size))
     ]
+
+
+def fuzz_cases(world_size: int, seed: int, count: int) -> list[Case]:
+    """``count`` random cases (strategy, GQA ratio, masks, dtype, batch, head dim, ids) from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    cases = []
+    for i in range(count):
+        hq = pick([1, 2, 3, 4, 6, 8, 12])
+        hkv = pick([g for g in range(1, hq + 1) if hq % g == 0])
+        cases.append(
+            Case(
+                strategy=pick(sorted(STRATEGIES)),
+                hq=hq,
+                hkv=hkv,
+                masks=pick(["none", "padding", "images"]),
+                dtype=pick([torch.float64, torch.float32]),
+                seed=seed * 1000 + world_size * 100 + i,
+                batch=pick([1, 2, 3]),
+                head_dim=pick([4, 8, 16, 32]),
+                num_ids=pick([1, 3, 7]),
+            )
+        )
+    return cases
+
+
+def run_fuzz(rank: int, world_size: int, seed: int, count: int) -> list[tuple[Case, dict[str, float]]]:
+    """Worker: ``count`` random cases on this rank."""
+    return [(case, run_case(case, rank, world_size)) for case in fuzz_cases(world_size, seed, count)]

@@ -53,3 +53,47 @@ def run_trainers(rank: int, world_size: int, runs: list[dict]) -> list[dict]:
         finally:
             trainer.close()
     return results
+
+
+def nan_run(rank: int, world_size: int, overrides: dict, bad_iteration: int) -> dict:
+    """Worker: train with NaN pixels in the batches of 0-based ``bad_iteration``."""
+    from lvx_megatron.training.config import load_config
+    from lvx_megatron.training.loop import Trainer
+
+    trainer = Trainer(load_config(TINY, overrides))
+    original = trainer.train_source._load
+
+    def poisoned(iteration):
+        batches = original(iteration)
+        if iteration == bad_iteration:
+            for batch in batches:
+                batch["pixel_values"].fill_(float("nan"))
+        return batches
+
+    trainer.train_source._load = poisoned
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+def signal_run(rank: int, world_size: int, overrides: dict, signal_rank: int, signum: int, at_iteration: int) -> dict:
+    """Worker: rank ``signal_rank`` receives ``signum`` during 0-based iteration ``at_iteration``."""
+    import os
+
+    from lvx_megatron.training.config import load_config
+    from lvx_megatron.training.loop import Trainer
+
+    trainer = Trainer(load_config(TINY, overrides))
+    original = trainer.train_step
+
+    def step():
+        if rank == signal_rank and trainer.iteration == at_iteration:
+            os.kill(os.getpid(), signum)
+        return original()
+
+    trainer.train_step = step
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

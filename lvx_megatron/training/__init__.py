@@ -4,6 +4,7 @@ import os
 import sys
 
 from .config import ConfigError, RunConfig, load_config
+from .data import DataError
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -19,9 +20,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             return trainer.run()
         finally:
             trainer.close()
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         if os.environ.get("RANK", "0") == "0":
-            print(str(exc), file=sys.stderr)
+            print(str(exc) if isinstance(exc, ConfigError) else f"data error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 

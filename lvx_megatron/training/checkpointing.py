@@ -2,8 +2,10 @@
 
 Layout (Megatron-LM's): ``<save>/iter_0000100/`` holds one distributed checkpoint (model,
 optimizer, LR scheduler, iteration) and ``<save>/latest_checkpointed_iteration.txt`` names the
-newest complete one. The tracker is replaced atomically only after every rank finished writing,
-so a crash during a save leaves the previous checkpoint as the one that is resumed.
+newest complete one. The tracker is replaced atomically only after every rank finished writing
+and the checkpoint's manifest (sizes and CRC-32 of its files) exists, so a crash during a save
+leaves the previous checkpoint as the one that is resumed; a checkpoint damaged later is detected
+on load and the newest older intact one is used (:mod:`.checkpoint_integrity`).
 
 Parameters are saved as sharded tensors in global (unsplit) coordinates and the distributed
 optimizer's state in its "fully reshardable" per-parameter form, so a checkpoint loads into any tensor,
@@ -18,6 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from .checkpoint_integrity import complete_iterations, rotate, verify, write_manifest
 from .config import ConfigError, RunConfig
 from .setup import TrainState
 
@@ -124,20 +127,43 @@ def save_checkpoint(state: TrainState, cfg: RunConfig, iteration: int, root: str
     sharded["run_config"] = cfg.model_dump(mode="json")
     dist_checkpointing.save(sharded, str(path))
     dist.barrier()
+    write_manifest(path)
     if dist.get_rank() == 0:
         tmp = Path(root) / (TRACKER + ".tmp")
         tmp.write_text(str(iteration))
         os.replace(tmp, Path(root) / TRACKER)
+    rotate(Path(root), cfg.checkpoint.keep_last, iteration)
     dist.barrier()
     return path
 
 
+def newest_intact(root: str | Path) -> tuple[int, Path] | None:
+    """The tracker's checkpoint if it is intact, else the newest older intact one (collective).
+
+    None when ``root`` holds no checkpoint yet; ConfigError when none of them is intact.
+    """
+    tracked = latest_iteration(root)
+    if tracked is None:
+        return None
+    candidates = [tracked] + [i for i in complete_iterations(Path(root)) if i < tracked]
+    problems = []
+    for iteration in candidates:
+        path = checkpoint_dir(root, iteration)
+        problem = verify(path) if path.is_dir() else "the folder is missing"
+        if problem is None:
+            return iteration, path
+        problems.append(f"{path.name}: {problem}")
+        if dist.get_rank() == 0:
+            print(f"checkpoint {path} is not intact ({problem}); trying the previous one", flush=True)
+    raise ConfigError(f"config error: checkpoint.load: no intact checkpoint under {root} ({'; '.join(problems)})")
+
+
 def load_checkpoint(state: TrainState, root: str | Path) -> int:
     """Load the newest checkpoint under ``root`` into ``state``; returns its iteration (0: none yet)."""
-    iteration = latest_iteration(root)
-    if iteration is None:  # Megatron-LM's convention: --load == --save, nothing there yet
+    found = newest_intact(root)
+    if found is None:  # Megatron-LM's convention: --load == --save, nothing there yet
         return 0
-    path = checkpoint_dir(root, iteration)
+    _, path = found
     _materialize_adam_state(state.optimizer)
     sharded = _sharded_state(state, is_loading=True)
     try:

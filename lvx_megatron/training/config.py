@@ -110,6 +110,7 @@ class DataConfig(_Section):
     tokenizer: Literal["words", "bytes", "huggingface"] = "words"
     tokenizer_path: str | None = None
     seed: int = 0
+    max_bad_samples: int = Field(100, ge=0)  # unreadable/invalid samples skipped before the run aborts
 
 
 class ParallelConfig(_Section):
@@ -138,6 +139,8 @@ class TrainingConfig(_Section):
     eval_interval: int = Field(0, ge=0)  # 0: evaluate only at the end
     eval_iters: PositiveInt = 4
     exit_interval: int = Field(0, ge=0)  # stop (after saving) when iteration % exit_interval == 0
+    max_skipped_steps: int = Field(10, ge=0)  # iterations with non-finite loss/grads skipped before stopping
+    hang_timeout_s: float = Field(1800.0, ge=0)  # a loop phase without progress this long aborts (0: off)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingConfig":
@@ -157,6 +160,7 @@ class CheckpointConfig(_Section):
     save: str | None = None
     load: str | None = None
     save_interval: int = Field(0, ge=0)  # 0: save only at the end (and on SIGTERM)
+    keep_last: int = Field(0, ge=0)  # keep only the newest N checkpoints (0: keep all)
 
 
 class LoggingConfig(_Section):

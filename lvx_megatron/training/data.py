@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..data.batch import collate
+from ..data.batch import collate, encode_sample
 from ..data.sampler import micro_batches
 from ..data.shards import ShardedVideoDataset, write_shards
 from ..data.tokenizer import Tokenizer, build_tokenizer
@@ -71,18 +71,70 @@ def make_tokenizer(cfg: RunConfig) -> Tokenizer:
     return build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
 
 
+class DataError(RuntimeError):
+    """Too many unreadable or invalid samples; the message names the threshold and the last one."""
+
+
 class BatchSource:
     """This data-parallel replica's micro-batches of a dataset, iteration by iteration.
 
     Reading and tiling the frames of iteration ``i + 1`` runs in a background thread while
     iteration ``i`` trains (image decoding releases the GIL), so the accelerator does not wait for it.
+    A sample that cannot be read (broken image bytes, missing fields) or cannot be used (empty text,
+    more frames than ``data.max_images``, text longer than ``data.seq_length``) is replaced by the
+    next good one, deterministically, and counted; more than ``data.max_bad_samples`` aborts the run.
     """
 
-    def __init__(self, cfg: RunConfig, dataset, tokenizer: Tokenizer, dp_rank: int, dp_size: int, seed: int) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        dataset,
+        tokenizer: Tokenizer,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        verbose: bool = False,
+    ) -> None:
         self.cfg, self.dataset, self.tokenizer = cfg, dataset, tokenizer
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.verbose = verbose
+        self.bad_samples = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lvx-data")
         self._pending: dict[int, Future] = {}
+
+    def _problem(self, index: int) -> tuple[dict | None, str]:
+        """``(sample, "")`` if usable, else ``(None, reason)``."""
+        d = self.cfg.data
+        try:
+            sample = self.dataset[index]
+            frames, question, answer = sample["frames"], sample["question"], sample["answer"]
+            if not question.strip() or not answer.strip():
+                return None, "empty question or answer"
+            if not 1 <= len(frames) <= d.max_images:
+                return None, f"{len(frames)} frames (data.max_images = {d.max_images})"
+            tokens, _ = encode_sample(question, answer, len(frames), self.tokenizer)
+        except (ValueError, OSError, KeyError, TypeError) as exc:  # PIL's decode errors are OSErrors
+            return None, f"{type(exc).__name__}: {exc}"
+        if len(tokens) > d.seq_length:
+            return None, f"{len(tokens)} tokens (data.seq_length = {d.seq_length})"
+        return sample, ""
+
+    def _sample(self, index: int) -> dict:
+        """Sample ``index``, or the next usable one after it."""
+        for offset in range(len(self.dataset)):
+            candidate = (index + offset) % len(self.dataset)
+            sample, reason = self._problem(candidate)
+            if sample is not None:
+                return sample
+            self.bad_samples += 1
+            if self.verbose:
+                print(f"skipping bad sample {candidate}: {reason} ({self.bad_samples} so far)", flush=True)
+            if self.bad_samples > self.cfg.data.max_bad_samples:
+                raise DataError(
+                    f"{self.bad_samples} unreadable or invalid samples (more than data.max_bad_samples = "
+                    f"{self.cfg.data.max_bad_samples}); the last: sample {candidate} of {self.cfg.data.path}: {reason}"
+                )
+        raise DataError(f"no usable sample in {self.cfg.data.path}")
 
     def _load(self, iteration: int) -> list[dict[str, torch.Tensor]]:
         tr, d, v = self.cfg.training, self.cfg.data, self.cfg.model.vision
@@ -100,7 +152,7 @@ class BatchSource:
             raise ConfigError(f"config error: training: {exc}") from None
         return [
             collate(
-                [self.dataset[i] for i in indices],
+                [self._sample(i) for i in indices],
                 self.tokenizer,
                 d.seq_length,
                 d.max_images,

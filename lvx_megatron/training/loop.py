@@ -9,6 +9,7 @@ every parallel layout computes the same numbers.
 
 import math
 import resource
+import signal
 import time
 from functools import partial
 
@@ -26,6 +27,7 @@ from .flops import flops_per_sample, peak_flops, visual_tokens_per_image
 from .layout import validate_layout
 from .run_logger import RunLogger
 from .setup import TrainState, build_train_state, init_distributed
+from .watchdog import HangWatchdog
 from .xattn_timer import CrossAttentionTimer
 
 _MODEL_INPUTS = ("tokens", "cross_attention_mask", "aspect_ratio_mask", "pixel_values", "aspect_ratio_ids", "labels")
@@ -80,13 +82,20 @@ class Trainer:
         self.state = build_train_state(cfg, self.tokenizer.vocab_size, self.device)
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
-        self.train_source = BatchSource(cfg, self.datasets["train"], self.tokenizer, dp_rank, dp_size, cfg.data.seed)
-        self.eval_source = BatchSource(cfg, self.datasets["eval"], self.tokenizer, dp_rank, dp_size, cfg.data.seed + 1)
+        verbose = dist.get_rank() == 0
+        self.train_source = BatchSource(
+            cfg, self.datasets["train"], self.tokenizer, dp_rank, dp_size, cfg.data.seed, verbose
+        )
+        self.eval_source = BatchSource(
+            cfg, self.datasets["eval"], self.tokenizer, dp_rank, dp_size, cfg.data.seed + 1, verbose
+        )
         self.logger = RunLogger(cfg, writer=dist.get_rank() == 0)
         self.timer = CrossAttentionTimer(self.state.mllama, self.device)
         self.flops_per_sample = flops_per_sample(cfg, self.state.mllama.text.padded_vocab_size)
         self.peak = peak_flops(self.device)
         self.iteration = 0
+        self.skipped_steps = 0
+        self.watchdog = HangWatchdog(cfg.training.hang_timeout_s, dist.get_rank())
         load = cfg.checkpoint.load
         if load:
             self.iteration = load_checkpoint(self.state, load)
@@ -120,19 +129,38 @@ class Trainer:
         )
 
     def train_step(self) -> dict:
+        """One iteration; a non-finite loss or gradient skips the optimizer step (reported, counted)."""
         s = self.state
         s.model.zero_grad_buffer()
         s.optimizer.zero_grad()
-        batches = self.train_source.micro_batches(self.iteration, self.device)
-        reports = self._run_schedule(batches, forward_only=False)
+        with self.watchdog.phase("data"):
+            batches = self.train_source.micro_batches(self.iteration, self.device)
+        with self.watchdog.phase("forward-backward"):
+            reports = self._run_schedule(batches, forward_only=False)
+            metrics = _reduce_reports(s, reports, self.device)
+            finite = self._all_finite(metrics["loss"])
         lr = s.optimizer.param_groups[0]["lr"]
-        ok, grad_norm, _ = s.optimizer.step()
-        s.scheduler.step(increment=1)
-        metrics = _reduce_reports(s, reports, self.device)
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = lr
+        metrics["bad_samples"] = self.train_source.bad_samples
+        if not finite:
+            self.skipped_steps += 1
+            metrics.update(grad_norm=float("nan"), skipped=True, skipped_steps=self.skipped_steps)
+            return metrics
+        with self.watchdog.phase("optimizer"):
+            ok, grad_norm, _ = s.optimizer.step()
+        s.scheduler.step(increment=1)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["skipped"] = not ok
         return metrics
+
+    def _all_finite(self, loss: float) -> bool:
+        """Loss and every local gradient finite, on every rank (one small all-reduce)."""
+        local = math.isfinite(loss) and all(
+            bool(torch.isfinite(buffer.grad_data).all()) for buffer in self.state.model.buffers
+        )
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() == 1.0)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -173,7 +201,8 @@ class Trainer:
     def _save(self) -> None:
         root = self.cfg.checkpoint.save
         if root and latest_iteration(root) != self.iteration:
-            path = save_checkpoint(self.state, self.cfg, self.iteration, self.cfg.checkpoint.save)
+            with self.watchdog.phase("checkpoint save"):
+                path = save_checkpoint(self.state, self.cfg, self.iteration, self.cfg.checkpoint.save)
             self.logger.console(f"saved checkpoint {path}")
 
     def run(self) -> dict:
@@ -185,40 +214,57 @@ class Trainer:
             f"(TP {cfg.parallel.tensor_model_parallel_size}, CP {cfg.parallel.context_parallel_size}, "
             f"PP {cfg.parallel.pipeline_model_parallel_size}, DP {parallel_state.get_data_parallel_world_size()})"
         )
-        with DistributedSignalHandler() as signals:
+        with (
+            DistributedSignalHandler(signal.SIGTERM) as sigterm,
+            DistributedSignalHandler(signal.SIGUSR1) as sigusr1,
+        ):
             while self.iteration < tr.train_iters:
                 logged = (self.iteration + 1) % tr.log_interval == 0 or self.iteration + 1 == tr.train_iters
                 if logged:
                     self.timer.start()
                 start = time.perf_counter()
+                self.watchdog.iteration = self.iteration + 1
                 metrics = self.train_step()
                 seconds = time.perf_counter() - start
                 self.iteration += 1
-                if not math.isfinite(metrics["loss"]):
+                if "skipped_steps" in metrics:
                     self.logger.log("train", self.iteration, metrics)
-                    raise FloatingPointError(f"loss is {metrics['loss']} at iteration {self.iteration}")
+                    self.logger.console(
+                        f"iteration {self.iteration}: non-finite loss or gradients, optimizer step skipped "
+                        f"({self.skipped_steps} of at most training.max_skipped_steps = {tr.max_skipped_steps})"
+                    )
+                    if self.skipped_steps > tr.max_skipped_steps:
+                        raise FloatingPointError(
+                            f"{self.skipped_steps} iterations with non-finite loss or gradients (more than "
+                            f"training.max_skipped_steps = {tr.max_skipped_steps}); the last checkpoint is intact"
+                        )
+                    continue
                 if logged:
                     metrics.update(self._throughput(seconds, self.timer.stop()))
                     self.logger.log("train", self.iteration, metrics)
                 last_train = metrics
                 if tr.eval_interval and self.iteration % tr.eval_interval == 0 and self.iteration < tr.train_iters:
-                    last_eval = self.evaluate()
+                    with self.watchdog.phase("evaluation"):
+                        last_eval = self.evaluate()
                     self.logger.log("eval", self.iteration, last_eval)
                 interval = cfg.checkpoint.save_interval
                 if interval and self.iteration % interval == 0 and self.iteration < tr.train_iters:
                     self._save()
                 exit_now = tr.exit_interval and self.iteration % tr.exit_interval == 0
-                if any(signals.signals_received()) or exit_now:
-                    reason = f"exit interval {tr.exit_interval}" if exit_now else "SIGTERM"
+                term, usr1 = any(sigterm.signals_received()), any(sigusr1.signals_received())
+                if term or usr1 or exit_now:
+                    reason = "SIGTERM" if term else "SIGUSR1" if usr1 else f"exit interval {tr.exit_interval}"
                     self.logger.console(f"{reason}: saving a checkpoint and stopping at iteration {self.iteration}")
                     self._save()
                     return {"train": last_train, "eval": last_eval, "iteration": self.iteration, "stopped": True}
-        last_eval = self.evaluate()
+        with self.watchdog.phase("evaluation"):
+            last_eval = self.evaluate()
         self.logger.log("eval", self.iteration, last_eval)
         self._save()
         return {"train": last_train, "eval": last_eval, "iteration": self.iteration, "stopped": False}
 
     def close(self) -> None:
+        self.watchdog.close()
         self.train_source.close()
         self.eval_source.close()
         self.logger.close()

@@ -1,0 +1,211 @@
+"""Faults a long run meets: preemption signals, SIGKILL, NaN, broken samples, hangs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from train_harness import TINY, nan_run, run_trainers, signal_run, small_run, train_losses
+
+from lvx_megatron.data.shards import ShardedVideoDataset, write_shards
+from lvx_megatron.data.tokenizer import build_tokenizer
+from lvx_megatron.data.video_qa import VideoQAGenerator
+from lvx_megatron.launch import spawn_gloo
+from lvx_megatron.training.config import load_config
+from lvx_megatron.training.data import BatchSource, DataError
+
+REPO = TINY.parents[2]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_non_finite_step_is_skipped_and_training_goes_on(tmp_path):
+    run = small_run(str(tmp_path / "data"), str(tmp_path / "run"), **{"training.train_iters": 5})
+    final = spawn_gloo(1, nan_run, run, 2)[0]
+    records = [r for r in _records(tmp_path / "run") if r["kind"] == "train"]
+    assert [r["skipped"] for r in records] == [False, False, True, False, False]
+    assert records[2]["loss"] == "nan" and records[2]["skipped_steps"] == 1
+    assert all(np.isfinite(r["loss"]) for i, r in enumerate(records) if i != 2)
+    assert final["iteration"] == 5 and np.isfinite(final["eval"]["loss"])
+
+
+def test_too_many_non_finite_steps_stop_with_the_last_checkpoint_intact(tmp_path):
+    run = small_run(
+        str(tmp_path / "data"),
+        str(tmp_path / "run"),
+        **{"training.max_skipped_steps": 0, "checkpoint.save": str(tmp_path / "ckpt"), "checkpoint.save_interval": 2},
+    )
+    with pytest.raises(Exception, match=r"more than training\.max_skipped_steps = 0"):
+        spawn_gloo(1, nan_run, run, 2)
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "2"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, signum):
+    run = small_run(
+        str(tmp_path / "data"),
+        str(tmp_path / "run"),
+        **{"parallel.context_parallel_size": 2, "checkpoint.save": str(tmp_path / "ckpt"), "training.train_iters": 8},
+    )
+    finals = spawn_gloo(2, signal_run, run, 1, int(signum), 2)
+    assert [f["stopped"] for f in finals] == [True, True]
+    assert [f["iteration"] for f in finals] == [3, 3]  # the step in flight finishes, then all save
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "3"
+
+
+def _write_config(tmp_path: Path, **sections) -> Path:
+    tree = yaml.safe_load(TINY.read_text())
+    tree["data"].update(path=str(tmp_path / "data"), train_samples=64, eval_samples=16)
+    tree["training"].update(
+        micro_batch_size=4, global_batch_size=8, train_iters=8, lr_warmup_iters=1, log_interval=1, eval_iters=1
+    )
+    tree["parallel"]["context_parallel_size"] = 1
+    tree["logging"]["wandb_mode"] = "disabled"
+    for section, values in sections.items():
+        tree[section].update(values)
+    path = tmp_path / f"run{len(list(tmp_path.glob('run*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _train(config: Path, **popen):
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "pretrain_mllm.py"), "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def test_sigkill_then_restart_continues_the_uninterrupted_loss_curve(tmp_path):
+    reference = _write_config(tmp_path, checkpoint={"save": str(tmp_path / "ref"), "load": None})
+    out, _ = _train(reference).communicate(timeout=600)
+    expected = train_losses(tmp_path / "ref")
+    assert len(expected) == 8, out
+
+    ckpt = str(tmp_path / "crash")
+    crashing = _write_config(tmp_path, checkpoint={"save": ckpt, "load": ckpt, "save_interval": 2})
+    proc = _train(crashing)
+    deadline = time.time() + 300
+    while not (Path(ckpt) / "metrics.jsonl").exists() or len(train_losses(ckpt)) < 5:
+        assert time.time() < deadline and proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = int((Path(ckpt) / "latest_checkpointed_iteration.txt").read_text())
+    assert resumed_from in (2, 4, 6)
+    out, _ = _train(crashing).communicate(timeout=600)
+    assert f"resumed at iteration {resumed_from}" in out
+    records = [r for r in _records(Path(ckpt)) if r["kind"] == "train"]
+    after = [r["loss"] for r in records if r["iteration"] > resumed_from][-(8 - resumed_from) :]
+    np.testing.assert_allclose(after, expected[resumed_from:], rtol=1e-6)
+
+
+def _broken_shards(tmp_path: Path) -> Path:
+    """8 samples: #1 has a corrupted PNG, #3 an empty question, #5 too many frames (12 > 8)."""
+    gen = VideoQAGenerator(8, 8, 32, seed=3)
+    samples = [dict(gen[i]) for i in range(8)]
+    samples[3]["question"] = "  "
+    samples[5]["frames"] = np.concatenate([samples[5]["frames"], samples[5]["frames"][:4]])
+    write_shards(samples, str(tmp_path / "shards"), samples_per_shard=8, log_every=100)
+    ds = ShardedVideoDataset(str(tmp_path / "shards"))
+    shard, _, members = ds._entries[1]
+    offset, size = members["000.png"]
+    with open(tmp_path / "shards" / ds.shard_names[shard], "r+b") as f:
+        f.seek(offset + size // 2)
+        f.write(b"\x00" * 16)
+    return tmp_path / "shards"
+
+
+def test_broken_samples_are_skipped_counted_and_bounded(tmp_path):
+    shards = _broken_shards(tmp_path)
+    overrides = {"data.path": str(shards), "training.micro_batch_size": 8, "training.global_batch_size": 8}
+    cfg = load_config(TINY, overrides)
+    tokenizer = build_tokenizer("words")
+    source = BatchSource(cfg, ShardedVideoDataset(str(shards)), tokenizer, 0, 1, seed=0)
+    (batch,) = source.micro_batches(0, device="cpu", prefetch_next=False)
+    assert source.bad_samples == 3 and batch["tokens"].shape == (8, 24)
+    source.close()
+
+    strict = load_config(TINY, {**overrides, "data.max_bad_samples": 2})
+    source = BatchSource(strict, ShardedVideoDataset(str(shards)), tokenizer, 0, 1, seed=0)
+    with pytest.raises(DataError, match=r"3 unreadable or invalid samples \(more than data.max_bad_samples = 2\)"):
+        source.micro_batches(0, device="cpu", prefetch_next=False)
+    source.close()
+
+
+HANG_SCRIPT = """
+import sys, time, torch, torch.distributed as dist
+from lvx_megatron.launch import spawn_gloo
+from lvx_megatron.training.watchdog import HangWatchdog
+
+def worker(rank, world_size):
+    if rank == 1:
+        time.sleep(60)  # never joins the all-reduce
+    watchdog = HangWatchdog(timeout_s=2.0, rank=rank, poll_s=0.2)
+    watchdog.iteration = 7
+    with watchdog.phase("forward-backward"):
+        dist.all_reduce(torch.ones(1))
+
+if __name__ == "__main__":
+    spawn_gloo(2, worker)
+"""
+
+
+def test_a_hung_collective_aborts_naming_the_rank_and_the_phase(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_SCRIPT)
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode != 0 and time.time() - start < 60
+    assert "hang: rank 0: 'forward-backward' at iteration 7 made no progress for" in proc.stderr
+    assert "all_reduce" in proc.stderr  # the stack names the waiting collective
+
+
+def test_corrupted_checkpoint_falls_back_to_the_previous_and_old_ones_rotate(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run = small_run(
+        str(tmp_path / "data"),
+        str(tmp_path / "run"),
+        **{"checkpoint.save": str(ckpt), "checkpoint.save_interval": 1, "checkpoint.keep_last": 2},
+    )
+    spawn_gloo(1, run_trainers, [run])
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000003", "iter_0000004"]  # keep_last 2
+    shard = next((ckpt / "iter_0000004").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit in the newest checkpoint
+    shard.write_bytes(bytes(data))
+
+    resumed = small_run(
+        str(tmp_path / "data"), str(tmp_path / "resumed"), **{"checkpoint.load": str(ckpt), "training.train_iters": 5}
+    )
+    spawn_gloo(1, run_trainers, [resumed])
+    records = [r for r in _records(tmp_path / "resumed") if r["kind"] == "train"]
+    assert [r["iteration"] for r in records] == [4, 5]  # resumed from iteration 3, the intact one
+    assert records[0]["loss"] == pytest.approx(train_losses(ckpt)[3], rel=1e-6)
+
+
+def test_truncated_checkpoint_with_no_intact_fallback_is_a_clear_error(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run = small_run(str(tmp_path / "data"), str(tmp_path / "run"), **{"checkpoint.save": str(ckpt)})
+    spawn_gloo(1, run_trainers, [run])
+    shard = next((ckpt / "iter_0000004").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    resumed = small_run(str(tmp_path / "data"), str(tmp_path / "r"), **{"checkpoint.load": str(ckpt)})
+    with pytest.raises(Exception, match=r"no intact checkpoint under .*iter_0000004: __0_0\.distcp has 100 bytes"):
+        spawn_gloo(1, run_trainers, [resumed])
