@@ -12,6 +12,7 @@ needs ``X`` too, so a stage sends ``[text hidden states; X]`` concatenated along
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from megatron.core import tensor_parallel
@@ -64,6 +65,10 @@ class MllamaModel(MegatronModule):
         pre_process / post_process: first / last pipeline stage.
         freeze_vision_encoder: keep the vision encoder's weights fixed (the projector still trains).
         vision_activation_checkpointing: recompute each vision layer in backward (long videos).
+        blind_rows: what the cross-attention of a text token that sees no image returns: ``"zero"``
+            (Meta's reference) or ``"attend_all"`` (Hugging Face's ``MllamaForConditionalGeneration``:
+            such a token attends to every visual token, padded tiles included; its MLP branch is
+            zeroed in both).
     """
 
     def __init__(
@@ -76,8 +81,11 @@ class MllamaModel(MegatronModule):
         post_process: bool = True,
         freeze_vision_encoder: bool = False,
         vision_activation_checkpointing: bool = False,
+        blind_rows: Literal["zero", "attend_all"] = "zero",
     ) -> None:
         super().__init__(config=config)
+        if blind_rows not in ("zero", "attend_all"):
+            raise ValueError(f"blind_rows must be 'zero' or 'attend_all', got {blind_rows!r}")
         if config.visual_hidden_size != config.hidden_size:
             raise ValueError(
                 f"visual_hidden_size ({config.visual_hidden_size}) must equal hidden_size ({config.hidden_size}): "
@@ -94,6 +102,7 @@ class MllamaModel(MegatronModule):
         self.vision_config = vision
         self.pre_process, self.post_process = pre_process, post_process
         self.freeze_vision_encoder = freeze_vision_encoder
+        self.blind_rows = blind_rows
         self.model_type = None  # set by the training glue (megatron's ModelType)
         self.share_embeddings_and_output_weights = False  # read by finalize_model_grads (mllama: untied)
         self.input_tensor: Tensor | None = None
@@ -170,13 +179,22 @@ class MllamaModel(MegatronModule):
         return x.flatten(1, 3).transpose(0, 1).contiguous()
 
     def _cross_attention_mask(self, cross_attention_mask: Tensor, aspect_ratio_mask: Tensor, text, images):
-        """This rank's ``CrossAttentionMask``: ids are ``image * T + tile``, -1 for padding tiles."""
+        """This rank's ``CrossAttentionMask``: ids are ``image * T + tile``, -1 for padding tiles.
+
+        With ``blind_rows="attend_all"`` padding tiles keep their ids (rows that see an image still
+        skip them through ``q_mask``) and rows that see no image see every id.
+        """
         b, _, n, t = cross_attention_mask.shape
         q_mask = cross_attention_mask[:, text[0] : text[1]].reshape(b, text[1] - text[0], n * t).bool()
         ids = torch.arange(images[0] * t, images[1] * t, device=q_mask.device).view(1, -1, t).expand(b, -1, -1)
-        ids = torch.where(aspect_ratio_mask[:, images[0] : images[1]].bool(), ids, -1)
+        rows_see_image = None
+        if self.blind_rows == "zero":
+            ids = torch.where(aspect_ratio_mask[:, images[0] : images[1]].bool(), ids, -1)
+        else:
+            rows_see_image = q_mask.any(-1)
+            q_mask = q_mask | ~rows_see_image.unsqueeze(-1)
         kv_ids = ids.reshape(b, -1).repeat_interleave(self.vision_config.num_patches + 1, dim=1)
-        return CrossAttentionMask(q_image_mask=q_mask, kv_image_ids=kv_ids)
+        return CrossAttentionMask(q_image_mask=q_mask, kv_image_ids=kv_ids, rows_see_image=rows_see_image)
 
     def forward(
         self,

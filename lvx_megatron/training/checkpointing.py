@@ -158,21 +158,57 @@ def newest_intact(root: str | Path) -> tuple[int, Path] | None:
     raise ConfigError(f"config error: checkpoint.load: no intact checkpoint under {root} ({'; '.join(problems)})")
 
 
+def _mismatch(path: Path, exc: Exception) -> ConfigError:
+    return ConfigError(
+        f"config error: checkpoint.load: {path} does not match this model (architecture or vocabulary "
+        f"differ?): {str(exc).splitlines()[0]}"
+    )
+
+
+def is_model_only(path: str | Path) -> bool:
+    """Whether the checkpoint at ``path`` holds only model weights (e.g. one imported from Hugging Face).
+
+    Training checkpoints always hold the LR scheduler's state in their common (non-sharded) part.
+    """
+    return "scheduler" not in dist_checkpointing.load_common_state_dict(str(path))
+
+
+def load_model_weights(mllama, path: str | Path) -> None:
+    """Load only the model weights of the checkpoint at ``path`` into ``mllama`` (any layout; collective)."""
+    sharded = {"model": mllama.sharded_state_dict(metadata={"non_homogeneous_layers": True})}
+    try:
+        loaded = dist_checkpointing.load(sharded, str(path))
+    except Exception as exc:
+        raise _mismatch(Path(path), exc) from exc
+    mllama.load_state_dict(loaded["model"])
+
+
 def load_checkpoint(state: TrainState, root: str | Path) -> int:
-    """Load the newest checkpoint under ``root`` into ``state``; returns its iteration (0: none yet)."""
+    """Load the newest checkpoint under ``root`` into ``state``; returns its iteration (0: none yet).
+
+    A model-only checkpoint (``tools/convert_hf_checkpoint.py import``) loads the weights and
+    starts at iteration 0 with a fresh optimizer and LR schedule.
+    """
     found = newest_intact(root)
     if found is None:  # Megatron-LM's convention: --load == --save, nothing there yet
         return 0
     _, path = found
+    if is_model_only(path):
+        load_model_weights(state.mllama, path)
+        state.optimizer.reload_model_params()  # main (fp32) parameter copies were made from the random init
+        if dist.get_rank() == 0:
+            print(
+                f"--load {root}: model-only checkpoint {path}: loaded the weights; starting at iteration 0 with a "
+                "fresh optimizer",
+                flush=True,
+            )
+        return 0
     _materialize_adam_state(state.optimizer)
     sharded = _sharded_state(state, is_loading=True)
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
     except Exception as exc:
-        raise ConfigError(
-            f"config error: checkpoint.load: {path} does not match this model (architecture or vocabulary "
-            f"differ?): {str(exc).splitlines()[0]}"
-        ) from exc
+        raise _mismatch(path, exc) from exc
     state.mllama.load_state_dict(loaded["model"])
     _load_optimizer(state.optimizer, loaded["optimizer"])
     state.scheduler.load_state_dict(loaded["scheduler"])

@@ -74,6 +74,9 @@ class CrossAttentionSettings(_Section):
     backend: str = "auto"
     recompute_visual_kv: bool = True
     gate_init: float = 0.0
+    # Text tokens that see no image: "zero" output (Meta's reference) or "attend_all" visual tokens
+    # (Hugging Face's MllamaForConditionalGeneration; set by tools/convert_hf_checkpoint.py for parity).
+    blind_rows: Literal["zero", "attend_all"] = "zero"
 
     @model_validator(mode="after")
     def _check(self) -> "CrossAttentionSettings":

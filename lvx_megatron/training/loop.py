@@ -99,10 +99,10 @@ class Trainer:
         load = cfg.checkpoint.load
         if load:
             self.iteration = load_checkpoint(self.state, load)
-            found = (
-                f"resumed at iteration {self.iteration}" if self.iteration else "no checkpoint there, starting fresh"
-            )
-            self.logger.console(f"--load {load}: {found}")
+            if self.iteration:
+                self.logger.console(f"--load {load}: resumed at iteration {self.iteration}")
+            elif latest_iteration(load) is None:  # (a model-only checkpoint reports itself)
+                self.logger.console(f"--load {load}: no checkpoint there, starting fresh")
 
     # --- one step --------------------------------------------------------------------------
 

@@ -148,6 +148,7 @@ def build_model(cfg: RunConfig, vocab_size: int, pg: ProcessGroupCollection, dev
         post_process=pp_rank == pp - 1,
         freeze_vision_encoder=cfg.model.freeze_vision_encoder,
         vision_activation_checkpointing=cfg.model.vision.activation_checkpointing,
+        blind_rows=cfg.model.cross_attention.blind_rows,
     )
     initialize_by_name(model, cfg.training.seed)
     model.model_type = ModelType.encoder_or_decoder
