@@ -147,3 +147,54 @@ def fuzz_cases(world_size: int, seed: int, count: int) -> list[Case]:
 def run_fuzz(rank: int, world_size: int, seed: int, count: int) -> list[tuple[Case, dict[str, float]]]:
     """Worker: ``count`` random cases on this rank."""
     return [(case, run_case(case, rank, world_size)) for case in fuzz_cases(world_size, seed, count)]
+
+
+def measured_and_predicted_bytes(rank: int, world_size: int, seed: int) -> list[tuple[str, str, tuple, tuple]]:
+    """Worker: per strategy and mask kind, (counted fwd, bwd bytes) and the cost model's prediction."""
+    from lvx_megatron.ops import count_communication
+    from lvx_megatron.ops.cost_model import CallShape, predicted_bytes
+
+    rows = []
+    for i, (strategy, masks, dtype) in enumerate(
+        itertools.product(sorted(STRATEGIES), ("none", "padding", "images"), (torch.float32, torch.float64))
+    ):
+        case = Case(strategy, 8, 2, masks, dtype, seed=seed + i, num_ids=3)
+        prob = make_problem(case, world_size)
+        q_lens, kv_lens = prob["q_lens"], prob["kv_lens"]
+        q = _shard(prob["q"], q_lens, rank).to(dtype).requires_grad_()
+        k = _shard(prob["k"], kv_lens, rank).to(dtype).requires_grad_()
+        v = _shard(prob["v"], kv_lens, rank).to(dtype).requires_grad_()
+        kwargs = dict(
+            strategy=strategy,
+            q_image_mask=_shard(prob["q_mask"], q_lens, rank),
+            kv_image_ids=_shard(prob["ids"], kv_lens, rank),
+        )
+        with count_communication() as fwd:
+            out = distributed_cross_attention(q, k, v, **kwargs)
+        with count_communication() as bwd:
+            out.backward(_shard(prob["dout"], q_lens, rank).to(dtype))
+        shape = CallShape(
+            q_lens=tuple(q_lens),
+            kv_lens=tuple(kv_lens),
+            batch=case.batch,
+            q_heads=case.hq,
+            kv_heads=case.hkv,
+            head_dim=case.head_dim,
+            elem_bytes=torch.finfo(dtype).bits // 8,
+            acc_bytes=8 if dtype == torch.float64 else 4,
+            num_ids=case.num_ids if masks == "images" else 0,
+            has_kv_ids=masks != "none",
+        )
+        measured = (fwd.bytes_sent, bwd.bytes_sent)
+        rows.append((strategy, masks, measured, predicted_bytes(strategy, shape, rank)))
+    return rows
+
+
+def auto_choice(rank: int, world_size: int, text: int, visual: int) -> str:
+    """Worker: the strategy ``auto`` picks for a call with ``text`` queries and ``visual`` keys (split)."""
+    from lvx_megatron.ops.auto import choose_for_call
+    from lvx_megatron.ops.cost_model import uniform_lengths
+
+    q = torch.zeros(1, uniform_lengths(text, world_size)[rank], 8, 16)
+    kv_shape = (1, uniform_lengths(visual, world_size)[rank], 2, 16)
+    return choose_for_call(q, kv_shape, group=dist.group.WORLD)[0]

@@ -28,7 +28,7 @@ def _config(**overrides):
         (dict(cross_attention_layers=[1, 1]), r"cross_attention_layers must be distinct"),
         (
             dict(cross_attention_layers=[1], cross_attention_strategy="ulysses"),
-            r"cross_attention_strategy must be one of",
+            r"cross_attention_strategy must be .auto. or one of",
         ),
         (dict(cross_attention_layers=[1, 2], cross_attention_strategy=["kv_ring"]), r"lists 1 strategies for 2"),
         (dict(cross_attention_backend="triton"), r"cross_attention_backend must be one of"),

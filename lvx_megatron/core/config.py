@@ -15,7 +15,10 @@ class CrossAttentionTransformerConfig(TransformerConfig):
         cross_attention_layers: 0-based indices (over the whole decoder) of the gated
             cross-attention layers; all other layers are causal self-attention.
         cross_attention_strategy: one strategy for every cross-attention layer, or one per
-            cross-attention layer (in the order of ``cross_attention_layers``).
+            cross-attention layer (in the order of ``cross_attention_layers``); ``"auto"`` lets the
+            cost model pick at the layer's first call (``lvx_megatron.ops.auto``).
+        cross_attention_link_gbps, cross_attention_link_latency_us: the CP ring's link for
+            ``"auto"`` (None: by backend, NCCL 100 GB/s and 10 us, gloo 1 GB/s and 50 us).
         cross_attention_backend: block-attention backend of the ops (``"auto"``, ``"torch"``,
             ``"fused"``).
         recompute_visual_kv: do not keep each layer's visual K/V for backward; recompute them
@@ -31,6 +34,8 @@ class CrossAttentionTransformerConfig(TransformerConfig):
     recompute_visual_kv: bool = True
     visual_hidden_size: int | None = None
     cross_attention_gate_init: float = 0.0
+    cross_attention_link_gbps: float | None = None
+    cross_attention_link_latency_us: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,8 +58,10 @@ class CrossAttentionTransformerConfig(TransformerConfig):
         else:
             strategies = [strategies]
         for name in strategies:
-            if name not in STRATEGIES:
-                raise ValueError(f"cross_attention_strategy must be one of {sorted(STRATEGIES)}, got {name!r}")
+            if name not in STRATEGIES and name != "auto":
+                raise ValueError(
+                    f"cross_attention_strategy must be 'auto' or one of {sorted(STRATEGIES)}, got {name!r}"
+                )
         if self.cross_attention_backend not in BACKENDS:
             raise ValueError(f"cross_attention_backend must be one of {BACKENDS}, got {self.cross_attention_backend!r}")
 

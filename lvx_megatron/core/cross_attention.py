@@ -19,6 +19,8 @@ from megatron.core.utils import divide
 from torch import Tensor
 
 from ..ops import STRATEGIES, Strategy, distributed_cross_attention, prepare_call
+from ..ops.auto import choose_for_call
+from ..ops.cost_model import Link
 from ..ops.problem import CrossAttentionProblem
 from .config import CrossAttentionTransformerConfig
 from .masks import CrossAttentionMask
@@ -102,9 +104,9 @@ class ContextParallelCrossAttention(MegatronModule):
         self.groups_per_rank = divide(groups, tp)
         if strategy is None:
             strategy = config.strategy_for_layer(layer_index) if layer_index is not None else "query_ring"
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
-        self.strategy = strategy
+        if strategy not in STRATEGIES and strategy != "auto":
+            raise ValueError(f"strategy must be 'auto' or one of {sorted(STRATEGIES)}, got {strategy!r}")
+        self.strategy = strategy  # "auto" is replaced by the cost model's choice at the first call
 
         self.linear_q = build_module(
             submodules.linear_q,
@@ -175,6 +177,8 @@ class ContextParallelCrossAttention(MegatronModule):
             q = self.q_norm(q)
         q = q.transpose(0, 1)
         mask = context_mask or CrossAttentionMask()
+        if self.strategy == "auto":
+            self._choose_strategy(q, context, mask)
         kwargs = dict(
             group=self.pg_collection.cp,
             strategy=self.strategy,
@@ -190,6 +194,29 @@ class ContextParallelCrossAttention(MegatronModule):
             out = distributed_cross_attention(q, k, v, **kwargs)
         out = out.transpose(0, 1).reshape(s, b, self.heads_per_rank * self.head_dim)
         return self.linear_proj(out)
+
+    def _choose_strategy(self, q: Tensor, context: Tensor, mask: CrossAttentionMask) -> None:
+        """Replace ``"auto"`` by the cost model's fastest strategy for this call's shapes, and log it."""
+        link = None
+        if self.config.cross_attention_link_gbps:
+            latency = (self.config.cross_attention_link_latency_us or 10.0) * 1e-6
+            link = Link(bandwidth=self.config.cross_attention_link_gbps * 1e9, latency=latency)
+        kv_shape = (q.shape[0], context.shape[0], self.groups_per_rank, self.head_dim)
+        self.strategy, predictions = choose_for_call(
+            q,
+            kv_shape,
+            group=self.pg_collection.cp,
+            q_image_mask=mask.q_image_mask,
+            kv_image_ids=mask.kv_image_ids,
+            link=link,
+        )
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 0:
+            times = ", ".join(f"{n} {p.total_s * 1e3:.3g}" for n, p in predictions.items())
+            print(
+                f"cross-attention layer {self.layer_number}: auto chose {self.strategy} "
+                f"(predicted fwd+bwd ms: {times})",
+                flush=True,
+            )
 
     def _recomputed_attention(self, q: Tensor, x: Tensor, kwargs: dict) -> Tensor:
         with torch.no_grad():

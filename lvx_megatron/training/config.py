@@ -70,19 +70,21 @@ class VisionModelConfig(_Section):
 class CrossAttentionSettings(_Section):
     """How the cross-attention layers run."""
 
-    strategy: str | list[str] = "query_ring"
+    strategy: str | list[str] = "auto"  # auto: the cost model picks per layer at its first call
     backend: str = "auto"
     recompute_visual_kv: bool = True
     gate_init: float = 0.0
     # Text tokens that see no image: "zero" output (Meta's reference) or "attend_all" visual tokens
     # (Hugging Face's MllamaForConditionalGeneration; set by tools/convert_hf_checkpoint.py for parity).
     blind_rows: Literal["zero", "attend_all"] = "zero"
+    link_gbps: PositiveFloat | None = None  # the CP ring's link for "auto" (None: by NCCL/gloo backend)
+    link_latency_us: PositiveFloat | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "CrossAttentionSettings":
         for name in [self.strategy] if isinstance(self.strategy, str) else self.strategy:
-            if name not in STRATEGIES:
-                raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {name!r}")
+            if name not in STRATEGIES and name != "auto":
+                raise ValueError(f"strategy must be 'auto' or one of {sorted(STRATEGIES)}, got {name!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         return self

@@ -92,6 +92,8 @@ def transformer_config(cfg: RunConfig) -> CrossAttentionTransformerConfig:
         cross_attention_backend=x.backend,
         recompute_visual_kv=x.recompute_visual_kv,
         cross_attention_gate_init=x.gate_init,
+        cross_attention_link_gbps=x.link_gbps,
+        cross_attention_link_latency_us=x.link_latency_us,
     )
 
 

@@ -1,0 +1,62 @@
+"""``strategy="auto"``: the cost model's choice for one call, from its shapes and the group's links."""
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .api import prepare_call
+from .cost_model import CallShape, ComputeModel, Link, Prediction, choose_strategy
+
+# Measured on an H100 by tools/bench_block_attention.py (GQA 32/8, d 128; unmasked and masked blocks).
+_BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "block_attention_h100.json"
+# Without a measurement: a CUDA GPU's attention rate, a CPU core's.
+_FALLBACK_RATE = {"cuda": (300e12, 250e12), "cpu": (20e9, 15e9)}
+# Links by process-group backend: NCCL inside a node (NVLink) and gloo over TCP.
+DEFAULT_LINKS = {"nccl": Link(bandwidth=100e9, latency=10e-6), "gloo": Link(bandwidth=1e9, latency=50e-6)}
+
+
+def default_compute_model(device: torch.device, masked: bool) -> ComputeModel:
+    """The measured H100 table on CUDA (masked blocks use their own, slower kernel), else a flat rate."""
+    if device.type == "cuda" and _BENCHMARK.is_file():
+        return ComputeModel.from_benchmark(_BENCHMARK, "fused/masked" if masked else "fused/auto")
+    return ComputeModel(default=_FALLBACK_RATE.get(device.type, _FALLBACK_RATE["cpu"]))
+
+
+def default_link(group: dist.ProcessGroup | None) -> Link:
+    backend = dist.get_backend(group) if dist.is_available() and dist.is_initialized() else "gloo"
+    return DEFAULT_LINKS.get(str(backend), DEFAULT_LINKS["gloo"])
+
+
+def choose_for_call(
+    q: Tensor,
+    kv_shape: tuple[int, int, int, int],
+    *,
+    group: dist.ProcessGroup | None = None,
+    q_image_mask: Tensor | None = None,
+    kv_image_ids: Tensor | None = None,
+    link: Link | None = None,
+    compute: ComputeModel | None = None,
+) -> tuple[str, dict[str, Prediction]]:
+    """The fastest predicted strategy for a call with these queries and K/V shape (collective).
+
+    Every rank of ``group`` must call it; they exchange shard lengths and reach the same choice.
+    """
+    k = q.new_empty(()).expand(kv_shape)  # only the shape travels
+    call = prepare_call(q, k, k, group=group, q_image_mask=q_image_mask, kv_image_ids=kv_image_ids)
+    p = call.problem
+    shape = CallShape(
+        q_lens=tuple(p.layout.q_lens),
+        kv_lens=tuple(p.layout.kv_lens),
+        batch=p.batch,
+        q_heads=p.q_heads,
+        kv_heads=p.kv_heads,
+        head_dim=p.head_dim,
+        elem_bytes=q.element_size(),
+        acc_bytes=torch.empty((), dtype=p.acc_dtype).element_size(),
+        num_ids=p.num_ids,
+        has_kv_ids=kv_image_ids is not None,
+    )
+    masked = q_image_mask is not None or kv_image_ids is not None
+    return choose_strategy(shape, link or default_link(group), compute or default_compute_model(q.device, masked))

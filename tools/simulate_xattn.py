@@ -1,0 +1,158 @@
+"""Predict what each cross-attention strategy costs on a cluster before renting it.
+
+    python tools/simulate_xattn.py --config examples/configs/llama-3.2-11b-vision.yaml \
+        --frames 64 --text-tokens 2048 --nodes 4 --gpus-per-node 4 --inter-gbps 25 --gpu a100 \
+        --plot docs/images/speedup.png
+
+All GPUs form one context-parallel ring (the ring crosses nodes, so each step waits for the
+slowest hop: the inter-node link when there are several nodes). Per strategy it prints the
+predicted forward+backward time of the model's cross-attention layers per sample, the bytes one
+GPU sends per layer, the peak visual K/V memory per GPU, and a step-time estimate (the rest of the
+model at ``--mfu`` of the GPU's peak, split over all GPUs). The plot shows the query ring's
+speedup over the KV ring as the visual/text ratio grows. Predictions come from
+``lvx_megatron/ops/cost_model.py`` (its byte counts are tested against the implementation).
+"""
+
+import argparse
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|absl).*")
+
+from lvx_megatron.ops.cost_model import (  # noqa: E402
+    STRATEGY_NAMES,
+    CallShape,
+    ComputeModel,
+    Link,
+    choose_strategy,
+    uniform_lengths,
+)
+from lvx_megatron.training.config import load_config  # noqa: E402
+from lvx_megatron.training.flops import flops_per_sample, visual_tokens_per_image  # noqa: E402
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "block_attention_h100.json"
+# Dense bf16 peak relative to the H100 on which the attention table was measured.
+GPU_SCALE = {"h100": 1.0, "h200": 1.0, "a100": 312 / 989.4}
+
+
+def scaled(model: ComputeModel, factor: float) -> ComputeModel:
+    table = {k: (f * factor, b * factor) for k, (f, b) in model.table.items()}
+    return ComputeModel(table, (model.default[0] * factor, model.default[1] * factor))
+
+
+def call_shape(cfg, text: int, visual: int, gpus: int) -> CallShape:
+    t = cfg.model.text
+    return CallShape(
+        q_lens=uniform_lengths(text, gpus),
+        kv_lens=uniform_lengths(visual, gpus),
+        batch=1,
+        q_heads=t.num_attention_heads,
+        kv_heads=t.num_query_groups or t.num_attention_heads,
+        head_dim=t.hidden_size // t.num_attention_heads,
+        num_ids=cfg.data.max_images,
+        has_kv_ids=True,
+    )
+
+
+def peak_kv_bytes(strategy: str, s: CallShape) -> int:
+    """Visual K/V bytes one GPU holds at once for one layer (recompute: one layer at a time)."""
+    own = 2 * max(s.kv_lens) * s.kv_heads * s.head_dim * s.elem_bytes
+    if strategy == "kv_ring":
+        return 3 * own  # its own block plus the two blocks in flight (double buffer)
+    if strategy == "kv_allgather":
+        return 2 * sum(s.kv_lens) * s.kv_heads * s.head_dim * s.elem_bytes
+    return own
+
+
+def simulate(args) -> tuple[list[tuple], dict]:
+    cfg = load_config(args.config)
+    gpus = args.nodes * args.gpus_per_node
+    frames = args.frames or cfg.data.max_images
+    text = args.text_tokens or cfg.data.seq_length
+    visual = frames * visual_tokens_per_image(cfg)
+    gbps = args.inter_gbps if args.nodes > 1 else args.intra_gbps
+    link = Link(bandwidth=gbps * 1e9, latency=args.latency_us * 1e-6)
+    compute = scaled(ComputeModel.from_benchmark(BENCHMARK, args.kernel), GPU_SCALE[args.gpu])
+    shape = call_shape(cfg, text, visual, gpus)
+    best, predictions = choose_strategy(shape, link, compute)
+    layers = len(cfg.model.text.cross_attention_layers)
+    cfg.data.max_images, cfg.data.seq_length = frames, text
+    peak = 989.4e12 * GPU_SCALE[args.gpu]
+    rest = flops_per_sample(cfg, 128256) / (gpus * peak * args.mfu)
+    rows = []
+    for name in STRATEGY_NAMES:
+        p = predictions[name]
+        xattn = layers * p.total_s
+        rows.append((name, xattn, p.forward_bytes + p.backward_bytes, peak_kv_bytes(name, shape), xattn + rest))
+    meta = dict(gpus=gpus, text=text, visual=visual, frames=frames, layers=layers, best=best, gbps=gbps)
+    return rows, meta
+
+
+def plot_speedup(args, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = load_config(args.config)
+    gpus = args.nodes * args.gpus_per_node
+    text = args.text_tokens or cfg.data.seq_length
+    compute = scaled(ComputeModel.from_benchmark(BENCHMARK, args.kernel), GPU_SCALE[args.gpu])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for gbps in sorted({args.intra_gbps, args.inter_gbps}):
+        link = Link(bandwidth=gbps * 1e9, latency=args.latency_us * 1e-6)
+        ratios, speedups = [], []
+        for frames in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            visual = frames * visual_tokens_per_image(cfg)
+            _, p = choose_strategy(call_shape(cfg, text, visual, gpus), link, compute)
+            ratios.append(visual / text)
+            speedups.append(p["kv_ring"].total_s / p["query_ring"].total_s)
+        ax.plot(ratios, speedups, marker="o", label=f"{gbps:g} GB/s ring links")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("visual tokens / text tokens per sample")
+    ax.set_ylabel("query ring speedup over KV ring (fwd+bwd)")
+    ax.set_title(f"{Path(args.config).stem}: {gpus} {args.gpu.upper()}s, {text} text tokens")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML run config (model dims, cross-attention layers)")
+    parser.add_argument("--frames", type=int, help="frames per sample (default: data.max_images)")
+    parser.add_argument("--text-tokens", type=int, help="text tokens per sample (default: data.seq_length)")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--intra-gbps", type=float, default=150.0, help="GB/s per direction inside a node")
+    parser.add_argument("--inter-gbps", type=float, default=25.0, help="GB/s per direction between nodes")
+    parser.add_argument("--latency-us", type=float, default=10.0)
+    parser.add_argument("--gpu", choices=sorted(GPU_SCALE), default="h100")
+    parser.add_argument("--kernel", default="fused/masked", help="benchmark column: fused/masked or fused/auto")
+    parser.add_argument("--mfu", type=float, default=0.35, help="utilisation of the rest of the model")
+    parser.add_argument("--plot", help="write the speedup-vs-ratio PNG here")
+    args = parser.parse_args()
+    for name in ("nodes", "gpus_per_node"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    rows, m = simulate(args)
+    print(
+        f"{Path(args.config).stem}: {m['frames']} frames = {m['visual']} visual tokens, {m['text']} text tokens, "
+        f"{m['layers']} cross-attention layers, {m['gpus']} {args.gpu.upper()}s, ring links {m['gbps']:g} GB/s"
+    )
+    print("strategy        xattn ms/sample   MB sent/GPU/layer   peak K/V MB/GPU   step s/sample")
+    for name, xattn, nbytes, kv, step in rows:
+        mark = "  <- auto" if name == m["best"] else ""
+        print(f"{name:<14}  {xattn * 1e3:15.1f}   {nbytes / 1e6:17.1f}   {kv / 1e6:15.1f}   {step:13.3f}{mark}")
+    qr, kv = rows[0], rows[1]
+    print(f"query ring vs KV ring: cross-attention {kv[1] / qr[1]:.1f}x faster, step {kv[4] / qr[4]:.2f}x faster")
+    if args.plot:
+        plot_speedup(args, args.plot)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
