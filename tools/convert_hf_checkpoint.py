@@ -57,19 +57,12 @@ def build_skeleton(cfg, vocab_size: int, pg, device: torch.device, dtype: torch.
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from lvx_megatron.core.cpu_compat import mark_cpu_parameters
-    from lvx_megatron.models.mllama import MllamaModel, MllamaTextSettings
-    from lvx_megatron.training.setup import transformer_config, vision_config
+    from lvx_megatron.models.mllama import MllamaModel
+    from lvx_megatron.training.setup import text_settings, transformer_config, vision_config
 
     config = transformer_config(cfg)
     config.params_dtype = dtype
-    t = cfg.model.text
-    text = MllamaTextSettings(
-        vocab_size=vocab_size,
-        rotary_base=t.rotary_base,
-        rope_scaling=t.rope_scaling,
-        rope_scaling_factor=t.rope_scaling_factor,
-        make_vocab_size_divisible_by=t.make_vocab_size_divisible_by,
-    )
+    text = text_settings(cfg, vocab_size)
     model_parallel_cuda_manual_seed(cfg.training.seed)  # megatron's RNG tracker (forks it under SP)
     with torch.device("meta"):
         model = MllamaModel(

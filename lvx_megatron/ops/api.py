@@ -2,6 +2,7 @@
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -9,6 +10,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backends import BlockAttentionBackend, get_backend
+from .groups import HierarchicalGroups, check_hierarchical_groups
+from .hierarchical import hierarchical_backward, hierarchical_forward
 from .kv_allgather import kv_allgather_backward, kv_allgather_forward
 from .kv_ring import kv_ring_backward, kv_ring_forward
 from .layout import exchange_layout
@@ -36,6 +39,9 @@ STRATEGIES = {
     "q_allgather": Strategy("q_allgather", q_allgather_forward, q_allgather_backward),
     "kv_allgather": Strategy("kv_allgather", kv_allgather_forward, kv_allgather_backward),
 }
+# Strategies over the two levels of a ``group=HierarchicalGroups`` (their functions take ``groups=``);
+# kept apart from STRATEGIES, whose entries run over any one process group.
+TWO_LEVEL_STRATEGIES = {"hierarchical": Strategy("hierarchical", hierarchical_forward, hierarchical_backward)}
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -43,8 +49,11 @@ def _check_inputs(
     q: Tensor, k: Tensor, v: Tensor, q_image_mask: Tensor | None, kv_image_ids: Tensor | None, strategy: str
 ) -> None:
     """Raise ValueError naming the offending argument."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+    if strategy not in STRATEGIES and strategy not in TWO_LEVEL_STRATEGIES:
+        raise ValueError(
+            f"strategy must be one of {sorted(STRATEGIES)} (or, with group=HierarchicalGroups, "
+            f"{sorted(TWO_LEVEL_STRATEGIES)}), got {strategy!r}"
+        )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
@@ -103,12 +112,25 @@ class PreparedCall(NamedTuple):
     kv_ids: Tensor | None
 
 
+def resolve_strategy(strategy: str, group: dist.ProcessGroup | HierarchicalGroups | None) -> Strategy:
+    """The :class:`Strategy` to run for ``strategy`` and ``group`` (two-level ones bound to the groups)."""
+    if strategy in TWO_LEVEL_STRATEGIES:
+        if not isinstance(group, HierarchicalGroups):
+            raise ValueError(
+                f"strategy={strategy!r} needs group=HierarchicalGroups(inner, outer, ...) "
+                f"(see lvx_megatron.ops.groups.hierarchical_groups), got group={group!r}"
+            )
+        s = TWO_LEVEL_STRATEGIES[strategy]
+        return Strategy(s.name, partial(s.forward, groups=group), partial(s.backward, groups=group))
+    return STRATEGIES[strategy]
+
+
 def prepare_call(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
-    group: dist.ProcessGroup | None = None,
+    group: dist.ProcessGroup | HierarchicalGroups | None = None,
     strategy: str = "query_ring",
     softmax_scale: float | None = None,
     q_image_mask: Tensor | None = None,
@@ -121,12 +143,18 @@ def prepare_call(
     later, e.g. under recompute, may pass empty tensors of that shape).
     """
     _check_inputs(q, k, v, q_image_mask, kv_image_ids, strategy)
+    groups = group if isinstance(group, HierarchicalGroups) else None
+    resolve_strategy(strategy, group)  # raises for a two-level strategy without HierarchicalGroups
+    if groups is not None:
+        group = groups.parent  # the flat, node-major group: shard layout, and other strategies run on it
     if softmax_scale is not None and not softmax_scale > 0:
         raise ValueError(f"softmax_scale must be a positive number, got {softmax_scale}")
     distributed = dist.is_available() and dist.is_initialized()
     if group is not None and not distributed:
         raise ValueError("group was given but torch.distributed is not initialised")
     world_size = dist.get_world_size(group) if distributed else 1
+    if groups is not None:
+        check_hierarchical_groups(groups, dist.get_rank(group), world_size)
     problem = CrossAttentionProblem(
         group=group if distributed else None,
         rank=dist.get_rank(group) if distributed else 0,
@@ -169,7 +197,7 @@ def distributed_cross_attention(
     k: Tensor,
     v: Tensor,
     *,
-    group: dist.ProcessGroup | None = None,
+    group: dist.ProcessGroup | HierarchicalGroups | None = None,
     strategy: str = "query_ring",
     softmax_scale: float | None = None,
     q_image_mask: Tensor | None = None,
@@ -183,9 +211,13 @@ def distributed_cross_attention(
         k, v: ``[B, Skv_local, Hkv, D]`` this rank's visual keys/values; ``Hq % Hkv == 0``. Shard
             lengths may differ between ranks, and may be zero.
         group: the context-parallel group; None means a single process (or, when
-            ``torch.distributed`` is initialised, the default group).
+            ``torch.distributed`` is initialised, the default group). A
+            :class:`~.groups.HierarchicalGroups` for ``strategy="hierarchical"`` (other strategies
+            then run over its parent group).
         strategy: ``"query_ring"`` (LV-XAttn: queries travel, K/V stay) or ``"kv_ring"``
-            (Ring Attention: K/V travel).
+            (Ring Attention: K/V travel), ``"q_allgather"``, ``"kv_allgather"``, or
+            ``"hierarchical"`` (``q_allgather`` inside a node, the query ring across nodes; needs
+            ``group=HierarchicalGroups``).
         softmax_scale: defaults to ``D ** -0.5``.
         q_image_mask: ``[B, Sq_local, N_ids]`` bool, which image ids each text token may see.
         kv_image_ids: ``[B, Skv_local]`` int, image (or tile) id of each visual token, ``-1`` for
@@ -208,5 +240,5 @@ def distributed_cross_attention(
         backend=backend,
     )
     return DistributedCrossAttentionFunction.apply(
-        q, k, v, call.q_mask_rows, call.kv_ids, call.problem, STRATEGIES[strategy]
+        q, k, v, call.q_mask_rows, call.kv_ids, call.problem, resolve_strategy(strategy, group)
     )

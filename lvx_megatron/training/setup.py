@@ -126,17 +126,22 @@ class TrainState:
     device: torch.device
 
 
-def build_model(cfg: RunConfig, vocab_size: int, pg: ProcessGroupCollection, device: torch.device):
-    """This pipeline stage's model, initialised by name (same weights in every layout)."""
-    config = transformer_config(cfg)
+def text_settings(cfg: RunConfig, vocab_size: int) -> MllamaTextSettings:
+    """The decoder's vocabulary and RoPE settings from the run config."""
     t = cfg.model.text
-    text = MllamaTextSettings(
+    return MllamaTextSettings(
         vocab_size=vocab_size,
         rotary_base=t.rotary_base,
         rope_scaling=t.rope_scaling,
         rope_scaling_factor=t.rope_scaling_factor,
         make_vocab_size_divisible_by=t.make_vocab_size_divisible_by,
     )
+
+
+def build_model(cfg: RunConfig, vocab_size: int, pg: ProcessGroupCollection, device: torch.device):
+    """This pipeline stage's model, initialised by name (same weights in every layout)."""
+    config = transformer_config(cfg)
+    text = text_settings(cfg, vocab_size)
     pp_rank, pp = pg.pp.rank(), pg.pp.size()
     # Megatron-LM's seeding: the model-parallel RNG tracker (TP-distinct dropout streams).
     torch.manual_seed(cfg.training.seed + 100 * pp_rank)

@@ -1,0 +1,123 @@
+"""Hierarchical strategy: ``q_allgather`` inside a node, the query ring across nodes.
+
+Rank ``(node a, local i)`` of a :class:`~.groups.HierarchicalGroups` owns text rows ``Q_(a,i)`` and
+the visual shard ``KV_(a,i)``. Forward:
+
+1. all-gather the node's queries (and mask rows) over the inner group: ``Q_a``;
+2. query ring over the outer group (the ranks ``(b, i)`` for every node ``b``) with payload ``Q_b``
+   against the local ``KV_(a,i)``: rank ``(a, i)`` ends with the partial ``(O, LSE)`` of ``Q_a``
+   against column ``i`` (the shards ``KV_(b,i)`` of every node);
+3. inside the node, the global LSE of the columns and a reduce-scatter of the rescaled partial
+   ``O`` (fp32) to the owners, as ``q_allgather`` does over one group.
+
+Backward mirrors it: all-gather ``Q, dO, LSE, D`` (and mask rows) inside the node, the query ring's
+backward across nodes (``dK``/``dV`` stay local, ``dQ_a`` of column ``i`` travels around the outer
+ring), then a reduce-scatter of ``dQ`` inside the node.
+
+Bytes are counted under ``inner.<name>`` (the node's collectives) and ``outer.<name>`` (the query
+ring's ``payload`` and ``carry`` across nodes).
+"""
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from .collectives import all_gather_rows, all_reduce_lse, reduce_scatter_rows
+from .comm_stats import count_communication, record_bytes
+from .groups import HierarchicalGroups
+from .layout import ShardLayout
+from .merge import safe_lse
+from .problem import CrossAttentionProblem, output_delta
+from .query_ring import query_ring_backward, query_ring_forward
+
+
+def _node_lens(p: CrossAttentionProblem, g: HierarchicalGroups) -> list[int]:
+    """Text shard lengths of this rank's node (inner-group order)."""
+    first = g.node * g.ranks_per_node
+    return list(p.layout.q_lens[first : first + g.ranks_per_node])
+
+
+def _outer_problem(p: CrossAttentionProblem, g: HierarchicalGroups) -> CrossAttentionProblem:
+    """The query ring's problem across nodes: block ``b`` = node ``b``'s queries and ``KV_(b, i)``."""
+    L, i = g.ranks_per_node, g.local_rank
+    q_lens = tuple(sum(p.layout.q_lens[b * L : (b + 1) * L]) for b in range(g.num_nodes))
+    kv_lens = tuple(p.layout.kv_lens[b * L + i] for b in range(g.num_nodes))
+    return dataclasses.replace(p, group=g.outer, rank=g.node, layout=ShardLayout(q_lens, kv_lens))
+
+
+def _counted_as(prefix: str, stats) -> None:
+    """Re-record the bytes of a nested counter under ``prefix.<name>`` in the enclosing one."""
+    first = True
+    for name, nbytes in stats.by_name.items():
+        record_bytes(f"{prefix}.{name}", nbytes, messages=stats.messages if first else 0)
+        first = False
+
+
+def _out_with_delta(dout: Tensor, delta: Tensor) -> Tensor:
+    """A stand-in for ``O`` with ``rowsum(dout * O) == delta`` (what the query ring's backward needs).
+
+    ``O' = (delta / m) * u / |u|^2`` with ``u = dout / m``, ``m = max |dout|`` per row: scaled so that
+    nothing under- or overflows (``|delta / m| <= sqrt(D) |O|``); rows with ``dout = 0`` get 0.
+    """
+    d = dout.to(delta.dtype)
+    m = d.abs().amax(-1, keepdim=True)
+    safe_m = torch.where(m > 0, m, torch.ones_like(m))
+    u = d / safe_m
+    norm2 = (u * u).sum(-1, keepdim=True)
+    return torch.where(m > 0, (delta.unsqueeze(-1) / safe_m) * u / norm2.clamp_min(1.0), torch.zeros_like(u))
+
+
+def hierarchical_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_mask_rows: Tensor | None,
+    kv_ids: Tensor | None,
+    p: CrossAttentionProblem,
+    *,
+    groups: HierarchicalGroups,
+) -> tuple[Tensor, Tensor]:
+    """Return this rank's ``(out, lse)`` (``p`` describes the flat, node-major parent group)."""
+    g, acc, local = groups, p.acc_dtype, groups.local_rank
+    lens = _node_lens(p, g)
+    q_node = all_gather_rows(q, lens, g.inner, "inner.q")
+    rows = None if q_mask_rows is None else all_gather_rows(q_mask_rows, lens, g.inner, "inner.q_mask")
+    with count_communication() as ring_stats:
+        o, lse = query_ring_forward(q_node, k, v, rows, kv_ids, _outer_problem(p, g))
+    _counted_as("outer", ring_stats)
+    lse_global = all_reduce_lse(lse, g.inner, g.ranks_per_node, "inner.lse")
+    weight = torch.exp(lse - safe_lse(lse_global)).unsqueeze(-1)
+    o_own = reduce_scatter_rows(o.to(acc) * weight, lens, local, g.inner, "inner.o")
+    start = sum(lens[:local])
+    return o_own.to(q.dtype), lse_global[:, start : start + lens[local]].contiguous()
+
+
+def hierarchical_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    q_mask_rows: Tensor | None,
+    kv_ids: Tensor | None,
+    p: CrossAttentionProblem,
+    *,
+    groups: HierarchicalGroups,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Return ``(dq, dk, dv)``."""
+    g, acc, local = groups, p.acc_dtype, groups.local_rank
+    lens = _node_lens(p, g)
+    gather = lambda t, name: all_gather_rows(t, lens, g.inner, f"inner.{name}")
+    q_node, do_node = gather(q, "q"), gather(dout.to(q.dtype), "dout")
+    lse_node, delta_node = gather(lse, "lse"), gather(output_delta(dout, out), "delta")
+    rows = None if q_mask_rows is None else gather(q_mask_rows, "q_mask")
+    out_node = _out_with_delta(do_node, delta_node)
+    with count_communication() as ring_stats:
+        dq_node, dk, dv = query_ring_backward(
+            do_node, q_node, k, v, out_node, lse_node, rows, kv_ids, _outer_problem(p, g)
+        )
+    _counted_as("outer", ring_stats)
+    dq = reduce_scatter_rows(dq_node.to(acc), lens, local, g.inner, "inner.dq")
+    return dq.to(q.dtype), dk, dv
