@@ -65,10 +65,13 @@ def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm().clamp_min(1.0))
 
 
-def run_case(case: Case, rank: int, world_size: int, group=None) -> dict[str, float]:
-    """Relative errors of this rank's output and gradients against the float64 dense reference."""
+def run_case(case: Case, rank: int, world_size: int, group=None, lengths=None) -> dict[str, float]:
+    """Relative errors of this rank's output and gradients against the float64 dense reference.
+
+    ``lengths`` (``(q_lens, kv_lens)``, same totals) re-splits the random problem over the ranks.
+    """
     prob = make_problem(case, world_size)
-    q_lens, kv_lens = prob["q_lens"], prob["kv_lens"]
+    q_lens, kv_lens = lengths or (prob["q_lens"], prob["kv_lens"])
     ref_in = [prob[n].clone().requires_grad_() for n in ("q", "k", "v")]
     ref_out = dense_cross_attention(*ref_in, None, prob["q_mask"], prob["ids"])
     ref_grads = torch.autograd.grad(ref_out, ref_in, prob["dout"])

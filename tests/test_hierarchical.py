@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from cases import Case, _rel_err, _shard, make_problem, run_case
+from cases import Case, make_problem, run_case
 
 from lvx_megatron.launch import spawn_gloo
-from lvx_megatron.ops import count_communication, dense_cross_attention, distributed_cross_attention
+from lvx_megatron.ops import count_communication, distributed_cross_attention
 from lvx_megatron.ops.groups import HierarchicalGroups, hierarchical_groups
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -34,34 +34,6 @@ def _split(total: int, nonzero: list[bool]) -> list[int]:
     return lens
 
 
-def _run_with_lengths(case: Case, rank: int, world_size: int, groups, has_q: list[bool], has_kv: list[bool]):
-    """:func:`cases.run_case` with the random problem re-split over the ranks marked True."""
-    prob = make_problem(case, world_size)
-    q_lens, kv_lens = _split(sum(prob["q_lens"]), has_q), _split(sum(prob["kv_lens"]), has_kv)
-    ref_in = [prob[n].clone().requires_grad_() for n in ("q", "k", "v")]
-    ref_out = dense_cross_attention(*ref_in, None, prob["q_mask"], prob["ids"])
-    ref_grads = torch.autograd.grad(ref_out, ref_in, prob["dout"])
-    q = _shard(prob["q"], q_lens, rank).to(case.dtype).requires_grad_()
-    k = _shard(prob["k"], kv_lens, rank).to(case.dtype).requires_grad_()
-    v = _shard(prob["v"], kv_lens, rank).to(case.dtype).requires_grad_()
-    out = distributed_cross_attention(
-        q,
-        k,
-        v,
-        group=groups,
-        strategy="hierarchical",
-        q_image_mask=_shard(prob["q_mask"], q_lens, rank),
-        kv_image_ids=_shard(prob["ids"], kv_lens, rank),
-    )
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), _shard(prob["dout"], q_lens, rank).to(case.dtype))
-    return {
-        "out": _rel_err(out, _shard(ref_out.detach(), q_lens, rank)),
-        "dq": _rel_err(dq, _shard(ref_grads[0], q_lens, rank)),
-        "dk": _rel_err(dk, _shard(ref_grads[1], kv_lens, rank)),
-        "dv": _rel_err(dv, _shard(ref_grads[2], kv_lens, rank)),
-    }
-
-
 def _accuracy(rank: int, world_size: int, ranks_per_node: int, groups: HierarchicalGroups):
     assert (groups.node, groups.local_rank) == divmod(rank, ranks_per_node)
     results = [(case, run_case(case, rank, world_size, groups)) for case in _matrix(world_size, ranks_per_node)]
@@ -70,7 +42,9 @@ def _accuracy(rank: int, world_size: int, ranks_per_node: int, groups: Hierarchi
     has_kv = [r % ranks_per_node != 0 for r in range(world_size)]
     for i, (masks, dtype) in enumerate(itertools.product(("none", "images"), (torch.float64, torch.float32))):
         case = Case("hierarchical", 8, 2, masks, dtype, seed=9000 + 10 * world_size + i)
-        results.append((case, _run_with_lengths(case, rank, world_size, groups, has_q, has_kv)))
+        prob = make_problem(case, world_size)
+        lengths = (_split(sum(prob["q_lens"]), has_q), _split(sum(prob["kv_lens"]), has_kv))
+        results.append((case, run_case(case, rank, world_size, groups, lengths)))
     return results
 
 

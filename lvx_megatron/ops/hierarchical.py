@@ -20,15 +20,14 @@ ring's ``payload`` and ``carry`` across nodes).
 
 import dataclasses
 
-import torch
 from torch import Tensor
 
-from .collectives import all_gather_rows, all_reduce_lse, reduce_scatter_rows
+from .collectives import all_gather_rows, reduce_scatter_rows
 from .comm_stats import count_communication, record_bytes
 from .groups import HierarchicalGroups
 from .layout import ShardLayout
-from .merge import safe_lse
 from .problem import CrossAttentionProblem, output_delta
+from .q_allgather import combine_partials
 from .query_ring import query_ring_backward, query_ring_forward
 
 
@@ -54,20 +53,6 @@ def _counted_as(prefix: str, stats) -> None:
         first = False
 
 
-def _out_with_delta(dout: Tensor, delta: Tensor) -> Tensor:
-    """A stand-in for ``O`` with ``rowsum(dout * O) == delta`` (what the query ring's backward needs).
-
-    ``O' = (delta / m) * u / |u|^2`` with ``u = dout / m``, ``m = max |dout|`` per row: scaled so that
-    nothing under- or overflows (``|delta / m| <= sqrt(D) |O|``); rows with ``dout = 0`` get 0.
-    """
-    d = dout.to(delta.dtype)
-    m = d.abs().amax(-1, keepdim=True)
-    safe_m = torch.where(m > 0, m, torch.ones_like(m))
-    u = d / safe_m
-    norm2 = (u * u).sum(-1, keepdim=True)
-    return torch.where(m > 0, (delta.unsqueeze(-1) / safe_m) * u / norm2.clamp_min(1.0), torch.zeros_like(u))
-
-
 def hierarchical_forward(
     q: Tensor,
     k: Tensor,
@@ -86,11 +71,8 @@ def hierarchical_forward(
     with count_communication() as ring_stats:
         o, lse = query_ring_forward(q_node, k, v, rows, kv_ids, _outer_problem(p, g))
     _counted_as("outer", ring_stats)
-    lse_global = all_reduce_lse(lse, g.inner, g.ranks_per_node, "inner.lse")
-    weight = torch.exp(lse - safe_lse(lse_global)).unsqueeze(-1)
-    o_own = reduce_scatter_rows(o.to(acc) * weight, lens, local, g.inner, "inner.o")
-    start = sum(lens[:local])
-    return o_own.to(q.dtype), lse_global[:, start : start + lens[local]].contiguous()
+    o_own, lse_own = combine_partials(o, lse, lens, local, g.inner, acc, prefix="inner.")
+    return o_own.to(q.dtype), lse_own
 
 
 def hierarchical_backward(
@@ -113,10 +95,9 @@ def hierarchical_backward(
     q_node, do_node = gather(q, "q"), gather(dout.to(q.dtype), "dout")
     lse_node, delta_node = gather(lse, "lse"), gather(output_delta(dout, out), "delta")
     rows = None if q_mask_rows is None else gather(q_mask_rows, "q_mask")
-    out_node = _out_with_delta(do_node, delta_node)
     with count_communication() as ring_stats:
         dq_node, dk, dv = query_ring_backward(
-            do_node, q_node, k, v, out_node, lse_node, rows, kv_ids, _outer_problem(p, g)
+            do_node, q_node, k, v, None, lse_node, rows, kv_ids, _outer_problem(p, g), delta=delta_node
         )
     _counted_as("outer", ring_stats)
     dq = reduce_scatter_rows(dq_node.to(acc), lens, local, g.inner, "inner.dq")

@@ -15,6 +15,23 @@ from .merge import safe_lse
 from .problem import CrossAttentionProblem, output_delta
 
 
+def combine_partials(
+    o: Tensor, lse: Tensor, lens: list[int], rank: int, group, acc: torch.dtype, prefix: str = ""
+) -> tuple[Tensor, Tensor]:
+    """Merge every rank's partial ``(O, LSE)`` of the same gathered queries; keep this rank's rows.
+
+    The global LSE comes from two small all-reduces; each partial ``O`` is rescaled by
+    ``exp(LSE_local - LSE_global)`` and the sum is reduce-scattered to the rows' owners. Returns
+    ``(O, LSE)`` of this rank's rows in ``acc``; bytes are counted as ``<prefix>lse``, ``<prefix>o``.
+    """
+    lse = lse.to(acc)
+    lse_global = all_reduce_lse(lse, group, len(lens), f"{prefix}lse")
+    weight = torch.exp(lse - safe_lse(lse_global)).unsqueeze(-1)
+    o_own = reduce_scatter_rows(o.to(acc) * weight, lens, rank, group, f"{prefix}o")
+    start = sum(lens[:rank])
+    return o_own, lse_global[:, start : start + lens[rank]].contiguous()
+
+
 def q_allgather_forward(
     q: Tensor, k: Tensor, v: Tensor, q_mask_rows: Tensor | None, kv_ids: Tensor | None, p: CrossAttentionProblem
 ) -> tuple[Tensor, Tensor]:
@@ -23,12 +40,8 @@ def q_allgather_forward(
     q_all = all_gather_rows(q, lens, p.group, "q")
     rows = None if q_mask_rows is None else all_gather_rows(q_mask_rows, lens, p.group, "q_mask")
     o, lse = p.backend.forward(q_all, k, v, p.mask(rows, kv_ids, q_all.shape[1]), p.scale)
-    lse = lse.to(acc)
-    lse_global = all_reduce_lse(lse, p.group, p.layout.world_size, "lse")
-    weight = torch.exp(lse - safe_lse(lse_global)).unsqueeze(-1)
-    o_own = reduce_scatter_rows(o.to(acc) * weight, lens, rank, p.group, "o")
-    start = sum(lens[:rank])
-    return o_own.to(q.dtype), lse_global[:, start : start + lens[rank]].contiguous()
+    o_own, lse_own = combine_partials(o, lse, lens, rank, p.group, acc)
+    return o_own.to(q.dtype), lse_own
 
 
 def q_allgather_backward(

@@ -49,8 +49,13 @@ def query_ring_backward(
     q_mask_rows: Tensor | None,
     kv_ids: Tensor | None,
     p: CrossAttentionProblem,
+    delta: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Return ``(dq, dk, dv)`` in the inputs' dtypes."""
+    """Return ``(dq, dk, dv)`` in the inputs' dtypes.
+
+    ``delta`` (``rowsum(dO * O)``) may be given instead of being formed from ``out`` (which is then
+    unused): callers that hold the rows of several ranks already have it.
+    """
     acc = p.acc_dtype
     has_mask = q_mask_rows is not None
     local: dict[str, Tensor | None] = {"dk": None, "dv": None}
@@ -67,7 +72,8 @@ def query_ring_backward(
         local["dv"] = accumulate(local["dv"], dvj, acc)
         return [dqj.to(acc)]
 
-    payload = [q, dout.to(q.dtype), lse, output_delta(dout, out)] + ([q_mask_rows] if has_mask else [])
+    delta = output_delta(dout, out) if delta is None else delta
+    payload = [q, dout.to(q.dtype), lse, delta] + ([q_mask_rows] if has_mask else [])
     (dq,) = ring_pass(
         Ring(p.group, q.device),
         payload,
