@@ -10,7 +10,6 @@ import zlib
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 warnings.filterwarnings("ignore", message=".*absl.logging.*")
@@ -22,22 +21,15 @@ HIDDEN, VIS_HIDDEN, HEADS, GROUPS, HEAD_DIM, FFN = 32, 24, 4, 2, 8, 48
 
 
 def make_config(tp: int, cp: int, pp: int, recompute: bool = True, num_layers: int = 4, cross_layers=(1, 3)):
-    from lvx_megatron.core import CrossAttentionTransformerConfig
+    from lvx_megatron.core import llama_style_config
 
-    return CrossAttentionTransformerConfig(
+    return llama_style_config(
         num_layers=num_layers,
         hidden_size=HIDDEN,
         num_attention_heads=HEADS,
         num_query_groups=GROUPS,
         kv_channels=HEAD_DIM,
         ffn_hidden_size=FFN,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
         tensor_model_parallel_size=tp,

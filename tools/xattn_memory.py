@@ -17,30 +17,22 @@ import zlib
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_block import TransformerBlock
 from results_file import write_results
 
-from lvx_megatron.core import CrossAttentionMask, CrossAttentionTransformerConfig, cross_attention_decoder_block_spec
+from lvx_megatron.core import CrossAttentionMask, cross_attention_decoder_block_spec, llama_style_config
 
 
 def _config(num_layers, cross_layers, hidden, heads, groups, ffn, visual_hidden, recompute, dtype, backend):
-    return CrossAttentionTransformerConfig(
+    return llama_style_config(
         num_layers=num_layers,
         hidden_size=hidden,
         num_attention_heads=heads,
         num_query_groups=groups,
         ffn_hidden_size=ffn,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         cross_attention_layers=list(cross_layers),

@@ -1,6 +1,6 @@
 """megatron-core integration: context-parallel cross-attention layers and specs."""
 
-from .config import CrossAttentionTransformerConfig
+from .config import CrossAttentionTransformerConfig, llama_style_config
 from .cross_attention import ContextParallelCrossAttention, ContextParallelCrossAttentionSubmodules
 from .gated_layer import GatedCrossAttentionLayer, GatedCrossAttentionLayerSubmodules
 from .masks import CrossAttentionMask
@@ -20,5 +20,6 @@ __all__ = [
     "TextContextParallelAttention",
     "cross_attention_decoder_block_spec",
     "cross_attention_layer_spec",
+    "llama_style_config",
     "self_attention_layer_spec",
 ]

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 from ..ops import BACKENDS, STRATEGIES
@@ -70,3 +71,20 @@ class CrossAttentionTransformerConfig(TransformerConfig):
         if isinstance(self.cross_attention_strategy, str):
             return self.cross_attention_strategy
         return self.cross_attention_strategy[self.cross_attention_layers.index(layer_index)]
+
+
+def llama_style_config(**fields) -> CrossAttentionTransformerConfig:
+    """A config with Llama 3's decoder choices (RMSNorm, SwiGLU, no biases, no dropout, CPU init).
+
+    ``fields`` give the sizes, parallelism and cross-attention settings, and may override a choice.
+    """
+    choices = dict(
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+    )
+    return CrossAttentionTransformerConfig(**{**choices, **fields})

@@ -12,7 +12,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.enums import ModelType
@@ -22,7 +21,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
 
-from ..core import CrossAttentionTransformerConfig
+from ..core import CrossAttentionTransformerConfig, llama_style_config
 from ..core.cpu_compat import enable_cpu_compat, mark_cpu_parameters
 from ..models.init import initialize_by_name
 from ..models.mllama import MllamaModel, MllamaTextSettings
@@ -62,22 +61,15 @@ def transformer_config(cfg: RunConfig) -> CrossAttentionTransformerConfig:
     t, p, x = cfg.model.text, cfg.parallel, cfg.model.cross_attention
     bf16 = cfg.training.precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    return CrossAttentionTransformerConfig(
+    return llama_style_config(
         num_layers=t.num_layers,
         hidden_size=t.hidden_size,
         ffn_hidden_size=t.ffn_hidden_size,
         num_attention_heads=t.num_attention_heads,
         num_query_groups=t.num_query_groups,
         kv_channels=t.hidden_size // t.num_attention_heads,
-        normalization="RMSNorm",
         layernorm_epsilon=t.norm_epsilon,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         init_method_std=t.init_method_std,
-        use_cpu_initialization=True,
         perform_initialization=False,  # initialize_by_name fills every weight
         bf16=bf16,
         params_dtype=dtype,
