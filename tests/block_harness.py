@@ -20,10 +20,13 @@ TEXT, VISUAL, BATCH, N_IDS, MICROBATCHES = 12, 14, 2, 3, 2
 HIDDEN, VIS_HIDDEN, HEADS, GROUPS, HEAD_DIM, FFN = 32, 24, 4, 2, 8, 48
 
 
-def make_config(tp: int, cp: int, pp: int, recompute: bool = True, num_layers: int = 4, cross_layers=(1, 3)):
+def make_config(
+    tp: int, cp: int, pp: int, recompute: bool = True, num_layers: int = 4, cross_layers=(1, 3), **overrides
+):
+    """The block's config; ``overrides`` replace or add fields (e.g. the cross-attention strategy)."""
     from lvx_megatron.core import llama_style_config
 
-    return llama_style_config(
+    fields = dict(
         num_layers=num_layers,
         hidden_size=HIDDEN,
         num_attention_heads=HEADS,
@@ -44,6 +47,7 @@ def make_config(tp: int, cp: int, pp: int, recompute: bool = True, num_layers: i
         visual_hidden_size=VIS_HIDDEN,
         cross_attention_gate_init=0.5,
     )
+    return llama_style_config(**{**fields, **overrides})
 
 
 def global_name(name: str, offset: int) -> str:
@@ -128,8 +132,21 @@ def build_block(tp: int, cp: int, pp: int, config, seed: int = 0):
     return block, pg
 
 
-def run_block(rank: int, world_size: int, tp: int, cp: int, pp: int, recompute: bool = True, seed: int = 0) -> dict:
-    """Worker: losses, dX/dH shards and full parameter gradients of one layout."""
+def run_block(
+    rank: int,
+    world_size: int,
+    tp: int,
+    cp: int,
+    pp: int,
+    recompute: bool = True,
+    seed: int = 0,
+    overrides: dict | None = None,
+) -> dict:
+    """Worker: losses, dX/dH shards and full parameter gradients of one layout.
+
+    ``overrides``: config fields for :func:`make_config`; the result's ``strategies`` are the
+    cross-attention layers' strategies after the run (what ``"auto"`` chose).
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.enums import ModelType
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -137,8 +154,9 @@ def run_block(rank: int, world_size: int, tp: int, cp: int, pp: int, recompute: 
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     from lvx_megatron.core import CrossAttentionMask
+    from lvx_megatron.core.cross_attention import ContextParallelCrossAttention
 
-    config = make_config(tp, cp, pp, recompute)
+    config = make_config(tp, cp, pp, recompute, **(overrides or {}))
     block, pg = build_block(tp, cp, pp, config, seed)
     tp_rank, cp_rank, pp_rank = pg.tp.rank(), pg.cp.rank(), pg.pp.rank()
     first, last = pp_rank == 0, pp_rank == pp - 1
@@ -236,6 +254,7 @@ def run_block(rank: int, world_size: int, tp: int, cp: int, pp: int, recompute: 
         grads=grads,
         dx=[(vis_start, vis_len, g) for g in dx],
         dh=[(text_start + tp_rank * sp_len, sp_len, leaf["hidden"].grad / cp) for leaf in leaves] if first else [],
+        strategies=[m.strategy for m in block.modules() if isinstance(m, ContextParallelCrossAttention)],
     )
 
 

@@ -20,6 +20,8 @@ class Case:
     batch: int = 2
     head_dim: int = 8
     num_ids: int = 4
+    backend: str = "auto"
+    head_chunks: int | None = None  # q_allgather's chunks of K/V-head groups (None: by size)
 
 
 def random_lengths(gen: torch.Generator, world_size: int, low: int, high: int, allow_zero: bool) -> list[int]:
@@ -87,6 +89,8 @@ def run_case(case: Case, rank: int, world_size: int, group=None, lengths=None) -
         strategy=case.strategy,
         q_image_mask=_shard(prob["q_mask"], q_lens, rank),
         kv_image_ids=_shard(prob["ids"], kv_lens, rank),
+        backend=case.backend,
+        head_chunks=case.head_chunks,
     )
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), _shard(prob["dout"], q_lens, rank).to(case.dtype))
     errs = {
@@ -108,6 +112,13 @@ def case_matrix(world_size: int) -> list[Case]:
         itertools.product(sorted(STRATEGIES), (hq, 2, 1), ("none", "padding", "images"), (torch.float64, torch.float32))
     ):
         out.append(Case(strategy, hq, hkv, masks, dtype, seed=1000 * world_size + i))
+    # q_allgather pipelined over head chunks: uneven chunks (8 K/V heads in 3, 2 in 2) and more
+    # chunks asked for than there are K/V heads.
+    for i, (hkv, chunks, masks, dtype) in enumerate(
+        [(8, 3, m, d) for m in ("none", "images") for d in (torch.float64, torch.float32)]
+        + [(2, 2, "padding", torch.float64), (2, 3, "images", torch.float32), (1, 4, "images", torch.float64)]
+    ):
+        out.append(Case("q_allgather", hq, hkv, masks, dtype, seed=1000 * world_size + 500 + i, head_chunks=chunks))
     return out
 
 
@@ -142,6 +153,7 @@ def fuzz_cases(world_size: int, seed: int, count: int) -> list[Case]:
                 batch=pick([1, 2, 3]),
                 head_dim=pick([4, 8, 16, 32]),
                 num_ids=pick([1, 3, 7]),
+                head_chunks=pick([None, 1, 2, 3]),
             )
         )
     return cases
@@ -152,44 +164,62 @@ def run_fuzz(rank: int, world_size: int, seed: int, count: int) -> list[tuple[Ca
     return [(case, run_case(case, rank, world_size)) for case in fuzz_cases(world_size, seed, count)]
 
 
-def measured_and_predicted_bytes(rank: int, world_size: int, seed: int) -> list[tuple[str, str, tuple, tuple]]:
-    """Worker: per strategy and mask kind, (counted fwd, bwd bytes) and the cost model's prediction."""
+def counted_bytes(case: Case, rank: int, world_size: int, group=None):
+    """Run ``case`` once forward and backward, counting bytes: ``(fwd CommStats, bwd CommStats, CallShape)``."""
     from lvx_megatron.ops import count_communication
-    from lvx_megatron.ops.cost_model import CallShape, predicted_bytes
+    from lvx_megatron.ops.cost_model import CallShape
 
+    prob = make_problem(case, world_size)
+    q_lens, kv_lens, dtype = prob["q_lens"], prob["kv_lens"], case.dtype
+    q = _shard(prob["q"], q_lens, rank).to(dtype).requires_grad_()
+    k = _shard(prob["k"], kv_lens, rank).to(dtype).requires_grad_()
+    v = _shard(prob["v"], kv_lens, rank).to(dtype).requires_grad_()
+    kwargs = dict(
+        group=group,
+        strategy=case.strategy,
+        q_image_mask=_shard(prob["q_mask"], q_lens, rank),
+        kv_image_ids=_shard(prob["ids"], kv_lens, rank),
+        head_chunks=case.head_chunks,
+    )
+    with count_communication() as fwd:
+        out = distributed_cross_attention(q, k, v, **kwargs)
+    with count_communication() as bwd:
+        out.backward(_shard(prob["dout"], q_lens, rank).to(dtype))
+    shape = CallShape(
+        q_lens=tuple(q_lens),
+        kv_lens=tuple(kv_lens),
+        batch=case.batch,
+        q_heads=case.hq,
+        kv_heads=case.hkv,
+        head_dim=case.head_dim,
+        elem_bytes=torch.finfo(dtype).bits // 8,
+        acc_bytes=8 if dtype == torch.float64 else 4,
+        num_ids=case.num_ids if case.masks == "images" else 0,
+        has_kv_ids=case.masks != "none",
+        head_chunks=case.head_chunks,
+    )
+    return fwd, bwd, shape
+
+
+def measured_and_predicted_bytes(rank: int, world_size: int, seed: int) -> list[tuple[Case, tuple, tuple]]:
+    """Worker: per strategy and mask kind, (counted fwd, bwd bytes) and the cost model's prediction."""
+    from lvx_megatron.ops.cost_model import predicted_bytes
+
+    cases = [
+        Case(strategy, 8, 2, masks, dtype, seed=seed + i, num_ids=3)
+        for i, (strategy, masks, dtype) in enumerate(
+            itertools.product(sorted(STRATEGIES), ("none", "padding", "images"), (torch.float32, torch.float64))
+        )
+    ]
+    # q_allgather in head chunks: one LSE all-reduce per chunk (8 query heads as 4 + 2 + 2).
+    cases += [
+        Case("q_allgather", 8, 4, masks, torch.float32, seed=seed + 100 + i, num_ids=3, head_chunks=3)
+        for i, masks in enumerate(("none", "images"))
+    ]
     rows = []
-    for i, (strategy, masks, dtype) in enumerate(
-        itertools.product(sorted(STRATEGIES), ("none", "padding", "images"), (torch.float32, torch.float64))
-    ):
-        case = Case(strategy, 8, 2, masks, dtype, seed=seed + i, num_ids=3)
-        prob = make_problem(case, world_size)
-        q_lens, kv_lens = prob["q_lens"], prob["kv_lens"]
-        q = _shard(prob["q"], q_lens, rank).to(dtype).requires_grad_()
-        k = _shard(prob["k"], kv_lens, rank).to(dtype).requires_grad_()
-        v = _shard(prob["v"], kv_lens, rank).to(dtype).requires_grad_()
-        kwargs = dict(
-            strategy=strategy,
-            q_image_mask=_shard(prob["q_mask"], q_lens, rank),
-            kv_image_ids=_shard(prob["ids"], kv_lens, rank),
-        )
-        with count_communication() as fwd:
-            out = distributed_cross_attention(q, k, v, **kwargs)
-        with count_communication() as bwd:
-            out.backward(_shard(prob["dout"], q_lens, rank).to(dtype))
-        shape = CallShape(
-            q_lens=tuple(q_lens),
-            kv_lens=tuple(kv_lens),
-            batch=case.batch,
-            q_heads=case.hq,
-            kv_heads=case.hkv,
-            head_dim=case.head_dim,
-            elem_bytes=torch.finfo(dtype).bits // 8,
-            acc_bytes=8 if dtype == torch.float64 else 4,
-            num_ids=case.num_ids if masks == "images" else 0,
-            has_kv_ids=masks != "none",
-        )
-        measured = (fwd.bytes_sent, bwd.bytes_sent)
-        rows.append((strategy, masks, measured, predicted_bytes(strategy, shape, rank)))
+    for case in cases:
+        fwd, bwd, shape = counted_bytes(case, rank, world_size)
+        rows.append((case, (fwd.bytes_sent, bwd.bytes_sent), predicted_bytes(case.strategy, shape, rank)))
     return rows
 
 

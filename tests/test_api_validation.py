@@ -58,7 +58,7 @@ def _qkv(b=1, sq=3, hq=4, hkv=2, skv=5, d=8, dtype=torch.float32):
             r"kv_image_ids values must be in \[-1, 1\]",
         ),
         (lambda q, k, v: (q, k, v, {"kv_image_ids": torch.full((1, 5), -2)}), r"kv_image_ids values must be in >= -1"),
-        (lambda q, k, v: (q, k, v, {"backend": "triton"}), r"backend must be one of"),
+        (lambda q, k, v: (q, k, v, {"backend": "tilelang"}), r"backend must be one of"),
     ],
 )
 def test_bad_input_raises_value_error(mutate, match):

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from cases import Case, make_problem, run_case
+from cases import Case, counted_bytes, make_problem, run_case
 
 from lvx_megatron.launch import spawn_gloo
 from lvx_megatron.ops import count_communication, distributed_cross_attention
+from lvx_megatron.ops.cost_model import CallShape, predicted_bytes, predicted_level_bytes
 from lvx_megatron.ops.groups import HierarchicalGroups, hierarchical_groups
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -59,6 +60,7 @@ def _worker(rank: int, world_size: int, layouts: tuple[int, ...]) -> dict:
         results[ranks_per_node] = {
             "accuracy": _accuracy(rank, world_size, ranks_per_node, groups),
             "bytes": _bytes(rank, world_size, ranks_per_node, groups),
+            "levels": _level_bytes(rank, world_size, ranks_per_node, groups),
         }
     if world_size == 6:
         # Two-level groups of a subgroup: ranks 0-3 as 2 nodes x 2; only its members split it.
@@ -194,3 +196,32 @@ def test_wrong_usage_without_distributed():
     with pytest.raises(ValueError, match=r"needs torch\.distributed to be initialised"):
         hierarchical_groups(2)
     assert HierarchicalGroups.__dataclass_fields__.keys() >= {"inner", "outer", "ranks_per_node", "num_nodes"}
+
+
+def _level_bytes(rank: int, world_size: int, ranks_per_node: int, groups: HierarchicalGroups) -> list:
+    """Per case: bytes counted under ``inner.*`` / ``outer.*`` and in all, and the cost model's predictions."""
+    rows = []
+    for case in (
+        Case("hierarchical", 8, 2, "images", torch.float32, seed=77, num_ids=3),
+        Case("hierarchical", 4, 1, "padding", torch.float64, seed=78),
+    ):
+        fwd, bwd, shape = counted_bytes(case, rank, world_size, groups)
+        counted = {
+            level: tuple(sum(n for name, n in st.by_name.items() if name.startswith(f"{level}.")) for st in (fwd, bwd))
+            for level in ("inner", "outer")
+        }
+        total = (fwd.bytes_sent, bwd.bytes_sent)
+        predicted = predicted_level_bytes(shape, rank, ranks_per_node)
+        rows.append((case, counted, predicted, total, predicted_bytes("hierarchical", shape, rank, ranks_per_node)))
+    return rows
+
+
+@pytest.mark.parametrize("world_size, ranks_per_node", [(4, 2), (6, 2), (6, 3)])
+def test_cost_model_predicts_the_bytes_of_each_level(world_size, ranks_per_node):
+    for rank, rank_results in enumerate(_results(world_size)):
+        for case, counted, predicted, total, predicted_total in rank_results[ranks_per_node]["levels"]:
+            assert counted == predicted, (case, rank)
+            assert total == predicted_total, (case, rank)
+        fwd, bwd = _expected_bytes(rank, world_size, ranks_per_node)
+        shape = CallShape(tuple(_lens(world_size)[0]), tuple(_lens(world_size)[1]), B, HQ, HKV, D, 8, 8)
+        assert predicted_bytes("hierarchical", shape, rank, ranks_per_node) == (sum(fwd.values()), sum(bwd.values()))

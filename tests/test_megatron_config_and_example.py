@@ -31,7 +31,24 @@ def _config(**overrides):
             r"cross_attention_strategy must be .auto. or one of",
         ),
         (dict(cross_attention_layers=[1, 2], cross_attention_strategy=["kv_ring"]), r"lists 1 strategies for 2"),
-        (dict(cross_attention_backend="triton"), r"cross_attention_backend must be one of"),
+        (dict(cross_attention_backend="tilelang"), r"cross_attention_backend must be one of"),
+        (
+            dict(cross_attention_strategy="hierarchical"),
+            r"cross_attention_strategy 'hierarchical' needs cross_attention_ranks_per_node",
+        ),
+        (
+            dict(context_parallel_size=4, cross_attention_ranks_per_node=3),
+            r"cross_attention_ranks_per_node must be None or a positive divisor of context_parallel_size \(4\), got 3",
+        ),
+        (dict(cross_attention_inner_link_gbps=100.0), r"cross_attention_inner_link_gbps needs cross_attention_ranks"),
+        (
+            dict(cross_attention_link="measure"),
+            r"cross_attention_link must be one of \['config', 'probe'\], got 'measure'",
+        ),
+        (
+            dict(cross_attention_link="probe", cross_attention_link_gbps=25.0),
+            r"cross_attention_link='probe' measures the links: leave \['cross_attention_link_gbps'\] unset",
+        ),
     ],
 )
 def test_bad_cross_attention_config_names_the_field(overrides, match):
@@ -44,6 +61,10 @@ def test_config_defaults_and_per_layer_strategy():
     assert cfg.cross_attention_layers == [1, 3] and cfg.visual_hidden_size == 32 and cfg.recompute_visual_kv
     assert cfg.strategy_for_layer(1) == "kv_ring" and cfg.strategy_for_layer(3) == "query_ring"
     assert _config(activation_func=F.silu).cross_attention_strategy == "query_ring"
+    two_nodes = _config(
+        context_parallel_size=4, cross_attention_strategy="hierarchical", cross_attention_ranks_per_node=2
+    )
+    assert two_nodes.cross_attention_link == "config" and two_nodes.strategy_for_layer(0) == "hierarchical"
 
 
 def _run(cmd: list[str]) -> str:

@@ -5,6 +5,7 @@ import torch.distributed as dist
 
 from lvx_megatron.launch import spawn_gloo
 from lvx_megatron.ops import TorchReferenceBackend, count_communication, distributed_cross_attention
+from lvx_megatron.ops import q_allgather as q_allgather_module
 from lvx_megatron.ops import ring as ring_module
 
 
@@ -73,6 +74,70 @@ def test_next_transfer_is_posted_before_compute():
     for strategy in ("query_ring", "kv_ring"):
         for events in spawn_gloo(3, _record_order, strategy):
             assert _check_prefetch(events, 3) == 4
+
+
+def _record_chunk_pipeline(rank: int, world_size: int, chunks: int) -> list[tuple]:
+    """q_allgather in head chunks: the order of collective posts, their waits and the computes."""
+    events: list[tuple] = []
+    originals = {
+        name: getattr(q_allgather_module, name) for name in ("post_all_gather_rows", "post_reduce_scatter_rows")
+    }
+
+    def recording(name):
+        def post(*args):
+            pending = originals[name](*args)
+            trace_id, wait = len(events), pending.wait
+            events.append(("post", args[-1], trace_id))  # the last argument names the bytes ("q", "o", "dq")
+
+            def traced_wait():
+                events.append(("wait", trace_id))
+                return wait()
+
+            pending.wait = traced_wait
+            return pending
+
+        return post
+
+    for name in originals:
+        setattr(q_allgather_module, name, recording(name))
+    try:
+        torch.manual_seed(rank)
+        q = torch.randn(1, 3, 8, 8, requires_grad=True)
+        k = torch.randn(1, 5, 4, 8, requires_grad=True)
+        v = torch.randn(1, 5, 4, 8, requires_grad=True)
+        out = distributed_cross_attention(
+            q,
+            k,
+            v,
+            group=dist.group.WORLD,
+            strategy="q_allgather",
+            backend=RecordingBackend(events),
+            head_chunks=chunks,
+        )
+        events.append(("backward",))
+        out.sum().backward()
+    finally:
+        for name, fn in originals.items():
+            setattr(q_allgather_module, name, fn)
+    return events
+
+
+def test_q_allgather_chunks_overlap_collectives_with_compute():
+    chunks = 3  # 4 K/V heads: chunks of 2, 1 and 1
+    for events in spawn_gloo(3, _record_chunk_pipeline, chunks):
+        split = events.index(("backward",))
+        for phase, scatter in ((events[:split], "o"), (events[split + 1 :], "dq")):
+            computes = [i for i, e in enumerate(phase) if e == ("compute",)]
+            gathers = [e for e in phase if e[:2] == ("post", "q")]
+            scatters = [e for e in phase if e[:2] == ("post", scatter)]
+            assert len(computes) == len(gathers) == len(scatters) == chunks
+            for c in range(chunks - 1):
+                # chunk c + 1's all-gather is in flight while chunk c computes ...
+                posted, awaited = phase.index(gathers[c + 1]), phase.index(("wait", gathers[c + 1][2]))
+                assert posted < computes[c] < awaited, (c, phase)
+                # ... and chunk c's reduce-scatter while chunk c + 1 computes.
+                posted, awaited = phase.index(scatters[c]), phase.index(("wait", scatters[c][2]))
+                assert posted < computes[c + 1] < awaited, (c, phase)
 
 
 def _bytes_moved(rank: int, world_size: int, strategy: str) -> dict[str, int]:

@@ -4,8 +4,9 @@
         --frames 64 --text-tokens 2048 --nodes 4 --gpus-per-node 4 --inter-gbps 25 --gpu a100 \
         --plot docs/images/speedup.png
 
-All GPUs form one context-parallel ring (the ring crosses nodes, so each step waits for the
-slowest hop: the inter-node link when there are several nodes). Per strategy it prints the
+All GPUs form one context-parallel group (a ring over all of them crosses nodes, so each step
+waits for the slowest hop: the inter-node link when there are several nodes); ``hierarchical``
+uses both links (Q all-gather inside a node, the query ring across nodes). Per strategy it prints the
 predicted forward+backward time of the model's cross-attention layers per sample, the bytes one
 GPU sends per layer, the peak visual K/V memory per GPU, and a step-time estimate (the rest of the
 model at ``--mfu`` of the GPU's peak, split over all GPUs). The plot shows the query ring's
@@ -20,11 +21,12 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|absl).*")
 
 from lvx_megatron.ops.cost_model import (  # noqa: E402
-    STRATEGY_NAMES,
     CallShape,
     ComputeModel,
     Link,
+    Topology,
     choose_strategy,
+    predicted_level_bytes,
     uniform_lengths,
 )
 from lvx_megatron.training.config import load_config  # noqa: E402
@@ -70,21 +72,22 @@ def simulate(args) -> tuple[list[tuple], dict]:
     frames = args.frames or cfg.data.max_images
     text = args.text_tokens or cfg.data.seq_length
     visual = frames * visual_tokens_per_image(cfg)
-    gbps = args.inter_gbps if args.nodes > 1 else args.intra_gbps
-    link = Link(bandwidth=gbps * 1e9, latency=args.latency_us * 1e-6)
+    link = lambda gbps: Link(bandwidth=gbps * 1e9, latency=args.latency_us * 1e-6)
+    topology = Topology(args.gpus_per_node, inner=link(args.intra_gbps), outer=link(args.inter_gbps))
     compute = scaled(ComputeModel.from_benchmark(BENCHMARK, args.kernel), GPU_SCALE[args.gpu])
     shape = call_shape(cfg, text, visual, gpus)
-    best, predictions = choose_strategy(shape, link, compute)
+    best, predictions = choose_strategy(shape, topology, compute)
     layers = len(cfg.model.text.cross_attention_layers)
     cfg.data.max_images, cfg.data.seq_length = frames, text
     peak = 989.4e12 * GPU_SCALE[args.gpu]
     rest = flops_per_sample(cfg, 128256) / (gpus * peak * args.mfu)
     rows = []
-    for name in STRATEGY_NAMES:
-        p = predictions[name]
+    for name, p in predictions.items():
         xattn = layers * p.total_s
         rows.append((name, xattn, p.forward_bytes + p.backward_bytes, peak_kv_bytes(name, shape), xattn + rest))
-    meta = dict(gpus=gpus, text=text, visual=visual, frames=frames, layers=layers, best=best, gbps=gbps)
+    meta = dict(gpus=gpus, text=text, visual=visual, frames=frames, layers=layers, best=best)
+    if "hierarchical" in predictions:  # rank 0 holds the longest shards
+        meta["levels"] = {k: sum(v) for k, v in predicted_level_bytes(shape, 0, args.gpus_per_node).items()}
     return rows, meta
 
 
@@ -131,7 +134,12 @@ def main() -> None:
     parser.add_argument("--inter-gbps", type=float, default=25.0, help="GB/s per direction between nodes")
     parser.add_argument("--latency-us", type=float, default=10.0)
     parser.add_argument("--gpu", choices=sorted(GPU_SCALE), default="h100")
-    parser.add_argument("--kernel", default="fused/masked", help="benchmark column: fused/masked or fused/auto")
+    parser.add_argument(
+        "--kernel",
+        default="triton/masked",
+        help="benchmark column (a variant of tools/bench_block_attention.py): triton/masked (what masked "
+        "models run), auto (unmasked), fused/auto, fused/masked, ...",
+    )
     parser.add_argument("--mfu", type=float, default=0.35, help="utilisation of the rest of the model")
     parser.add_argument("--plot", help="write the speedup-vs-ratio PNG here")
     args = parser.parse_args()
@@ -139,14 +147,23 @@ def main() -> None:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     rows, m = simulate(args)
+    links = f"links {args.intra_gbps:g} GB/s in a node"
+    if args.nodes > 1:
+        links += f", {args.inter_gbps:g} GB/s between nodes"
     print(
         f"{Path(args.config).stem}: {m['frames']} frames = {m['visual']} visual tokens, {m['text']} text tokens, "
-        f"{m['layers']} cross-attention layers, {m['gpus']} {args.gpu.upper()}s, ring links {m['gbps']:g} GB/s"
+        f"{m['layers']} cross-attention layers, {m['gpus']} {args.gpu.upper()}s "
+        f"({args.nodes} x {args.gpus_per_node}), {links}"
     )
     print("strategy        xattn ms/sample   MB sent/GPU/layer   peak K/V MB/GPU   step s/sample")
     for name, xattn, nbytes, kv, step in rows:
         mark = "  <- auto" if name == m["best"] else ""
         print(f"{name:<14}  {xattn * 1e3:15.1f}   {nbytes / 1e6:17.1f}   {kv / 1e6:15.1f}   {step:13.3f}{mark}")
+    if "levels" in m:
+        print(
+            f"hierarchical sends {m['levels']['inner'] / 1e6:.1f} MB/GPU/layer inside a node and "
+            f"{m['levels']['outer'] / 1e6:.1f} MB between nodes"
+        )
     qr, kv = rows[0], rows[1]
     print(f"query ring vs KV ring: cross-attention {kv[1] / qr[1]:.1f}x faster, step {kv[4] / qr[4]:.2f}x faster")
     if args.plot:

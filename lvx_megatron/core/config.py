@@ -7,6 +7,8 @@ from megatron.core.transformer import TransformerConfig
 
 from ..ops import BACKENDS, STRATEGIES
 
+LINK_SOURCES = ("config", "probe")
+
 
 @dataclass
 class CrossAttentionTransformerConfig(TransformerConfig):
@@ -19,9 +21,18 @@ class CrossAttentionTransformerConfig(TransformerConfig):
             cross-attention layer (in the order of ``cross_attention_layers``); ``"auto"`` lets the
             cost model pick at the layer's first call (``lvx_megatron.ops.auto``).
         cross_attention_link_gbps, cross_attention_link_latency_us: the CP ring's link for
-            ``"auto"`` (None: by backend, NCCL 100 GB/s and 10 us, gloo 1 GB/s and 50 us).
-        cross_attention_backend: block-attention backend of the ops (``"auto"``, ``"torch"``,
-            ``"fused"``).
+            ``"auto"`` (None: by backend, NCCL 100 GB/s and 10 us, gloo 1 GB/s and 50 us); with
+            ``cross_attention_ranks_per_node``, the link between nodes.
+        cross_attention_ranks_per_node: CP ranks per node (consecutive CP ranks form a node).
+            Enables ``"hierarchical"`` (Q all-gather inside a node, query ring across nodes), as a
+            strategy and as a candidate of ``"auto"``; must divide ``context_parallel_size``.
+        cross_attention_inner_link_gbps, cross_attention_inner_link_latency_us: the link inside
+            a node, with ``cross_attention_ranks_per_node`` (None: by backend, as above).
+        cross_attention_link: where ``"auto"`` gets its links: ``"config"`` (the fields above)
+            or ``"probe"`` (measured once over the CP group, or inside and between nodes, at the
+            first ``"auto"`` call; ``lvx_megatron.ops.link_probe``).
+        cross_attention_backend: block-attention backend of the ops (``"auto"``, ``"triton"``,
+            ``"fused"``, ``"torch"``).
         recompute_visual_kv: do not keep each layer's visual K/V for backward; recompute them
             from the shared visual features instead (exact gradients, less memory).
         visual_hidden_size: width of the visual features ``X`` fed to the K/V projections
@@ -37,6 +48,10 @@ class CrossAttentionTransformerConfig(TransformerConfig):
     cross_attention_gate_init: float = 0.0
     cross_attention_link_gbps: float | None = None
     cross_attention_link_latency_us: float | None = None
+    cross_attention_ranks_per_node: int | None = None
+    cross_attention_inner_link_gbps: float | None = None
+    cross_attention_inner_link_latency_us: float | None = None
+    cross_attention_link: str = "config"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,12 +74,51 @@ class CrossAttentionTransformerConfig(TransformerConfig):
         else:
             strategies = [strategies]
         for name in strategies:
-            if name not in STRATEGIES and name != "auto":
+            if name not in STRATEGIES and name not in ("auto", "hierarchical"):
                 raise ValueError(
-                    f"cross_attention_strategy must be 'auto' or one of {sorted(STRATEGIES)}, got {name!r}"
+                    f"cross_attention_strategy must be 'auto' or one of {sorted(STRATEGIES)} (or 'hierarchical', "
+                    f"with cross_attention_ranks_per_node), got {name!r}"
                 )
         if self.cross_attention_backend not in BACKENDS:
             raise ValueError(f"cross_attention_backend must be one of {BACKENDS}, got {self.cross_attention_backend!r}")
+        self._check_links(strategies)
+
+    def _check_links(self, strategies: list[str]) -> None:
+        """Raise ValueError naming the field for inconsistent topology and link settings."""
+        per_node, cp = self.cross_attention_ranks_per_node, self.context_parallel_size
+        if per_node is not None and (
+            isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1 or cp % per_node
+        ):
+            raise ValueError(
+                f"cross_attention_ranks_per_node must be None or a positive divisor of "
+                f"context_parallel_size ({cp}), got {per_node!r}"
+            )
+        if per_node is None:
+            if "hierarchical" in strategies:
+                raise ValueError(
+                    "cross_attention_strategy 'hierarchical' needs cross_attention_ranks_per_node "
+                    "(the CP ranks of one node)"
+                )
+            for name in ("cross_attention_inner_link_gbps", "cross_attention_inner_link_latency_us"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} needs cross_attention_ranks_per_node (the CP ranks of one node)")
+        if self.cross_attention_link not in LINK_SOURCES:
+            raise ValueError(
+                f"cross_attention_link must be one of {list(LINK_SOURCES)}, got {self.cross_attention_link!r}"
+            )
+        if self.cross_attention_link == "probe":
+            given = [
+                name
+                for name in (
+                    "cross_attention_link_gbps",
+                    "cross_attention_link_latency_us",
+                    "cross_attention_inner_link_gbps",
+                    "cross_attention_inner_link_latency_us",
+                )
+                if getattr(self, name) is not None
+            ]
+            if given:
+                raise ValueError(f"cross_attention_link='probe' measures the links: leave {given} unset (None)")
 
     def strategy_for_layer(self, layer_index: int) -> str:
         """The strategy of the cross-attention layer at 0-based decoder index ``layer_index``."""

@@ -19,8 +19,11 @@ from megatron.core.utils import divide
 from torch import Tensor
 
 from ..ops import STRATEGIES, Strategy, distributed_cross_attention, prepare_call
-from ..ops.auto import choose_for_call
-from ..ops.cost_model import Link
+from ..ops.api import resolve_strategy
+from ..ops.auto import choose_for_call, default_link
+from ..ops.cost_model import Link, Topology
+from ..ops.groups import HierarchicalGroups, hierarchical_groups
+from ..ops.link_probe import probe_link
 from ..ops.problem import CrossAttentionProblem
 from .config import CrossAttentionTransformerConfig
 from .masks import CrossAttentionMask
@@ -35,6 +38,40 @@ class ContextParallelCrossAttentionSubmodules:
     linear_proj: ModuleSpec | type
     q_norm: ModuleSpec | type | None = None  # per head; built with tp_group (see HeadRMSNorm)
     k_norm: ModuleSpec | type | None = None
+
+
+# Per (CP group, ranks per node): made or measured once, shared by every layer. Each is collective
+# over the CP group at its first use, which every rank of the group reaches at the same layer.
+_TWO_LEVEL_GROUPS: dict[tuple[object, int], HierarchicalGroups] = {}
+_PROBED_LINKS: dict[tuple[object, int | None], Link | Topology] = {}
+
+
+def _two_level_groups(cp_group, ranks_per_node: int) -> HierarchicalGroups:
+    """The CP group split into nodes of ``ranks_per_node`` consecutive CP ranks (made once)."""
+    key = (cp_group, ranks_per_node)
+    if key not in _TWO_LEVEL_GROUPS:
+        _TWO_LEVEL_GROUPS[key] = hierarchical_groups(ranks_per_node, cp_group)
+    return _TWO_LEVEL_GROUPS[key]
+
+
+def _probed_links(cp_group, ranks_per_node: int | None) -> Link | Topology:
+    """The CP ring's link, or with ``ranks_per_node`` the links inside and between nodes, measured once."""
+    key = (cp_group, ranks_per_node)
+    if key not in _PROBED_LINKS:
+        if ranks_per_node is None:
+            _PROBED_LINKS[key] = probe_link(cp_group)
+        else:
+            groups = _two_level_groups(cp_group, ranks_per_node)
+            inner = probe_link(groups.inner, agree_over=cp_group)
+            _PROBED_LINKS[key] = Topology(ranks_per_node, inner, probe_link(groups.outer, agree_over=cp_group))
+    return _PROBED_LINKS[key]
+
+
+def _configured_link(gbps: float | None, latency_us: float | None, cp_group) -> Link:
+    """A link from config fields (latency 10 us when only the bandwidth is given), else by backend."""
+    if not gbps:
+        return default_link(cp_group)
+    return Link(bandwidth=gbps * 1e9, latency=(latency_us or 10.0) * 1e-6)
 
 
 class _RecomputedKVCrossAttention(torch.autograd.Function):
@@ -104,8 +141,12 @@ class ContextParallelCrossAttention(MegatronModule):
         self.groups_per_rank = divide(groups, tp)
         if strategy is None:
             strategy = config.strategy_for_layer(layer_index) if layer_index is not None else "query_ring"
-        if strategy not in STRATEGIES and strategy != "auto":
-            raise ValueError(f"strategy must be 'auto' or one of {sorted(STRATEGIES)}, got {strategy!r}")
+        if strategy not in (*STRATEGIES, "auto", "hierarchical"):
+            raise ValueError(
+                f"strategy must be 'auto', 'hierarchical' or one of {sorted(STRATEGIES)}, got {strategy!r}"
+            )
+        if strategy == "hierarchical" and config.cross_attention_ranks_per_node is None:
+            raise ValueError("strategy 'hierarchical' needs config.cross_attention_ranks_per_node")
         self.strategy = strategy  # "auto" is replaced by the cost model's choice at the first call
 
         self.linear_q = build_module(
@@ -179,8 +220,11 @@ class ContextParallelCrossAttention(MegatronModule):
         mask = context_mask or CrossAttentionMask()
         if self.strategy == "auto":
             self._choose_strategy(q, context, mask)
+        group = self.pg_collection.cp
+        if self.strategy == "hierarchical":
+            group = _two_level_groups(group, self.config.cross_attention_ranks_per_node)
         kwargs = dict(
-            group=self.pg_collection.cp,
+            group=group,
             strategy=self.strategy,
             softmax_scale=self.config.softmax_scale,
             q_image_mask=mask.q_image_mask,
@@ -197,10 +241,6 @@ class ContextParallelCrossAttention(MegatronModule):
 
     def _choose_strategy(self, q: Tensor, context: Tensor, mask: CrossAttentionMask) -> None:
         """Replace ``"auto"`` by the cost model's fastest strategy for this call's shapes, and log it."""
-        link = None
-        if self.config.cross_attention_link_gbps:
-            latency = (self.config.cross_attention_link_latency_us or 10.0) * 1e-6
-            link = Link(bandwidth=self.config.cross_attention_link_gbps * 1e9, latency=latency)
         kv_shape = (q.shape[0], context.shape[0], self.groups_per_rank, self.head_dim)
         self.strategy, predictions = choose_for_call(
             q,
@@ -208,7 +248,7 @@ class ContextParallelCrossAttention(MegatronModule):
             group=self.pg_collection.cp,
             q_image_mask=mask.q_image_mask,
             kv_image_ids=mask.kv_image_ids,
-            link=link,
+            link=self._links(),
         )
         if torch.distributed.is_initialized() and torch.distributed.get_rank() == 0:
             times = ", ".join(f"{n} {p.total_s * 1e3:.3g}" for n, p in predictions.items())
@@ -218,10 +258,30 @@ class ContextParallelCrossAttention(MegatronModule):
                 flush=True,
             )
 
+    def _links(self) -> Link | Topology:
+        """What ``"auto"`` assumes of the CP group: one link, or a :class:`Topology` with ranks per node."""
+        cfg, cp = self.config, self.pg_collection.cp
+        per_node = cfg.cross_attention_ranks_per_node
+        if cfg.cross_attention_link == "probe":
+            return _probed_links(cp, per_node)
+        link = _configured_link(cfg.cross_attention_link_gbps, cfg.cross_attention_link_latency_us, cp)
+        if per_node is None:
+            return link
+        inner = _configured_link(cfg.cross_attention_inner_link_gbps, cfg.cross_attention_inner_link_latency_us, cp)
+        return Topology(per_node, inner=inner, outer=link)
+
     def _recomputed_attention(self, q: Tensor, x: Tensor, kwargs: dict) -> Tensor:
         with torch.no_grad():
             k, v = self.project_kv(x)
         call = prepare_call(q, k, v, **kwargs)
         return _RecomputedKVCrossAttention.apply(
-            q, x, k, v, call.q_mask_rows, call.kv_ids, call.problem, STRATEGIES[self.strategy], self.project_kv
+            q,
+            x,
+            k,
+            v,
+            call.q_mask_rows,
+            call.kv_ids,
+            call.problem,
+            resolve_strategy(self.strategy, kwargs["group"]),
+            self.project_kv,
         )

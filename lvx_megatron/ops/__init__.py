@@ -1,7 +1,14 @@
 """Exact distributed cross-attention (torch only; never imports megatron)."""
 
 from .api import STRATEGIES, PreparedCall, Strategy, distributed_cross_attention, prepare_call
-from .backends import BACKENDS, BlockAttentionBackend, TorchFusedBackend, TorchReferenceBackend, get_backend
+from .backends import (
+    BACKENDS,
+    BlockAttentionBackend,
+    TorchFusedBackend,
+    TorchReferenceBackend,
+    TritonBackend,
+    get_backend,
+)
 from .comm_stats import CommStats, count_communication
 from .reference import dense_cross_attention
 
@@ -14,6 +21,7 @@ __all__ = [
     "Strategy",
     "TorchFusedBackend",
     "TorchReferenceBackend",
+    "TritonBackend",
     "count_communication",
     "dense_cross_attention",
     "distributed_cross_attention",

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .backends import BlockAttentionBackend, get_backend
 from .groups import HierarchicalGroups, check_hierarchical_groups
+from .head_chunks import head_chunk_count
 from .hierarchical import hierarchical_backward, hierarchical_forward
 from .kv_allgather import kv_allgather_backward, kv_allgather_forward
 from .kv_ring import kv_ring_backward, kv_ring_forward
@@ -46,7 +47,13 @@ _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_inputs(
-    q: Tensor, k: Tensor, v: Tensor, q_image_mask: Tensor | None, kv_image_ids: Tensor | None, strategy: str
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_image_mask: Tensor | None,
+    kv_image_ids: Tensor | None,
+    strategy: str,
+    head_chunks: int | None,
 ) -> None:
     """Raise ValueError naming the offending argument."""
     if strategy not in STRATEGIES and strategy not in TWO_LEVEL_STRATEGIES:
@@ -54,6 +61,10 @@ def _check_inputs(
             f"strategy must be one of {sorted(STRATEGIES)} (or, with group=HierarchicalGroups, "
             f"{sorted(TWO_LEVEL_STRATEGIES)}), got {strategy!r}"
         )
+    if head_chunks is not None and (
+        isinstance(head_chunks, bool) or not isinstance(head_chunks, int) or head_chunks < 1
+    ):
+        raise ValueError(f"head_chunks must be None or a positive int, got {head_chunks!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
@@ -136,13 +147,14 @@ def prepare_call(
     q_image_mask: Tensor | None = None,
     kv_image_ids: Tensor | None = None,
     backend: str | BlockAttentionBackend = "auto",
+    head_chunks: int | None = None,
 ) -> PreparedCall:
     """Validate the arguments of :func:`distributed_cross_attention` and exchange shard lengths.
 
     ``k``/``v`` only need the right shape, dtype and device here (callers that compute them
     later, e.g. under recompute, may pass empty tensors of that shape).
     """
-    _check_inputs(q, k, v, q_image_mask, kv_image_ids, strategy)
+    _check_inputs(q, k, v, q_image_mask, kv_image_ids, strategy, head_chunks)
     groups = group if isinstance(group, HierarchicalGroups) else None
     resolve_strategy(strategy, group)  # raises for a two-level strategy without HierarchicalGroups
     if groups is not None:
@@ -155,10 +167,12 @@ def prepare_call(
     world_size = dist.get_world_size(group) if distributed else 1
     if groups is not None:
         check_hierarchical_groups(groups, dist.get_rank(group), world_size)
+    layout = exchange_layout(q, k, q_image_mask, kv_image_ids, group, world_size, head_chunks)
+    gathered_q_bytes = q.shape[0] * sum(layout.q_lens) * q.shape[2] * q.shape[3] * q.element_size()
     problem = CrossAttentionProblem(
         group=group if distributed else None,
         rank=dist.get_rank(group) if distributed else 0,
-        layout=exchange_layout(q, k, q_image_mask, kv_image_ids, group, world_size),
+        layout=layout,
         batch=q.shape[0],
         q_heads=q.shape[2],
         kv_heads=k.shape[2],
@@ -167,6 +181,7 @@ def prepare_call(
         dtype=q.dtype,
         scale=q.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale),
         backend=get_backend(backend, q.device, q.dtype),
+        head_chunks=head_chunk_count(head_chunks, k.shape[2], gathered_q_bytes),
     )
     return PreparedCall(
         problem,
@@ -203,6 +218,7 @@ def distributed_cross_attention(
     q_image_mask: Tensor | None = None,
     kv_image_ids: Tensor | None = None,
     backend: str | BlockAttentionBackend = "auto",
+    head_chunks: int | None = None,
 ) -> Tensor:
     """Exact softmax cross-attention of text queries against visual keys/values sharded over ``group``.
 
@@ -223,6 +239,9 @@ def distributed_cross_attention(
         kv_image_ids: ``[B, Skv_local]`` int, image (or tile) id of each visual token, ``-1`` for
             padding (never attended).
         backend: block-attention backend: ``"auto"``, ``"torch"``, ``"fused"`` or an instance.
+        head_chunks: ``"q_allgather"`` only: pipeline its collectives over this many chunks of
+            whole K/V-head groups (at most ``Hkv``; 1: no chunking; None: by size, see
+            :mod:`.head_chunks`). The same on every rank.
 
     Returns:
         ``[B, Sq_local, Hq, D]``: this rank's rows of the exact attention of the full Q against
@@ -238,6 +257,7 @@ def distributed_cross_attention(
         q_image_mask=q_image_mask,
         kv_image_ids=kv_image_ids,
         backend=backend,
+        head_chunks=head_chunks,
     )
     return DistributedCrossAttentionFunction.apply(
         q, k, v, call.q_mask_rows, call.kv_ids, call.problem, resolve_strategy(strategy, group)

@@ -7,9 +7,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .api import prepare_call
-from .cost_model import CallShape, ComputeModel, Link, Prediction, choose_strategy
+from .cost_model import CallShape, ComputeModel, Link, Prediction, Topology, choose_strategy
+from .groups import HierarchicalGroups
 
-# Measured on an H100 by tools/bench_block_attention.py (GQA 32/8, d 128; unmasked and masked blocks).
+# Measured on an H100 by tools/bench_block_attention.py (GQA 32/8, d 128): the "auto" block backend on
+# unmasked blocks and the Triton kernels on masked ones (what backend="auto" runs for each).
 _BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "block_attention_h100.json"
 # Without a measurement: a CUDA GPU's attention rate, a CPU core's.
 _FALLBACK_RATE = {"cuda": (300e12, 250e12), "cpu": (20e9, 15e9)}
@@ -18,9 +20,9 @@ DEFAULT_LINKS = {"nccl": Link(bandwidth=100e9, latency=10e-6), "gloo": Link(band
 
 
 def default_compute_model(device: torch.device, masked: bool) -> ComputeModel:
-    """The measured H100 table on CUDA (masked blocks use their own, slower kernel), else a flat rate."""
+    """The measured H100 table on CUDA (masked blocks run on their own kernels), else a flat rate."""
     if device.type == "cuda" and _BENCHMARK.is_file():
-        return ComputeModel.from_benchmark(_BENCHMARK, "fused/masked" if masked else "fused/auto")
+        return ComputeModel.from_benchmark(_BENCHMARK, "triton/masked" if masked else "auto")
     return ComputeModel(default=_FALLBACK_RATE.get(device.type, _FALLBACK_RATE["cpu"]))
 
 
@@ -33,18 +35,23 @@ def choose_for_call(
     q: Tensor,
     kv_shape: tuple[int, int, int, int],
     *,
-    group: dist.ProcessGroup | None = None,
+    group: dist.ProcessGroup | HierarchicalGroups | None = None,
     q_image_mask: Tensor | None = None,
     kv_image_ids: Tensor | None = None,
-    link: Link | None = None,
+    link: Link | Topology | None = None,
     compute: ComputeModel | None = None,
+    head_chunks: int | None = None,
 ) -> tuple[str, dict[str, Prediction]]:
     """The fastest predicted strategy for a call with these queries and K/V shape (collective).
 
     Every rank of ``group`` must call it; they exchange shard lengths and reach the same choice.
+    ``link``: the group's link (None: by backend), or a :class:`~.cost_model.Topology`, which
+    makes ``"hierarchical"`` a candidate. ``head_chunks`` as in ``distributed_cross_attention``.
     """
     k = q.new_empty(()).expand(kv_shape)  # only the shape travels
-    call = prepare_call(q, k, k, group=group, q_image_mask=q_image_mask, kv_image_ids=kv_image_ids)
+    call = prepare_call(
+        q, k, k, group=group, q_image_mask=q_image_mask, kv_image_ids=kv_image_ids, head_chunks=head_chunks
+    )
     p = call.problem
     shape = CallShape(
         q_lens=tuple(p.layout.q_lens),
@@ -57,6 +64,9 @@ def choose_for_call(
         acc_bytes=torch.empty((), dtype=p.acc_dtype).element_size(),
         num_ids=p.num_ids,
         has_kv_ids=kv_image_ids is not None,
+        head_chunks=p.head_chunks,
     )
     masked = q_image_mask is not None or kv_image_ids is not None
-    return choose_strategy(shape, link or default_link(group), compute or default_compute_model(q.device, masked))
+    if link is None:
+        link = default_link(group.parent if isinstance(group, HierarchicalGroups) else group)
+    return choose_strategy(shape, link, compute or default_compute_model(q.device, masked))

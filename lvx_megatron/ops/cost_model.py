@@ -5,15 +5,21 @@ they send; collectives what a ring algorithm sends per rank), so predictions can
 against ``count_communication``. Times combine a compute model (attention TFLOP/s as a function
 of the block shape, from the block-attention benchmark) with a link model (latency + bytes /
 bandwidth): ring strategies overlap each step's transfer with its compute (the next block is in
-flight while the current one is computed), the all-gather strategies do not.
+flight while the current one is computed), ``q_allgather`` overlaps its chunks' collectives with
+the other chunks' compute, ``kv_allgather`` does not overlap. Given a :class:`Topology` (ranks per
+node, a link inside and one between nodes) the ``hierarchical`` strategy is predicted too.
 """
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .head_chunks import head_chunk_bounds, head_chunk_count
+
 STRATEGY_NAMES = ("query_ring", "kv_ring", "q_allgather", "kv_allgather")
+TWO_LEVEL_STRATEGY_NAMES = ("hierarchical",)  # predicted only given a Topology
 BACKWARD_FLOPS_FACTOR = 2.5  # backward attention FLOPs / forward FLOPs
 
 
@@ -31,10 +37,18 @@ class CallShape:
     acc_bytes: int = 4  # fp32 accumulators (8 for fp64 inputs)
     num_ids: int = 0  # image ids of the mask (0: no mask)
     has_kv_ids: bool = False
+    head_chunks: int | None = None  # q_allgather's requested chunks (None: by size, as the ops choose)
 
     @property
     def world_size(self) -> int:
         return len(self.q_lens)
+
+    def q_allgather_chunks(self) -> list[int]:
+        """Query heads of each of ``q_allgather``'s chunks (the ops' split)."""
+        gathered = self.batch * sum(self.q_lens) * self.q_heads * self.head_dim * self.elem_bytes
+        group = self.q_heads // self.kv_heads
+        chunks = head_chunk_count(self.head_chunks, self.kv_heads, gathered)
+        return [(b - a) * group for a, b in head_chunk_bounds(self.kv_heads, chunks)]
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,19 @@ class Link:
 
     def seconds(self, nbytes: float, messages: int = 1) -> float:
         return messages * self.latency + nbytes / self.bandwidth if nbytes else 0.0
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Nodes of ``ranks_per_node`` consecutive ranks: the link inside a node and the one between nodes."""
+
+    ranks_per_node: int
+    inner: Link
+    outer: Link
+
+    def flat_link(self, world_size: int) -> Link:
+        """The bottleneck of a ring over all ranks: the link between nodes once it crosses one."""
+        return self.outer if world_size > self.ranks_per_node else self.inner
 
 
 @dataclass
@@ -142,8 +169,53 @@ def _ring_bytes(payload: list[int], carry: list[int], rank: int) -> int:
     return sum(p for j, p in enumerate(payload) if j != (rank + 1) % n) + sum(carry)
 
 
-def predicted_bytes(strategy: str, s: CallShape, rank: int) -> tuple[int, int]:
-    """``(forward, backward)`` bytes sent by ``rank`` (exactly what ``count_communication`` counts)."""
+def _node_shape(s: CallShape, node: int, ranks_per_node: int) -> CallShape:
+    """One node's ranks as a group: the inner level of ``hierarchical`` (an unchunked ``q_allgather``)."""
+    rows = slice(node * ranks_per_node, (node + 1) * ranks_per_node)
+    return dataclasses.replace(s, q_lens=s.q_lens[rows], kv_lens=s.kv_lens[rows], head_chunks=1)
+
+
+def _column_shape(s: CallShape, local: int, ranks_per_node: int) -> CallShape:
+    """The outer level of ``hierarchical``: a query ring over the nodes with node-sized query blocks
+    against the shards of local index ``local``."""
+    nodes = s.world_size // ranks_per_node
+    q_lens = tuple(sum(s.q_lens[b * ranks_per_node : (b + 1) * ranks_per_node]) for b in range(nodes))
+    kv_lens = tuple(s.kv_lens[b * ranks_per_node + local] for b in range(nodes))
+    return dataclasses.replace(s, q_lens=q_lens, kv_lens=kv_lens)
+
+
+def _check_ranks_per_node(s: CallShape, ranks_per_node: int | None) -> int:
+    if ranks_per_node is None or ranks_per_node < 1 or s.world_size % ranks_per_node:
+        raise ValueError(
+            f"strategy 'hierarchical' needs ranks_per_node, a positive divisor of the world size "
+            f"({s.world_size}), got {ranks_per_node!r}"
+        )
+    return ranks_per_node
+
+
+def predicted_level_bytes(s: CallShape, rank: int, ranks_per_node: int) -> dict[str, tuple[int, int]]:
+    """``hierarchical``: ``{"inner": (fwd, bwd), "outer": (fwd, bwd)}`` bytes sent by ``rank``.
+
+    Exactly what ``count_communication`` counts under ``inner.*`` and ``outer.*``.
+    """
+    node, local = divmod(rank, _check_ranks_per_node(s, ranks_per_node))
+    return {
+        "inner": predicted_bytes("q_allgather", _node_shape(s, node, ranks_per_node), local),
+        "outer": predicted_bytes("query_ring", _column_shape(s, local, ranks_per_node), node),
+    }
+
+
+def predicted_bytes(strategy: str, s: CallShape, rank: int, ranks_per_node: int | None = None) -> tuple[int, int]:
+    """``(forward, backward)`` bytes sent by ``rank`` (exactly what ``count_communication`` counts).
+
+    ``ranks_per_node`` is needed by ``hierarchical`` only.
+    """
+    names = STRATEGY_NAMES + TWO_LEVEL_STRATEGY_NAMES
+    if strategy not in names:
+        raise ValueError(f"strategy must be one of {list(names)}, got {strategy!r}")
+    if strategy == "hierarchical":
+        levels = predicted_level_bytes(s, rank, ranks_per_node)
+        return levels["inner"][0] + levels["outer"][0], levels["inner"][1] + levels["outer"][1]
     n, e, a = s.world_size, s.elem_bytes, s.acc_bytes
     if n == 1:
         return 0, 0
@@ -164,43 +236,100 @@ def predicted_bytes(strategy: str, s: CallShape, rank: int) -> tuple[int, int]:
     own_q, own_kv = s.q_lens[rank], s.kv_lens[rank]
     if strategy == "q_allgather":
         gather_q = (n - 1) * (_q_bytes(s, own_q, e) + mask[rank])
-        lse_all_reduce = 2 * (2 * (n - 1) * s.batch * sum(s.q_lens) * s.q_heads * a) // n
+        # One LSE all-reduce per head chunk, each counted with integer division.
+        lse_all_reduce = sum(
+            2 * (2 * (n - 1) * s.batch * sum(s.q_lens) * heads * a) // n for heads in s.q_allgather_chunks()
+        )
         scatter = (n - 1) * _q_bytes(s, max(s.q_lens), a)
         gather_bwd = (n - 1) * (2 * _q_bytes(s, own_q, e) + 2 * _stat_bytes(s, own_q) + mask[rank])
         return gather_q + lse_all_reduce + scatter, gather_bwd + scatter
-    if strategy == "kv_allgather":
-        gather = (n - 1) * (2 * _kv_bytes(s, own_kv, e) + ids[rank])
-        return gather, gather + (n - 1) * 2 * _kv_bytes(s, max(s.kv_lens), a)
-    raise ValueError(f"strategy must be one of {list(STRATEGY_NAMES)}, got {strategy!r}")
+    gather = (n - 1) * (2 * _kv_bytes(s, own_kv, e) + ids[rank])  # kv_allgather
+    return gather, gather + (n - 1) * 2 * _kv_bytes(s, max(s.kv_lens), a)
 
 
-def predict(strategy: str, s: CallShape, link: Link, compute: ComputeModel) -> Prediction:
-    """Bytes and time of ``strategy`` on the busiest rank (largest shards)."""
+def _pipelined_seconds(gathers: list[float], computes: list[float], scatters: list[float]) -> float:
+    """Chunks whose gather is in flight during the previous chunk's compute, and whose scatter during
+    the next one's: the first gather, then per chunk the longer of its compute and the transfers
+    beside it (next gather + previous scatter share the link), then the last scatter."""
+    total = gathers[0] + scatters[-1]
+    for c, compute in enumerate(computes):
+        beside = (gathers[c + 1] if c + 1 < len(gathers) else 0.0) + (scatters[c - 1] if c else 0.0)
+        total += max(compute, beside)
+    return total
+
+
+def _q_allgather_seconds(s: CallShape, link: Link, compute: ComputeModel, rank: int) -> tuple[float, float]:
+    n, e, a = s.world_size, s.elem_bytes, s.acc_bytes
+    own_q, total_q, skv = s.q_lens[rank], sum(s.q_lens), max(s.kv_lens)
+    mask = s.batch * own_q * s.num_ids
+    msgs = n - 1  # ring steps of one collective
+    times = []
+    for backward in (False, True):
+        gathers, computes, scatters = [], [], []
+        for c, heads in enumerate(s.q_allgather_chunks()):
+            part = heads / s.q_heads
+            travelling = (2 * _q_bytes(s, own_q, e) + 2 * _stat_bytes(s, own_q)) if backward else _q_bytes(s, own_q, e)
+            gathered = (n - 1) * (part * travelling + (mask if c == 0 else 0))
+            gathers.append(link.seconds(gathered, (4 if backward else 1) * msgs))
+            work = part * compute.seconds(s, total_q, skv, backward)
+            if not backward:  # the LSE all-reduces wait: they are not overlapped
+                work += link.seconds(2 * (2 * (n - 1) * s.batch * total_q * heads * a) / n, 2 * msgs)
+            computes.append(work)
+            scatters.append(link.seconds((n - 1) * part * _q_bytes(s, max(s.q_lens), a), msgs))
+        times.append(_pipelined_seconds(gathers, computes, scatters))
+    return times[0], times[1]
+
+
+def predict(strategy: str, s: CallShape, link: Link | Topology, compute: ComputeModel) -> Prediction:
+    """Bytes and time of ``strategy`` on the busiest rank (largest shards).
+
+    ``link``: one link for every hop, or a :class:`Topology` (strategies over all ranks then run
+    at its :meth:`~Topology.flat_link`; ``hierarchical`` needs one).
+    """
     n = s.world_size
     rank = max(range(n), key=lambda r: (s.q_lens[r] + s.kv_lens[r], -r))
+    if strategy == "hierarchical":
+        if not isinstance(link, Topology):
+            raise ValueError("strategy 'hierarchical' needs link=Topology(ranks_per_node, inner, outer)")
+        per_node = link.ranks_per_node
+        levels = predicted_level_bytes(s, rank, per_node)
+        # The node's collectives (not overlapped) around a query ring of node-sized blocks across nodes.
+        ring = predict("query_ring", _column_shape(s, rank % per_node, per_node), link.outer, compute)
+        fwd_s = link.inner.seconds(levels["inner"][0], 4 * (per_node - 1)) + ring.forward_s
+        bwd_s = link.inner.seconds(levels["inner"][1], 5 * (per_node - 1)) + ring.backward_s
+        fwd_bytes, bwd_bytes = (levels["inner"][i] + levels["outer"][i] for i in range(2))
+        return Prediction(strategy, fwd_bytes, bwd_bytes, fwd_s, bwd_s)
+    if isinstance(link, Topology):
+        link = link.flat_link(n)
     fwd_bytes, bwd_bytes = predicted_bytes(strategy, s, rank)
     sq, skv = max(s.q_lens), max(s.kv_lens)
-    total_q, total_kv = sum(s.q_lens), sum(s.kv_lens)
+    total_kv = sum(s.kv_lens)
     if strategy in ("query_ring", "kv_ring"):
         # n steps; each overlaps one block pair's compute with the next transfer.
         steps = lambda nbytes, backward: (
             n * max(compute.seconds(s, sq, skv, backward), link.seconds(nbytes / max(n, 1), 2 if n > 1 else 0))
         )
         fwd_s, bwd_s = steps(fwd_bytes, False), steps(bwd_bytes, True)
-    elif strategy == "q_allgather":  # all queries against the local shard, collectives not overlapped
-        fwd_s = compute.seconds(s, total_q, skv, False) + link.seconds(fwd_bytes, 4 * (n - 1))
-        bwd_s = compute.seconds(s, total_q, skv, True) + link.seconds(bwd_bytes, 5 * (n - 1))
+    elif strategy == "q_allgather":  # all queries against the local shard, chunks pipelined
+        fwd_s, bwd_s = _q_allgather_seconds(s, link, compute, rank)
     else:  # kv_allgather: the local queries against every key
         fwd_s = compute.seconds(s, sq, total_kv, False) + link.seconds(fwd_bytes, 2 * (n - 1))
         bwd_s = compute.seconds(s, sq, total_kv, True) + link.seconds(bwd_bytes, 4 * (n - 1))
     return Prediction(strategy, fwd_bytes, bwd_bytes, fwd_s, bwd_s)
 
 
-def choose_strategy(s: CallShape, link: Link, compute: ComputeModel) -> tuple[str, dict[str, Prediction]]:
-    """The strategy with the smallest predicted forward + backward time, and every prediction."""
-    predictions = {name: predict(name, s, link, compute) for name in STRATEGY_NAMES}
-    # Ties (e.g. one rank) go to the query ring, the order of STRATEGY_NAMES.
-    best = min(STRATEGY_NAMES, key=lambda name: (predictions[name].total_s, STRATEGY_NAMES.index(name)))
+def choose_strategy(s: CallShape, link: Link | Topology, compute: ComputeModel) -> tuple[str, dict[str, Prediction]]:
+    """The strategy with the smallest predicted forward + backward time, and every prediction.
+
+    With a :class:`Topology` whose ``ranks_per_node`` divides the world size, ``hierarchical`` is
+    a candidate too.
+    """
+    names = STRATEGY_NAMES
+    if isinstance(link, Topology) and s.world_size % link.ranks_per_node == 0:
+        names += TWO_LEVEL_STRATEGY_NAMES
+    predictions = {name: predict(name, s, link, compute) for name in names}
+    # Ties (e.g. one rank) go to the query ring, the order of the names.
+    best = min(names, key=lambda name: (predictions[name].total_s, names.index(name)))
     return best, predictions
 
 

@@ -18,6 +18,7 @@ _FIELDS = (
     "dtype",
     "has_q_image_mask",
     "has_kv_image_ids",
+    "head_chunks",
 )
 _MUST_MATCH = _FIELDS[2:]
 
@@ -34,6 +35,15 @@ class ShardLayout:
         return len(self.q_lens)
 
 
+def _readable(name: str, value: int) -> object:
+    """A field's exchanged integer as the caller wrote it (dtype, None for an absent head_chunks)."""
+    if name == "dtype" and value >= 0:
+        return _DTYPES[value]
+    if name == "head_chunks" and value < 0:
+        return None
+    return value
+
+
 def exchange_layout(
     q: Tensor,
     k: Tensor,
@@ -41,11 +51,12 @@ def exchange_layout(
     kv_image_ids: Tensor | None,
     group: dist.ProcessGroup | None,
     world_size: int,
+    head_chunks: int | None = None,
 ) -> ShardLayout:
     """All-gather every rank's shard lengths and check that the rest of the shapes agree.
 
     Raises ValueError on every rank (so none is left waiting) when batch, heads, head dim,
-    number of image ids, dtype or mask presence differ between ranks.
+    number of image ids, dtype, mask presence or the requested ``head_chunks`` differ between ranks.
     """
     n_ids = q_image_mask.shape[-1] if q_image_mask is not None else -1
     mine = [
@@ -59,6 +70,7 @@ def exchange_layout(
         _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1,
         int(q_image_mask is not None),
         int(kv_image_ids is not None),
+        -1 if head_chunks is None else head_chunks,
     ]
     if world_size == 1:
         return ShardLayout((mine[0],), (mine[1],))
@@ -69,6 +81,6 @@ def exchange_layout(
     table = torch.stack(gathered).cpu().tolist()
     for i, name in enumerate(_FIELDS):
         if name in _MUST_MATCH and len({row[i] for row in table}) > 1:
-            values = {r: _DTYPES[row[i]] if name == "dtype" and row[i] >= 0 else row[i] for r, row in enumerate(table)}
+            values = {r: _readable(name, row[i]) for r, row in enumerate(table)}
             raise ValueError(f"{name} must be the same on every rank of the group, got {values} (rank: value)")
     return ShardLayout(tuple(row[0] for row in table), tuple(row[1] for row in table))

@@ -6,6 +6,8 @@ that image. The boolean rows travel with the queries, the ids stay with the keys
 block mask of one (query block, key shard) pair is rebuilt where it is needed.
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -29,3 +31,25 @@ def block_mask(q_image_mask: Tensor | None, kv_image_ids: Tensor | None, num_que
         return valid.unsqueeze(1).expand(-1, num_queries, -1)
     index = kv_image_ids.clamp(min=0).unsqueeze(1).expand(-1, q_image_mask.shape[1], -1)
     return torch.gather(q_image_mask.bool(), 2, index) & valid.unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class BlockMask:
+    """The compact mask of one (query block, key shard) pair, as the strategies hand it to a backend.
+
+    Kernels that read the compact form directly (the Triton backend) never build the dense
+    ``[B, Sq, Skv]`` mask, which for long visual shards is larger than the queries themselves.
+    """
+
+    q_image_mask: Tensor | None  # [B, Sq, N_ids] bool, or None: every row sees every valid id
+    kv_image_ids: Tensor  # [B, Skv] integer ids, -1 for padding
+    num_queries: int
+
+    def dense(self) -> Tensor:
+        """The dense ``[B, Sq, Skv]`` boolean mask (True = attend)."""
+        return block_mask(self.q_image_mask, self.kv_image_ids, self.num_queries)
+
+
+def dense_mask(mask: "Tensor | BlockMask | None") -> Tensor | None:
+    """A backend's mask argument as a dense boolean tensor (or None)."""
+    return mask.dense() if isinstance(mask, BlockMask) else mask

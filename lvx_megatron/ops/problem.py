@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .backends import BlockAttentionBackend
 from .layout import ShardLayout
-from .masks import block_mask
+from .masks import BlockMask
 from .merge import accumulation_dtype
 from .ring import TensorSpec
 
@@ -28,14 +28,17 @@ class CrossAttentionProblem:
     dtype: torch.dtype
     scale: float
     backend: BlockAttentionBackend
+    head_chunks: int = 1  # q_allgather: chunks of whole K/V-head groups its collectives are pipelined over
 
     @property
     def acc_dtype(self) -> torch.dtype:
         return accumulation_dtype(self.dtype)
 
-    def mask(self, q_mask_rows: Tensor | None, kv_ids: Tensor | None, num_queries: int) -> Tensor | None:
-        """Dense mask of one block pair (``q_mask_rows`` travel as uint8)."""
-        return block_mask(None if q_mask_rows is None else q_mask_rows.bool(), kv_ids, num_queries)
+    def mask(self, q_mask_rows: Tensor | None, kv_ids: Tensor | None, num_queries: int) -> BlockMask | None:
+        """The compact mask of one block pair (``q_mask_rows`` travel as uint8), or None."""
+        if kv_ids is None:
+            return None
+        return BlockMask(None if q_mask_rows is None else q_mask_rows.bool(), kv_ids, num_queries)
 
     def q_spec(self, j: int, dtype: torch.dtype | None = None) -> TensorSpec:
         """``[B, Sq_j, Hq, D]``."""

@@ -5,43 +5,106 @@ K/V, the global LSE from two small all-reduces (max, then sum of ``exp``), each 
 rescaled by ``exp(LSE_local - LSE_global)`` and reduce-scattered back to the owners.
 Backward: all-gather ``Q, dO, LSE, D`` (and mask rows), local ``dQ_all, dK, dV`` with the global
 statistics, reduce-scatter of ``dQ``. Same volume as the query ring in a few collectives.
+
+Heads are independent, so both passes run in ``p.head_chunks`` chunks of whole K/V-head groups
+(GQA packing stays valid): the all-gather of chunk ``c + 1`` is in flight while chunk ``c``
+computes, and the reduce-scatter of chunk ``c`` while the next chunks compute. Only the small
+LSE all-reduces wait. One chunk is the plain, unpipelined algorithm.
 """
+
+import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .collectives import all_gather_rows, all_reduce_lse, reduce_scatter_rows
+from .collectives import Pending, all_reduce_lse, post_all_gather_rows, post_reduce_scatter_rows
+from .head_chunks import head_chunk_bounds
+from .masks import BlockMask
 from .merge import safe_lse
 from .problem import CrossAttentionProblem, output_delta
+
+
+def post_combine_partials(
+    o: Tensor, lse: Tensor, lens: list[int], rank: int, group, acc: torch.dtype, prefix: str = ""
+) -> Pending:
+    """Merge every rank's partial ``(O, LSE)`` of the same gathered queries; keep this rank's rows.
+
+    The global LSE comes from two small all-reduces (done before returning); each partial ``O`` is
+    rescaled by ``exp(LSE_local - LSE_global)`` and the sum's reduce-scatter to the rows' owners
+    is posted. ``wait()`` returns ``(O, LSE)`` of this rank's rows in ``acc``; bytes are counted as
+    ``<prefix>lse``, ``<prefix>o``.
+    """
+    lse = lse.to(acc)
+    lse_global = all_reduce_lse(lse, group, len(lens), f"{prefix}lse")
+    weight = torch.exp(lse - safe_lse(lse_global)).unsqueeze(-1)
+    o_own = post_reduce_scatter_rows(o.to(acc) * weight, lens, rank, group, f"{prefix}o")
+    start = sum(lens[:rank])
+    lse_own = lse_global[:, start : start + lens[rank]].contiguous()
+    return Pending(None, lambda: (o_own.wait(), lse_own))
 
 
 def combine_partials(
     o: Tensor, lse: Tensor, lens: list[int], rank: int, group, acc: torch.dtype, prefix: str = ""
 ) -> tuple[Tensor, Tensor]:
-    """Merge every rank's partial ``(O, LSE)`` of the same gathered queries; keep this rank's rows.
+    """:func:`post_combine_partials`, completed."""
+    return post_combine_partials(o, lse, lens, rank, group, acc, prefix).wait()
 
-    The global LSE comes from two small all-reduces; each partial ``O`` is rescaled by
-    ``exp(LSE_local - LSE_global)`` and the sum is reduce-scattered to the rows' owners. Returns
-    ``(O, LSE)`` of this rank's rows in ``acc``; bytes are counted as ``<prefix>lse``, ``<prefix>o``.
+
+def _head_slices(p: CrossAttentionProblem) -> list[tuple[slice, slice]]:
+    """``(query heads, K/V heads)`` of each chunk."""
+    g = p.q_heads // p.kv_heads
+    return [(slice(a * g, b * g), slice(a, b)) for a, b in head_chunk_bounds(p.kv_heads, p.head_chunks)]
+
+
+def _gathered_mask(
+    q_mask_rows: Tensor | None, kv_ids: Tensor | None, lens: list[int], p: CrossAttentionProblem
+) -> Callable[[], BlockMask | None]:
+    """Post the all-gather of the mask rows now; the returned function builds the mask when first needed."""
+    rows = None if q_mask_rows is None else post_all_gather_rows(q_mask_rows, lens, p.group, "q_mask")
+    return functools.cache(lambda: p.mask(None if rows is None else rows.wait(), kv_ids, sum(lens)))
+
+
+def _pipeline(
+    num_chunks: int, post_inputs: Callable[[int], list[Pending]], work: Callable[[int, list[Tensor]], Pending]
+) -> list:
+    """``work(c, inputs_c)`` for every chunk, with chunk ``c + 1``'s inputs in flight meanwhile.
+
+    ``post_inputs(c)`` posts chunk ``c``'s all-gathers; ``work`` computes and posts the chunk's
+    reduce-scatter, which completes while later chunks compute. Returns every chunk's result.
     """
-    lse = lse.to(acc)
-    lse_global = all_reduce_lse(lse, group, len(lens), f"{prefix}lse")
-    weight = torch.exp(lse - safe_lse(lse_global)).unsqueeze(-1)
-    o_own = reduce_scatter_rows(o.to(acc) * weight, lens, rank, group, f"{prefix}o")
-    start = sum(lens[:rank])
-    return o_own, lse_global[:, start : start + lens[rank]].contiguous()
+    incoming = post_inputs(0)
+    outgoing = []
+    for c in range(num_chunks):
+        inputs = [pending.wait() for pending in incoming]
+        if c + 1 < num_chunks:
+            incoming = post_inputs(c + 1)
+        outgoing.append(work(c, inputs))
+    return [pending.wait() for pending in outgoing]
+
+
+def _cat_heads(parts: list[Tensor]) -> Tensor:
+    """Concatenate per-chunk results along the head dim (one chunk: no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def q_allgather_forward(
     q: Tensor, k: Tensor, v: Tensor, q_mask_rows: Tensor | None, kv_ids: Tensor | None, p: CrossAttentionProblem
 ) -> tuple[Tensor, Tensor]:
     """Return this rank's ``(out, lse)``."""
-    lens, acc, rank = list(p.layout.q_lens), p.acc_dtype, p.rank
-    q_all = all_gather_rows(q, lens, p.group, "q")
-    rows = None if q_mask_rows is None else all_gather_rows(q_mask_rows, lens, p.group, "q_mask")
-    o, lse = p.backend.forward(q_all, k, v, p.mask(rows, kv_ids, q_all.shape[1]), p.scale)
-    o_own, lse_own = combine_partials(o, lse, lens, rank, p.group, acc)
-    return o_own.to(q.dtype), lse_own
+    lens, acc, rank, slices = list(p.layout.q_lens), p.acc_dtype, p.rank, _head_slices(p)
+    mask = _gathered_mask(q_mask_rows, kv_ids, lens, p)
+
+    def post_inputs(c: int) -> list[Pending]:
+        return [post_all_gather_rows(q[:, :, slices[c][0]], lens, p.group, "q")]
+
+    def work(c: int, inputs: list[Tensor]) -> Pending:
+        kv_heads = slices[c][1]
+        o, lse = p.backend.forward(inputs[0], k[:, :, kv_heads], v[:, :, kv_heads], mask(), p.scale)
+        return post_combine_partials(o, lse, lens, rank, p.group, acc)
+
+    parts = _pipeline(len(slices), post_inputs, work)
+    return _cat_heads([o for o, _ in parts]).to(q.dtype), _cat_heads([lse for _, lse in parts])
 
 
 def q_allgather_backward(
@@ -56,12 +119,24 @@ def q_allgather_backward(
     p: CrossAttentionProblem,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Return ``(dq, dk, dv)``."""
-    lens, acc, rank = list(p.layout.q_lens), p.acc_dtype, p.rank
-    gather = lambda t, name: all_gather_rows(t, lens, p.group, name)
-    q_all, do_all = gather(q, "q"), gather(dout.to(q.dtype), "dout")
-    lse_all, delta_all = gather(lse, "lse"), gather(output_delta(dout, out), "delta")
-    rows = None if q_mask_rows is None else gather(q_mask_rows, "q_mask")
-    mask = p.mask(rows, kv_ids, q_all.shape[1])
-    dq_all, dk, dv = p.backend.backward(do_all, q_all, k, v, lse_all, delta_all, mask, p.scale)
-    dq = reduce_scatter_rows(dq_all.to(acc), lens, rank, p.group, "dq")
+    lens, acc, rank, slices = list(p.layout.q_lens), p.acc_dtype, p.rank, _head_slices(p)
+    mask = _gathered_mask(q_mask_rows, kv_ids, lens, p)
+    travelling = (("q", q), ("dout", dout.to(q.dtype)), ("lse", lse), ("delta", output_delta(dout, out)))
+    dkv: list[tuple[Tensor, Tensor]] = []
+
+    def post_inputs(c: int) -> list[Pending]:
+        heads = slices[c][0]
+        return [post_all_gather_rows(t[:, :, heads], lens, p.group, name) for name, t in travelling]
+
+    def work(c: int, inputs: list[Tensor]) -> Pending:
+        q_all, do_all, lse_all, delta_all = inputs
+        kv_heads = slices[c][1]
+        dq_all, dk, dv = p.backend.backward(
+            do_all, q_all, k[:, :, kv_heads], v[:, :, kv_heads], lse_all, delta_all, mask(), p.scale
+        )
+        dkv.append((dk, dv))
+        return post_reduce_scatter_rows(dq_all.to(acc), lens, rank, p.group, "dq")
+
+    dq = _cat_heads(_pipeline(len(slices), post_inputs, work))
+    dk, dv = (_cat_heads([part[i] for part in dkv]) for i in range(2))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -20,6 +20,9 @@ def query_ring_forward(
     """Return this rank's ``(out, lse)``: ``out`` in ``q``'s dtype, ``lse`` ``[B, Sq, Hq]`` fp32."""
     acc = p.acc_dtype
     has_mask = q_mask_rows is not None
+    if p.layout.world_size == 1:  # nothing to merge: the block kernel's result as it is
+        o, lse = p.backend.forward(q, k, v, p.mask(q_mask_rows, kv_ids, q.shape[1]), p.scale)
+        return o.to(q.dtype), lse.to(acc)
 
     def payload_specs(j: int):
         return [p.q_spec(j)] + ([p.q_mask_spec(j)] if has_mask else [])
@@ -73,6 +76,10 @@ def query_ring_backward(
         return [dqj.to(acc)]
 
     delta = output_delta(dout, out) if delta is None else delta
+    if p.layout.world_size == 1:
+        mask = p.mask(q_mask_rows, kv_ids, q.shape[1])
+        dq, dk, dv = p.backend.backward(dout.to(q.dtype), q, k, v, lse, delta, mask, p.scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     payload = [q, dout.to(q.dtype), lse, delta] + ([q_mask_rows] if has_mask else [])
     (dq,) = ring_pass(
         Ring(p.group, q.device),

@@ -5,8 +5,10 @@ import torch
 from .base import BlockAttentionBackend
 from .fused import TorchFusedBackend
 from .reference import TorchReferenceBackend
+from .selecting import ShapeSelectingBackend
+from .triton_backend import TritonBackend, triton_unavailable_reason
 
-BACKENDS = ("auto", "torch", "fused")
+BACKENDS = ("auto", "torch", "fused", "triton")
 
 
 def get_backend(
@@ -14,20 +16,34 @@ def get_backend(
 ) -> BlockAttentionBackend:
     """Resolve a backend name (or pass an instance through).
 
-    ``"auto"`` takes the fused CUDA kernels for fp16/bf16/fp32 CUDA tensors and the pure-torch
-    backend everywhere else (CPU, float64).
+    ``"auto"`` on CUDA (fp16/bf16/fp32) chooses per call between our Triton kernels and torch's
+    fused kernels (:class:`ShapeSelectingBackend`); elsewhere (CPU, float64) it is the pure-torch
+    backend. ``"triton"`` needs CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
     """
     if isinstance(backend, BlockAttentionBackend):
         return backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or a BlockAttentionBackend, got {backend!r}")
+    if backend == "triton":
+        reason = triton_unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"backend='triton': {reason}")
+        return TritonBackend()
     if backend == "fused" or (
         backend == "auto" and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32)
     ):
         if device.type != "cuda":
             raise ValueError(f"backend='fused' needs CUDA tensors, got device {device}")
-        return TorchFusedBackend()
+        return TorchFusedBackend() if backend == "fused" else ShapeSelectingBackend()
     return TorchReferenceBackend()
 
 
-__all__ = ["BACKENDS", "BlockAttentionBackend", "TorchFusedBackend", "TorchReferenceBackend", "get_backend"]
+__all__ = [
+    "BACKENDS",
+    "BlockAttentionBackend",
+    "ShapeSelectingBackend",
+    "TorchFusedBackend",
+    "TorchReferenceBackend",
+    "TritonBackend",
+    "get_backend",
+]

@@ -15,6 +15,7 @@ backward passes a surrogate output ``dO * delta / |dO|^2`` whose row sums with `
 import torch
 from torch import Tensor
 
+from ..masks import BlockMask, dense_mask
 from ..merge import safe_lse
 from .base import BlockAttentionBackend
 
@@ -95,7 +96,7 @@ class TorchFusedBackend(BlockAttentionBackend):
             raise ValueError(f"kernel must be one of {self.KERNELS}, got {kernel!r}")
         self.kernel = kernel
 
-    def _choose(self, q: Tensor, mask: Tensor | None, rows: int) -> str:
+    def _choose(self, q: Tensor, mask: Tensor | BlockMask | None, rows: int) -> str:
         """The kernel of one call: ``"flash"``, ``"cudnn"`` or ``"efficient"``."""
         d = q.shape[-1]
         low_precision = mask is None and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0
@@ -129,11 +130,14 @@ class TorchFusedBackend(BlockAttentionBackend):
         bias[..., :skv].masked_fill_(~keep[:, None, None], float("-inf"))
         return bias.view(b, 1, g * sq, -1)[..., :skv].expand(b, hkv, g * sq, skv)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BlockMask | None, scale: float
+    ) -> tuple[Tensor, Tensor]:
         b, sq, hq, _ = q.shape
         skv, hkv = k.shape[1], k.shape[2]
         if sq == 0 or skv == 0:
             return q.new_zeros(q.shape), q.new_full((b, sq, hq), float("-inf"), dtype=torch.float32)
+        mask = dense_mask(mask)
         qp, kh, vh = pack_heads(q, hkv), _heads_first(k), _heads_first(v)
         kernel = self._choose(q, mask, hkv * qp.shape[2])
         if kernel == "flash":
@@ -160,13 +164,14 @@ class TorchFusedBackend(BlockAttentionBackend):
         v: Tensor,
         lse: Tensor,
         delta: Tensor,
-        mask: Tensor | None,
+        mask: Tensor | BlockMask | None,
         scale: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         b, sq, hq, _ = q.shape
         skv, hkv = k.shape[1], k.shape[2]
         if sq == 0 or skv == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        mask = dense_mask(mask)
         dout = dout.to(q.dtype)
         norm2 = dout.float().square().sum(-1)
         coef = torch.where(norm2 > 0, delta.float() / norm2.clamp_min(torch.finfo(torch.float32).tiny), 0.0)

@@ -7,17 +7,19 @@ once by its ``G`` query heads and never replicated.
 import torch
 from torch import Tensor
 
+from ..masks import BlockMask, dense_mask
 from ..merge import accumulation_dtype, safe_lse
 from .base import BlockAttentionBackend
 
 
-def _scores(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+def _scores(q: Tensor, k: Tensor, mask: Tensor | BlockMask | None, scale: float) -> Tensor:
     """Masked scores ``[B, Hkv, G, Sq, Skv]`` in the accumulation dtype."""
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
     acc = accumulation_dtype(q.dtype)
     qg = q.to(acc).view(b, sq, hkv, hq // hkv, d)
     s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(acc)) * scale
+    mask = dense_mask(mask)
     if mask is not None:
         s = s.masked_fill(~mask[:, None, None], float("-inf"))
     return s
@@ -34,7 +36,9 @@ class TorchReferenceBackend(BlockAttentionBackend):
 
     name = "torch"
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BlockMask | None, scale: float
+    ) -> tuple[Tensor, Tensor]:
         b, sq, hq, d = q.shape
         s = _scores(q, k, mask, scale)
         lse = torch.logsumexp(s, dim=-1)
@@ -50,7 +54,7 @@ class TorchReferenceBackend(BlockAttentionBackend):
         v: Tensor,
         lse: Tensor,
         delta: Tensor,
-        mask: Tensor | None,
+        mask: Tensor | BlockMask | None,
         scale: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         b, sq, hq, d = q.shape
