@@ -65,6 +65,16 @@ def _probs(q, k, lse, visible, qk_scale, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _pair(r, c, T: tl.constexpr):
+    """``(row view, key view)`` of a per-row and a per-key vector, broadcasting to a ``[rows, keys]``
+    tile, or to ``[keys, rows]`` with ``T``."""
+    if T:
+        return r[None, :], c[:, None]
+    else:
+        return r[:, None], c[None, :]
+
+
+@triton.jit
 def _visibility(
     MASK,
     QBITS,
@@ -82,21 +92,25 @@ def _visibility(
     MASK_MODE: tl.constexpr,
     NUM_WORDS: tl.constexpr,
     SKIP: tl.constexpr,
+    T: tl.constexpr,
 ):
-    """``(visible [BLOCK_M, BLOCK_N], live)``: which (row, key) pairs attend, and whether any does.
+    """``(visible, live)``: which (row, key) pairs attend (``[BLOCK_M, BLOCK_N]``, or ``[BLOCK_N, BLOCK_M]``
+    with ``T``), and whether any does.
 
     With ``SKIP`` a tile that no row sees (``live`` False) is skipped by the caller; without it
     ``live`` is the constant True, so the key loads stay outside any branch and pipeline.
     """
-    base = row_ok[:, None] & col_ok[None, :]
+    rr, cc = _pair(row_ok, col_ok, T)
+    base = rr & cc
     if MASK_MODE == 0:
         visible = base
     elif MASK_MODE == 1:
-        m = tl.load(MASK + b * stride_mb + qi[:, None] * stride_mq + cols[None, :], mask=base, other=0)
+        qq, kk = _pair(qi, cols, T)
+        m = tl.load(MASK + b * stride_mb + qq * stride_mq + kk, mask=base, other=0)
         visible = base & (m != 0)
     elif MASK_MODE == 3:
         ids = tl.load(KV_IDS + b * stride_ib + cols, mask=col_ok, other=-1)
-        visible = base & (ids >= 0)[None, :]
+        visible = base & _pair(row_ok, ids >= 0, T)[1]
     else:
         ids = tl.load(KV_IDS + b * stride_ib + cols, mask=col_ok, other=-1)
         lo = tl.min(tl.where(col_ok, ids, 2147483647))
@@ -104,16 +118,16 @@ def _visibility(
         if (lo == hi) & (lo >= 0):
             # One id in the whole tile: one bit per row.
             word = tl.load(QBITS + b * stride_bb + qi * stride_bq + lo // 32, mask=row_ok, other=0)
-            visible = base & (((word >> (lo % 32)) & 1) != 0)[:, None]
+            visible = base & _pair(((word >> (lo % 32)) & 1) != 0, col_ok, T)[0]
         else:
-            seen = tl.zeros([qi.shape[0], cols.shape[0]], dtype=tl.int1)
+            seen = tl.zeros(base.shape, dtype=tl.int1)
             for w in tl.static_range(NUM_WORDS):
                 word = tl.load(QBITS + b * stride_bb + qi * stride_bq + w, mask=row_ok, other=0)
-                bit = (word[:, None] >> (ids & 31)[None, :]) & 1
-                seen = seen | (((ids >> 5) == w)[None, :] & (bit != 0))
-            visible = base & (ids >= 0)[None, :] & seen
+                ww, ii = _pair(word, ids, T)
+                seen = seen | (((ii >> 5) == w) & (((ww >> (ii & 31)) & 1) != 0))
+            visible = base & _pair(row_ok, ids >= 0, T)[1] & seen
     if SKIP:
-        return visible, tl.max(visible.to(tl.int32)) > 0
+        return visible, tl.max(tl.max(visible.to(tl.int32), 1), 0) > 0
     else:
         return visible, True
 
@@ -190,7 +204,7 @@ def _fwd_kernel(
         col_ok = cols < end
         visible, live = _visibility(
             MASK, QBITS, KV_IDS, b, qi, cols, row_ok, col_ok,
-            stride_mb, stride_mq, stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, SKIP,
+            stride_mb, stride_mq, stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, SKIP, False,
         )  # fmt: skip
         if live:
             k = _load_keys(K, b, hk, cols, offs_d, stride_kb, stride_ks, stride_kh, col_ok, d_ok)
@@ -349,19 +363,26 @@ def _bwd_dkdv_kernel(
         row_ok = rows < SQ * G
         qi = rows // G
         head = hk * G + rows % G
-        visible, live = _visibility(
+        # The tile is computed transposed ([keys, rows]) so that P^T and dS^T feed the dK/dV
+        # matmuls straight from registers, with no transpose of a register tile.
+        visible_t, live = _visibility(
             MASK, QBITS, KV_IDS, b, qi, cols, row_ok, col_ok,
-            stride_mb, stride_mq, stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, SKIP,
+            stride_mb, stride_mq, stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, SKIP, True,
         )  # fmt: skip
         if live:
-            q = _load_rows(Q, b, qi, head, offs_d, stride_qb, stride_qs, stride_qh, row_ok, d_ok)
+            q_t = tl.load(
+                Q + b * stride_qb + qi[None, :] * stride_qs + head[None, :] * stride_qh + offs_d[:, None],
+                mask=row_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
             do = _load_rows(DO, b, qi, head, offs_d, stride_dob, stride_dos, stride_doh, row_ok, d_ok)
             lse = tl.load(LSE + b * stride_lb + qi * stride_ls + head * stride_lh, mask=row_ok, other=float("-inf"))
             delta = tl.load(DELTA + b * stride_db + qi * stride_ds + head * stride_dh, mask=row_ok, other=0.0)
-            p = _probs(q, k, lse, visible, qk_scale, IEEE)
-            dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE)
-            ds = p * (_mm(do, tl.trans(v), IEEE) - delta[:, None])
-            dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+            p_t = tl.where(visible_t, tl.exp2(_mm(k, q_t, IEEE) * qk_scale - lse2[None, :]), 0.0)
+            dv += _mm(p_t.to(do.dtype), do, IEEE)
+            ds_t = p_t * (_mm(v, tl.trans(do), IEEE) - delta[None, :])
+            dk += _mm(ds_t.to(q_t.dtype), tl.trans(q_t), IEEE)
     out = b * stride_dkb + cols[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :]
     kv_mask = col_ok[:, None] & d_ok[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -447,7 +468,7 @@ def _bwd_dq_kernel(
         col_ok = cols < end
         visible, live = _visibility(
             MASK, QBITS, KV_IDS, b, qi, cols, row_ok, col_ok,
-            stride_mb, stride_mq, stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, SKIP,
+            stride_mb, stride_mq, stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, SKIP, False,
         )  # fmt: skip
         if live:
             k = _load_keys(K, b, hk, cols, offs_d, stride_kb, stride_ks, stride_kh, col_ok, d_ok)
