@@ -341,6 +341,7 @@ def test_collate_contract():
         "aspect_ratio_ids": ((B, N), torch.int64),
         "aspect_ratio_mask": ((B, N, T), torch.int64),
         "cross_attention_mask": ((B, S, N, T), torch.int64),
+        "image_positions": ((B, N), torch.int64),
     }
     assert {k: (tuple(v.shape), v.dtype) for k, v in b.items()} == expect
     for i, s in enumerate(samples):
@@ -356,6 +357,7 @@ def test_collate_contract():
         # 32x32 frames, 16px tiles, 4 tiles max -> 2x2 canvas: id 6 = 1 + index of (2, 2).
         assert supported_aspect_ratios(4).index((2, 2)) + 1 == 6
         assert b["aspect_ratio_ids"][i].tolist() == [6] * f + [0] * (N - f)
+        assert b["image_positions"][i].tolist() == list(range(f)) + [-1] * (N - f)
         assert (b["aspect_ratio_mask"][i, :f] == 1).all() and (b["aspect_ratio_mask"][i, f:, 0] == 1).all()
         assert (b["aspect_ratio_mask"][i, f:, 1:] == 0).all() and (b["pixel_values"][i, f:] == 0).all()
         # The frame tokens form one group at the start (HF): image j is seen from its own <|image|> token at

@@ -41,13 +41,18 @@ def train_losses(run_dir: str) -> list[float]:
 
 
 def run_trainers(rank: int, world_size: int, runs: list[dict]) -> list[dict]:
-    """Worker: train each run's overrides in turn; returns each run's final metrics."""
+    """Worker: train each run's overrides of the tiny config in turn; returns each run's final metrics."""
+    return run_configs(rank, world_size, [(TINY, overrides) for overrides in runs])
+
+
+def run_configs(rank: int, world_size: int, runs: list[tuple[Path, dict]]) -> list[dict]:
+    """Worker: train each ``(config file, overrides)`` in turn; returns each run's final metrics."""
     from lvx_megatron.training.config import load_config
     from lvx_megatron.training.loop import Trainer
 
     results = []
-    for overrides in runs:
-        trainer = Trainer(load_config(TINY, overrides))
+    for config, overrides in runs:
+        trainer = Trainer(load_config(config, overrides))
         try:
             results.append(trainer.run())
         finally:

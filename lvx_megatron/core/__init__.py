@@ -2,10 +2,18 @@
 
 from .config import CrossAttentionTransformerConfig, llama_style_config
 from .cross_attention import ContextParallelCrossAttention, ContextParallelCrossAttentionSubmodules
+from .flamingo_layer import FlamingoLayer, FlamingoLayerSubmodules
 from .gated_layer import GatedCrossAttentionLayer, GatedCrossAttentionLayerSubmodules
+from .hyper_attention import HyperAttentionLayer, HyperCoreAttention, VisualCrossAttention, hyper_context
 from .masks import CrossAttentionMask
-from .norm import HeadRMSNorm, RMSNorm
-from .specs import cross_attention_decoder_block_spec, cross_attention_layer_spec, self_attention_layer_spec
+from .norm import HeadRMSNorm, LayerNorm, RMSNorm
+from .specs import (
+    cross_attention_decoder_block_spec,
+    cross_attention_layer_spec,
+    flamingo_layer_spec,
+    hyper_attention_layer_spec,
+    self_attention_layer_spec,
+)
 from .text_attention import TextContextParallelAttention
 
 __all__ = [
@@ -13,13 +21,22 @@ __all__ = [
     "ContextParallelCrossAttentionSubmodules",
     "CrossAttentionMask",
     "CrossAttentionTransformerConfig",
+    "FlamingoLayer",
+    "FlamingoLayerSubmodules",
     "GatedCrossAttentionLayer",
     "GatedCrossAttentionLayerSubmodules",
     "HeadRMSNorm",
+    "HyperAttentionLayer",
+    "HyperCoreAttention",
+    "LayerNorm",
     "RMSNorm",
     "TextContextParallelAttention",
+    "VisualCrossAttention",
     "cross_attention_decoder_block_spec",
     "cross_attention_layer_spec",
+    "flamingo_layer_spec",
+    "hyper_attention_layer_spec",
+    "hyper_context",
     "llama_style_config",
     "self_attention_layer_spec",
 ]

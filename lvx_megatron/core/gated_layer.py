@@ -1,8 +1,9 @@
 """The gated cross-attention decoder layer of Llama-3.2-Vision as a megatron layer.
 
 ``h = h + tanh(g_attn) * xattn(norm(h), X)`` then ``h = h + tanh(g_mlp) * mlp(norm(h)) * m``,
-where ``m`` zeroes the text rows that see no image (Meta's reference semantics). It has the
-call signature of megatron's ``TransformerLayer`` so a ``TransformerBlock`` can hold it.
+where ``m`` zeroes the text rows that see no image (Meta's reference semantics; OpenFlamingo's
+gated block has no ``m``). It has the call signature of megatron's ``TransformerLayer`` so a
+``TransformerBlock`` can hold it.
 """
 
 from collections.abc import Callable
@@ -31,7 +32,11 @@ class GatedCrossAttentionLayerSubmodules:
 
 
 class GatedCrossAttentionLayer(MegatronModule, BaseTransformerLayer):
-    """Cross-attention + MLP with tanh gates; input and output ``[s, b, h]``."""
+    """Cross-attention + MLP with tanh gates; input and output ``[s, b, h]``.
+
+    ``mask_blind_mlp_rows``: zero the MLP branch of text rows that see no image (Llama-3.2-Vision);
+    OpenFlamingo's gated block runs its feed-forward on every row.
+    """
 
     def __init__(
         self,
@@ -40,9 +45,11 @@ class GatedCrossAttentionLayer(MegatronModule, BaseTransformerLayer):
         layer_number: int = 1,
         pg_collection: ProcessGroupCollection | None = None,
         vp_stage: int | None = None,
+        mask_blind_mlp_rows: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(config=config)
+        self.mask_blind_mlp_rows = mask_blind_mlp_rows
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         self.pg_collection = pg_collection
@@ -100,7 +107,7 @@ class GatedCrossAttentionLayer(MegatronModule, BaseTransformerLayer):
         mlp, bias = self.mlp(self.pre_mlp_layernorm(hidden_states))
         if bias is not None:
             mlp = mlp + bias
-        visible = self._visible_rows(context_mask, mlp)
+        visible = self._visible_rows(context_mask, mlp) if self.mask_blind_mlp_rows else None
         if visible is not None:
             mlp = mlp * visible
         hidden_states = hidden_states + torch.tanh(self.cross_attn_mlp_gate) * self._dropout(mlp)

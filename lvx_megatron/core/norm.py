@@ -1,11 +1,12 @@
-"""RMSNorm that works with sequence parallelism without apex or Transformer Engine.
+"""RMSNorm and LayerNorm that work with sequence parallelism without apex or Transformer Engine.
 
-megatron-core's torch fallback (``WrappedTorchNorm``) refuses sequence parallelism; this one
-marks its weight ``sequence_parallel`` so that megatron's ``finalize_model_grads`` sums its
-gradient over the tensor-parallel group, exactly as for the fused norms.
+megatron-core's torch fallback (``WrappedTorchNorm``) refuses sequence parallelism; these mark
+their parameters ``sequence_parallel`` so that megatron's ``finalize_model_grads`` sums their
+gradients over the tensor-parallel group, exactly as for the fused norms.
 """
 
 import torch
+import torch.nn.functional as F
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
@@ -40,6 +41,19 @@ class _RMSNormFunction(torch.autograd.Function):
         return dx.to(x.dtype), dweight.to(weight.dtype), None
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None
+
+
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return _RMSNormFunction.apply(x, weight, eps)
 
@@ -55,6 +69,36 @@ class RMSNorm(MegatronModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return _rms_norm(x, self.weight, self.eps)
+
+    def forward_replicated(self, x: Tensor, tp_group: ProcessGroup) -> Tensor:
+        """Normalise ``x`` that every TP rank holds whole (e.g. the visual features) with this weight.
+
+        Under sequence parallelism megatron sums this weight's gradient over TP, which is right for
+        the text rows (each rank has its own) but would count a replicated input ``tp`` times; its
+        share of the gradient is scaled by ``1 / tp`` (the value is unchanged).
+        """
+        weight = self.weight
+        tp = tp_group.size()
+        if self.weight.sequence_parallel and tp > 1:
+            weight = _ScaleGradient.apply(weight, 1.0 / tp)
+        return _rms_norm(x, weight, self.eps)
+
+
+class LayerNorm(MegatronModule):
+    """``torch.nn.LayerNorm`` (weight and bias) computed in fp32 (fp64 for fp64), sequence-parallel aware."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__(config=config)
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        for p in (self.weight, self.bias):
+            p.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: Tensor) -> Tensor:
+        acc = torch.promote_types(x.dtype, torch.float32)
+        out = F.layer_norm(x.to(acc), x.shape[-1:], self.weight.to(acc), self.bias.to(acc), self.eps)
+        return out.to(x.dtype)
 
 
 class HeadRMSNorm(RMSNorm):

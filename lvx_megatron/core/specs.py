@@ -1,10 +1,12 @@
-"""Layer specs and the decoder-block builder of an mllama-style decoder.
+"""Layer specs and the decoder-block builder of the cross-attention decoders.
 
 A Megatron user builds ``TransformerBlock(config, spec=cross_attention_decoder_block_spec(config))``
 and calls it with ``context=X`` (this CP rank's visual features) and
 ``context_mask=CrossAttentionMask(...)``. Layers listed in ``config.cross_attention_layers`` are
-gated context-parallel cross-attention layers; the others are causal self-attention layers whose
-text is split over CP too.
+built from the cross-attention spec (mllama: gated context-parallel cross-attention layers;
+OpenFlamingo: a gated block before the decoder layer, :func:`flamingo_layer_spec`; mPLUG-Owl3:
+hyper-attention layers, :func:`hyper_attention_layer_spec`); the others are causal self-attention
+layers whose text is split over CP too.
 """
 
 from functools import partial
@@ -24,8 +26,10 @@ from megatron.core.transformer.transformer_layer import (
 
 from .config import CrossAttentionTransformerConfig
 from .cross_attention import ContextParallelCrossAttention, ContextParallelCrossAttentionSubmodules
+from .flamingo_layer import FlamingoLayer, FlamingoLayerSubmodules
 from .gated_layer import GatedCrossAttentionLayer, GatedCrossAttentionLayerSubmodules
-from .norm import HeadRMSNorm, RMSNorm
+from .hyper_attention import HyperAttentionLayer, HyperCoreAttention
+from .norm import HeadRMSNorm, LayerNorm, RMSNorm
 from .text_attention import TextContextParallelAttention
 
 
@@ -36,10 +40,15 @@ def _mlp_spec():
     )
 
 
-def self_attention_layer_spec() -> ModuleSpec:
-    """Causal self-attention layer over CP-split text (local linears, torch attention)."""
+def self_attention_layer_spec(
+    module: type = TransformerLayer, core_attention: type = TextContextParallelAttention
+) -> ModuleSpec:
+    """Causal self-attention layer over CP-split text (local linears, torch attention).
+
+    The q/k/v biases of Qwen2 come from ``config.add_qkv_bias``.
+    """
     return ModuleSpec(
-        module=TransformerLayer,
+        module=module,
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=ModuleSpec(
@@ -47,7 +56,7 @@ def self_attention_layer_spec() -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=TextContextParallelAttention,
+                    core_attention=core_attention,
                     linear_proj=RowParallelLinear,
                 ),
             ),
@@ -78,6 +87,37 @@ def cross_attention_layer_spec(qk_norm: bool = True) -> ModuleSpec:
             pre_mlp_layernorm=RMSNorm,
             mlp=_mlp_spec(),
         ),
+    )
+
+
+def hyper_attention_layer_spec() -> ModuleSpec:
+    """mPLUG-Owl3's hyper-attention layer: the self-attention layer whose core attention also
+    attends (gated) to the visual tokens through the context-parallel ops."""
+    return self_attention_layer_spec(module=HyperAttentionLayer, core_attention=HyperCoreAttention)
+
+
+def flamingo_layer_spec(heads: int = 8, head_dim: int = 64, ff_mult: int = 4) -> ModuleSpec:
+    """OpenFlamingo's gated cross-attention block (LayerNorms with bias, no q/k norms, a GELU
+    feed-forward on every row) followed by the self-attention decoder layer."""
+    gated = ModuleSpec(
+        module=GatedCrossAttentionLayer,
+        params={"mask_blind_mlp_rows": False},
+        submodules=GatedCrossAttentionLayerSubmodules(
+            input_layernorm=LayerNorm,
+            cross_attention=ModuleSpec(
+                module=ContextParallelCrossAttention,
+                submodules=ContextParallelCrossAttentionSubmodules(
+                    linear_q=ColumnParallelLinear, linear_kv=ColumnParallelLinear, linear_proj=RowParallelLinear
+                ),
+            ),
+            pre_mlp_layernorm=LayerNorm,
+            mlp=_mlp_spec(),
+        ),
+    )
+    return ModuleSpec(
+        module=FlamingoLayer,
+        params={"heads": heads, "head_dim": head_dim, "ff_mult": ff_mult},
+        submodules=FlamingoLayerSubmodules(gated_cross_attention=gated, decoder_layer=self_attention_layer_spec()),
     )
 
 

@@ -42,6 +42,8 @@ def collate(
     * ``aspect_ratio_mask`` int64 [B, N, T]: 1 for real tiles; tile 0 is 1 for padding images too (HF)
     * ``cross_attention_mask`` int64 [B, S, N, T]: 1 where token s sees tile t of image n, computed by HF's rule
       on the right-padded row (so pad positions after the last image group see it too, as in HF)
+    * ``image_positions`` int64 [B, N]: the token index of image n's ``<|image|>`` token, -1 for padding images
+      (OpenFlamingo's and mPLUG-Owl3's masks and mPLUG-Owl3's MI-Rope follow the image tokens)
     """
     if not samples:
         raise ValueError("samples must be a non-empty list")
@@ -62,6 +64,7 @@ def collate(
     aspect_ratio_mask = torch.zeros((b, n, t), dtype=torch.int64)
     aspect_ratio_mask[:, :, 0] = 1  # HF marks tile 0 of every image slot, padding images included
     cross_attention_mask = torch.zeros((b, s, n, t), dtype=torch.int64)
+    image_positions = torch.full((b, n), -1, dtype=torch.int64)
 
     for i, sample in enumerate(samples):
         for key in ("frames", "question", "answer"):
@@ -80,6 +83,7 @@ def collate(
             raise ValueError(f"sample {i} needs {len(ids)} tokens but seq_length is {seq_length}")
         length = len(ids)
         tokens[i, :length] = torch.tensor(ids, dtype=torch.int64)
+        image_positions[i, :num_frames] = torch.tensor([p for p, tok in enumerate(ids) if tok == tokenizer.image_id])
         labels[i, : length - 1] = tokens[i, 1:length]
         # Position t predicts tokens[t+1]: train from the last prompt token up to the one before eos.
         loss_mask[i, prompt_len - 1 : length - 1] = 1.0
@@ -103,6 +107,7 @@ def collate(
         "aspect_ratio_ids": aspect_ratio_ids,
         "aspect_ratio_mask": aspect_ratio_mask,
         "cross_attention_mask": cross_attention_mask,
+        "image_positions": image_positions,
     }
 
 

@@ -15,10 +15,19 @@ from megatron.core.transformer.module import MegatronModule
 
 from ..core.tp_layout import full_shape, shard_full
 
-_ONES = ("norm.weight", "layernorm_pre.weight", "layernorm_post.weight")
+_ONES = ("norm.weight", "norm1.weight", "norm2.weight", "layernorm_pre.weight", "layernorm_post.weight")
 # Llama-3.2-Vision draws these with std hidden**-0.5 (not init_method_std): at 0.02 the patch
 # positions are drowned by the patch contents and the encoder learns where things are slowly.
-_VISION_EMBEDDINGS = ("vision_model.class_embedding", "vision_model.gated_positional_embedding.embedding")
+# The ViTs' class/position embeddings and the resampler's latents and time embeddings likewise.
+_VISION_EMBEDDINGS = (
+    "vision_model.class_embedding",
+    "vision_model.gated_positional_embedding.embedding",
+    "vision_model.embeddings.class_embedding",
+    "vision_model.embeddings.position_embedding.weight",
+    "perceiver.latents",
+    "perceiver.frame_embs",
+    "perceiver.media_time_embs",
+)
 _RESIDUAL_OUT = ("linear_proj.weight", "linear_fc2.weight")
 
 
@@ -40,7 +49,7 @@ def _initial_value(name: str, shape: list[int], seed: int, std: float, num_layer
         return torch.zeros(shape)
     if name.endswith(_ONES):
         return torch.ones(shape)
-    if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+    if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate", "hyper_gate")):
         return torch.full(shape, gate)
     if name.endswith(("gate", "gate_attn", "gate_ffn")):  # vision encoder gates start closed
         return torch.zeros(shape)
@@ -59,8 +68,9 @@ def initialize_by_name(model: MegatronModule, seed: int) -> None:
     """Fill every parameter of ``model`` (one pipeline stage) as described in the module docstring.
 
     Weights ~ N(0, init_method_std) (residual output projections scaled by ``1/sqrt(2 * layers)``;
-    the vision class and positional embeddings ~ N(0, vision_hidden**-0.5)), norms 1, biases 0,
-    cross-attention gates ``config.cross_attention_gate_init``, vision gates 0.
+    the vision class and positional embeddings and the resampler's latents ~ N(0, vision_hidden**-0.5)),
+    norms 1, biases 0, cross-attention and hyper-attention gates ``config.cross_attention_gate_init``,
+    vision gates 0.
     """
     config = model.config
     tp_group = model.pg_collection.tp
@@ -77,4 +87,6 @@ def initialize_by_name(model: MegatronModule, seed: int) -> None:
             config.cross_attention_gate_init,
             model.vision_config.hidden_size**-0.5,
         )
-        param.copy_(shard_full(full, param, name, config.gated_linear_unit, tp_rank, tp))
+        # OpenFlamingo's gated blocks have a plain GELU feed-forward whatever the decoder's MLP is.
+        glu = config.gated_linear_unit and ".gated_cross_attention." not in name
+        param.copy_(shard_full(full, param, name, glu, tp_rank, tp))

@@ -23,7 +23,14 @@ class _Section(BaseModel):
 
 
 class TextModelConfig(_Section):
-    """The language decoder (Llama 3 style: RMSNorm, SwiGLU, RoPE, GQA)."""
+    """The language decoder (Llama 3 style: RMSNorm, SwiGLU, RoPE, GQA; Qwen2: plus q/k/v biases;
+    MPT's sizes with ``mlp: gelu``, a plain ``fc2(gelu(fc1(x)))`` MLP).
+
+    ``cross_attention_layers`` are 0-based decoder indices: mllama's cross-attention layers,
+    the layers OpenFlamingo puts a gated cross-attention block before, mPLUG-Owl3's hyper-attention
+    layers. ``cross_attention_every_n_layers`` (OpenFlamingo's ``cross_attn_every_n_layers``) gives
+    them as every layer ``i`` with ``(i + 1) % n == 0`` instead.
+    """
 
     num_layers: PositiveInt
     hidden_size: PositiveInt
@@ -31,12 +38,27 @@ class TextModelConfig(_Section):
     num_attention_heads: PositiveInt
     num_query_groups: PositiveInt | None = None
     cross_attention_layers: list[int] = Field(min_length=1)
+    cross_attention_every_n_layers: PositiveInt | None = None
+    add_qkv_bias: bool = False
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
     rotary_base: PositiveFloat = 500000.0
     rope_scaling: bool = False
     rope_scaling_factor: PositiveFloat = 8.0
     norm_epsilon: PositiveFloat = 1e-5
     init_method_std: PositiveFloat = 0.02
     make_vocab_size_divisible_by: PositiveInt = 128
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layers_from_every_n(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("cross_attention_every_n_layers") is None:
+            return data
+        if data.get("cross_attention_layers") is not None:
+            raise ValueError("give cross_attention_layers or cross_attention_every_n_layers, not both")
+        n, layers = data["cross_attention_every_n_layers"], data.get("num_layers")
+        if isinstance(n, int) and isinstance(layers, int) and n >= 1:
+            data = {**data, "cross_attention_layers": [i for i in range(layers) if (i + 1) % n == 0]}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "TextModelConfig":
@@ -52,28 +74,40 @@ class TextModelConfig(_Section):
 
 
 class VisionModelConfig(_Section):
-    """The mllama vision encoder (one tile = ``image_size`` x ``image_size`` pixels)."""
+    """The vision encoder: mllama's (one tile = ``image_size`` x ``image_size`` pixels), or the
+    CLIP (openflamingo) / SigLIP (mplug_owl3) ViT, one tile per image.
+
+    ``num_global_layers`` and ``intermediate_layers_indices`` are mllama's, ``feature_layer`` the
+    ViTs' (the hidden state used as features, HF's ``hidden_states[feature_layer]``).
+    ``max_num_tiles`` (mllama 4, ViTs 1) and ``norm_eps`` (1e-5; SigLIP 1e-6) default by architecture.
+    """
 
     hidden_size: PositiveInt
     num_hidden_layers: PositiveInt
-    num_global_layers: int = Field(ge=0)
+    num_global_layers: int | None = Field(None, ge=0)
     attention_heads: PositiveInt
     intermediate_size: PositiveInt
     image_size: PositiveInt
     patch_size: PositiveInt
     max_num_tiles: PositiveInt = 4
     intermediate_layers_indices: list[int] = Field(default_factory=list)
+    feature_layer: int = Field(-1, le=-1)
     norm_eps: PositiveFloat = 1e-5
     activation_checkpointing: bool = False
 
 
 class CrossAttentionSettings(_Section):
-    """How the cross-attention layers run."""
+    """How the cross-attention layers run; ``heads``, ``head_dim``, ``ff_mult``: OpenFlamingo's
+    gated blocks (8, 64, 4), whatever the decoder's width."""
 
     strategy: str | list[str] = "auto"  # auto: the cost model picks per layer at its first call
     backend: str = "auto"
     recompute_visual_kv: bool = True
+    # Initial gate: tanh gates (mllama, openflamingo); mplug_owl3's per-channel gate before its sigmoid.
     gate_init: float = 0.0
+    heads: PositiveInt | None = None
+    head_dim: PositiveInt | None = None
+    ff_mult: PositiveInt | None = None
     # Text tokens that see no image: "zero" output (Meta's reference) or "attend_all" visual tokens
     # (Hugging Face's MllamaForConditionalGeneration; set by tools/convert_hf_checkpoint.py for parity).
     blind_rows: Literal["zero", "attend_all"] = "zero"
@@ -90,11 +124,71 @@ class CrossAttentionSettings(_Section):
         return self
 
 
+class PerceiverSettings(_Section):
+    """OpenFlamingo's Perceiver Resampler (its width is the vision tower's)."""
+
+    num_latents: PositiveInt = 64
+    depth: PositiveInt = 6
+    heads: PositiveInt = 8
+    head_dim: PositiveInt = 64
+    ff_mult: PositiveInt = 4
+    max_num_media: PositiveInt | None = None  # media time embeddings (>= data.max_images); None: none
+    max_num_frames: PositiveInt | None = None  # frame embeddings (one frame per medium here); None: none
+
+
 class ModelConfig(_Section):
+    """``architecture`` picks the model; the sections that architecture does not use must be left out."""
+
+    architecture: Literal["mllama", "openflamingo", "mplug_owl3"] = "mllama"
     text: TextModelConfig
     vision: VisionModelConfig
     cross_attention: CrossAttentionSettings = Field(default_factory=CrossAttentionSettings)
+    perceiver: PerceiverSettings | None = None
     freeze_vision_encoder: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _architecture_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        arch = data.get("architecture", "mllama")
+        data = dict(data)
+        if isinstance(data.get("vision"), dict):
+            defaults = {
+                "max_num_tiles": 4 if arch == "mllama" else 1,
+                "norm_eps": 1e-6 if arch == "mplug_owl3" else 1e-5,
+            }
+            data["vision"] = {**defaults, **data["vision"]}
+        if arch == "openflamingo":
+            data.setdefault("perceiver", {})
+            xattn = data.get("cross_attention") or {}
+            if isinstance(xattn, dict):
+                data["cross_attention"] = {"heads": 8, "head_dim": 64, "ff_mult": 4, **xattn}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        arch, v, x = self.architecture, self.vision, self.cross_attention
+        if arch == "mllama":
+            if v.num_global_layers is None:
+                raise ValueError("vision.num_global_layers is required for architecture 'mllama'")
+            unused = {"vision.feature_layer": v.feature_layer != -1, "perceiver": self.perceiver}
+        else:
+            if v.max_num_tiles != 1:
+                raise ValueError(f"vision.max_num_tiles must be 1 for architecture {arch!r} (one tile per image)")
+            unused = {
+                "vision.num_global_layers": v.num_global_layers is not None,
+                "vision.intermediate_layers_indices": v.intermediate_layers_indices,
+                "cross_attention.blind_rows": x.blind_rows != "zero",
+            }
+        if arch != "openflamingo":
+            unused.update({f"cross_attention.{k}": getattr(x, k) for k in ("heads", "head_dim", "ff_mult")})
+        if arch == "mplug_owl3":
+            unused["perceiver"] = self.perceiver
+        for field, given in unused.items():
+            if given:
+                raise ValueError(f"{field} is not used by architecture {arch!r}; leave it out")
+        return self
 
 
 class DataConfig(_Section):

@@ -56,6 +56,12 @@ def validate_layout(cfg: RunConfig, world_size: int) -> Layout:
     for name, value in tp_divides.items():
         if value % tp:
             _fail("tp", "parallel.tensor_model_parallel_size", f"{tp} must divide model.text.{name} ({value})")
+    if cfg.model.architecture == "openflamingo" and cfg.model.cross_attention.heads % tp:
+        _fail(
+            "tp",
+            "parallel.tensor_model_parallel_size",
+            f"{tp} must divide model.cross_attention.heads ({cfg.model.cross_attention.heads})",
+        )
     if t.num_layers % pp:
         _fail("pp", "parallel.pipeline_model_parallel_size", f"{pp} must divide model.text.num_layers ({t.num_layers})")
     sp = p.sequence_parallel and tp > 1

@@ -30,7 +30,15 @@ from .setup import TrainState, build_train_state, init_distributed
 from .watchdog import HangWatchdog
 from .xattn_timer import CrossAttentionTimer
 
-_MODEL_INPUTS = ("tokens", "cross_attention_mask", "aspect_ratio_mask", "pixel_values", "aspect_ratio_ids", "labels")
+_MODEL_INPUTS = (
+    "tokens",
+    "cross_attention_mask",
+    "aspect_ratio_mask",
+    "pixel_values",
+    "aspect_ratio_ids",
+    "labels",
+    "image_positions",
+)
 
 
 def _loss_func(loss_mask: torch.Tensor, output):
@@ -107,7 +115,7 @@ class Trainer:
     # --- one step --------------------------------------------------------------------------
 
     def _pipeline_shape_fn(self):
-        """1F1B stage tensors are ``[text; X]`` (see ``MllamaModel``); None without pipelining."""
+        """1F1B stage tensors are ``[text; X]`` (see ``VisionLanguageModel``); None without pipelining."""
         if self.state.pg.pp.size() == 1:
             return None
         d, v = self.cfg.data, self.cfg.model.vision

@@ -1,0 +1,99 @@
+"""OpenFlamingo's decoder layer: a gated cross-attention block, then the language model's own layer.
+
+OpenFlamingo wraps every ``cross_attn_every_n_layers``-th decoder layer so that a
+``GatedCrossAttentionBlock`` runs on the text first::
+
+    h = h + tanh(a) * to_out(attend(to_q(LN(h)), to_kv(X)))      # masked: see below
+    h = h + tanh(f) * W2 gelu(W1 LN(h))                          # every row, no mask
+    h = decoder_layer(h)
+
+The block is lvx-megatron's :class:`~.gated_layer.GatedCrossAttentionLayer` (context-parallel
+cross-attention, TP-split heads and feed-forward) built with a copy of the decoder's config that
+carries the block's own sizes: ``heads`` x ``head_dim`` attention (8 x 64 in OpenFlamingo, whatever
+the LM's width) and a ``ff_mult`` x hidden GELU feed-forward, LayerNorms with bias. Each text token
+attends only to the latents of its most recent ``<image>`` (the mask comes from the model); rows
+before the first image get a zero attention output, as in OpenFlamingo.
+"""
+
+import copy
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_layer import BaseTransformerLayer
+from torch import Tensor
+
+from .config import CrossAttentionTransformerConfig
+from .masks import CrossAttentionMask
+
+
+def flamingo_block_config(
+    config: CrossAttentionTransformerConfig, heads: int, head_dim: int, ff_mult: int
+) -> CrossAttentionTransformerConfig:
+    """The decoder's config with the gated block's attention and feed-forward sizes."""
+    block = copy.copy(config)
+    block.num_attention_heads = heads
+    block.num_query_groups = heads
+    block.kv_channels = head_dim
+    block.ffn_hidden_size = ff_mult * config.hidden_size
+    block.gated_linear_unit = False
+    block.activation_func = F.gelu
+    return block
+
+
+@dataclass
+class FlamingoLayerSubmodules:
+    """The gated block (a ``GatedCrossAttentionLayer`` spec) and the decoder layer it precedes."""
+
+    gated_cross_attention: ModuleSpec | type
+    decoder_layer: ModuleSpec | type
+
+
+class FlamingoLayer(MegatronModule, BaseTransformerLayer):
+    """Gated cross-attention block + decoder layer, with ``TransformerLayer``'s call signature.
+
+    Args:
+        config: the decoder's config.
+        submodules: the two parts.
+        layer_number: 1-based index in this pipeline stage (megatron adds the stage offset).
+        heads, head_dim, ff_mult: the gated block's sizes (OpenFlamingo: 8, 64, 4).
+    """
+
+    def __init__(
+        self,
+        config: CrossAttentionTransformerConfig,
+        submodules: FlamingoLayerSubmodules,
+        layer_number: int = 1,
+        pg_collection: ProcessGroupCollection | None = None,
+        vp_stage: int | None = None,
+        heads: int = 8,
+        head_dim: int = 64,
+        ff_mult: int = 4,
+        **kwargs,
+    ) -> None:
+        super().__init__(config=config)
+        common = dict(layer_number=layer_number, pg_collection=pg_collection, vp_stage=vp_stage)
+        self.gated_cross_attention = build_module(
+            submodules.gated_cross_attention, config=flamingo_block_config(config, heads, head_dim, ff_mult), **common
+        )
+        self.decoder_layer = build_module(submodules.decoder_layer, config=config, **common)
+        self.layer_number = self.decoder_layer.layer_number  # global, read by TransformerBlock's checkpointing
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: CrossAttentionMask | None = None,
+        **kwargs,
+    ) -> tuple[Tensor, Tensor | None]:
+        hidden_states, _ = self.gated_cross_attention(hidden_states, context=context, context_mask=context_mask)
+        return self.decoder_layer(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            context=context,
+            context_mask=context_mask,
+            **kwargs,
+        )

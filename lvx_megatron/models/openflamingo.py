@@ -1,0 +1,108 @@
+"""An OpenFlamingo-style model on megatron-core, with the visual tokens split over context parallelism.
+
+* Vision: a CLIP ViT (:mod:`.vit`; OpenFlamingo: ViT-L/14, 224 px, 256 patch features of width
+  1024 per frame) and the Perceiver Resampler (:mod:`.perceiver`; 64 latents per frame). Each CP
+  rank encodes and resamples its own images; the latents are ``X`` (width = the ViT's).
+* Decoder: the Llama-style megatron decoder with a gated cross-attention block before each layer
+  in ``config.cross_attention_layers`` (OpenFlamingo: every ``cross_attn_every_n_layers``-th
+  layer, :mod:`lvx_megatron.core.flamingo_layer`).
+* Mask: a text token attends only to the latents of its most recent ``<image>`` token (at or
+  before it); tokens before the first image get a zero attention output but still run the gated
+  feed-forward.
+"""
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from torch import Tensor
+
+from ..core import CrossAttentionMask, CrossAttentionTransformerConfig, flamingo_layer_spec
+from .perceiver import PerceiverConfig, PerceiverResampler
+from .vit import ViTConfig, ViTVisionTower
+from .vlm import ImageBatch, TextSettings, VisionLanguageModel
+
+
+def latest_image_mask(image_positions: Tensor, rows: tuple[int, int]) -> Tensor:
+    """``[B, rows, N]`` bool: row ``t`` sees image ``n`` iff ``n`` is the last image whose ``<image>``
+    token is at or before ``t`` (OpenFlamingo's ``only_attend_immediate_media``)."""
+    positions = torch.arange(rows[0], rows[1], device=image_positions.device)
+    seen = (image_positions[:, None, :] >= 0) & (image_positions[:, None, :] <= positions[None, :, None])
+    latest = seen.sum(-1, keepdim=True) - 1  # images are in token order
+    return seen & (torch.arange(image_positions.shape[1], device=seen.device) == latest)
+
+
+class OpenFlamingoModel(VisionLanguageModel):
+    """CLIP tower + Perceiver Resampler (first stage), Flamingo decoder, LM head (last stage).
+
+    Args:
+        config: the decoder config; ``visual_hidden_size`` must equal the tower's width.
+        text: vocabulary and RoPE settings.
+        vision: the CLIP tower (``kind="clip"``).
+        perceiver: the resampler (``dim`` = the tower's width).
+        pg_collection: process groups (``tp``, ``cp``, ``pp``).
+        cross_attention_heads, cross_attention_head_dim, ff_mult: the gated blocks' sizes.
+        pre_process / post_process: first / last pipeline stage.
+        freeze_vision_encoder: keep the tower fixed (OpenFlamingo trains only the resampler and the
+            gated blocks; the resampler always trains here).
+        vision_activation_checkpointing: recompute each tower layer in backward.
+    """
+
+    def __init__(
+        self,
+        config: CrossAttentionTransformerConfig,
+        text: TextSettings,
+        vision: ViTConfig,
+        perceiver: PerceiverConfig,
+        pg_collection: ProcessGroupCollection,
+        cross_attention_heads: int = 8,
+        cross_attention_head_dim: int = 64,
+        ff_mult: int = 4,
+        pre_process: bool = True,
+        post_process: bool = True,
+        freeze_vision_encoder: bool = False,
+        vision_activation_checkpointing: bool = False,
+    ) -> None:
+        if vision.kind != "clip":
+            raise ValueError(f"vision.kind must be 'clip' for OpenFlamingo, got {vision.kind!r}")
+        if not config.visual_hidden_size == perceiver.dim == vision.hidden_size:
+            raise ValueError(
+                f"visual_hidden_size ({config.visual_hidden_size}), perceiver.dim ({perceiver.dim}) and the "
+                f"vision tower's hidden_size ({vision.hidden_size}) must be equal"
+            )
+        spec = flamingo_layer_spec(cross_attention_heads, cross_attention_head_dim, ff_mult)
+        super().__init__(config, text, pg_collection, spec, pre_process, post_process)
+        self.vision_config = vision
+        self.perceiver_config = perceiver
+        self.freeze_vision_encoder = freeze_vision_encoder
+        if pre_process:
+            self.vision_model = ViTVisionTower(vision, activation_checkpointing=vision_activation_checkpointing)
+            self.perceiver = PerceiverResampler(perceiver)
+            if freeze_vision_encoder:
+                self.vision_model.requires_grad_(False)
+
+    def visual_tokens_per_image(self, num_tiles: int) -> int:
+        """The resampler's latents (each image is one tile)."""
+        return self.perceiver_config.num_latents
+
+    def encode_images(self, batch: ImageBatch) -> Tensor:
+        """This rank's images ``[B, n, 1, C, H, W]`` -> ``X`` ``[n * num_latents, B, width]``."""
+        pixels = batch.pixel_values
+        b, n = pixels.shape[:2]
+        dtype = self.perceiver.latents.dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_vision_encoder):
+            features = self.vision_model(pixels.flatten(0, 2).to(dtype))  # [B * n, patches, width]
+        media = torch.arange(*batch.images, device=features.device).repeat(b)
+        latents = self.perceiver(features.unsqueeze(1), media)  # one frame per medium
+        return latents.view(b, n * latents.shape[1], latents.shape[2]).transpose(0, 1).contiguous()
+
+    def cross_attention_mask(
+        self, cross_attention_mask: Tensor, batch: ImageBatch, text: tuple[int, int]
+    ) -> CrossAttentionMask:
+        """Ids are image indices; each row sees only its most recent image; padding images are -1."""
+        positions = batch.image_positions
+        if positions is None:
+            raise ValueError("OpenFlamingoModel needs image_positions (the <image> token of each image)")
+        start, stop = batch.images
+        ids = torch.arange(start, stop, device=positions.device).expand(positions.shape[0], -1)
+        ids = torch.where(positions[:, start:stop] >= 0, ids, -1)
+        kv_ids = ids.repeat_interleave(self.perceiver_config.num_latents, dim=1)
+        return CrossAttentionMask(q_image_mask=latest_image_mask(positions, text), kv_image_ids=kv_ids)
