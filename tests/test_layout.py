@@ -32,6 +32,7 @@ def test_valid_layouts(path, overrides, world, layout):
         (ELEVEN_B, {"parallel.pipeline_model_parallel_size": 3}, 24, "--pipeline-model-parallel-size"),
         (TINY, {"parallel.context_parallel_size": 5}, 5, "--context-parallel-size (parallel.context_parallel_size): "),
         (TINY, {"parallel.context_parallel_size": 1}, 3, "--global-batch-size (training.global_batch_size): 32 must"),
+        (TINY, {"model.cross_attention.ranks_per_node": 3}, 2, "(model.cross_attention.ranks_per_node): 3 must divide"),
     ],
 )
 def test_impossible_layouts_name_the_flag(path, overrides, world, expected):

@@ -72,6 +72,8 @@ def test_checkpoint_resumes_into_another_layout(runs, layout):
         ({"model.text.hiden_size": 64}, "model.text.hiden_size"),
         ({"training.lr_warmup_iters": 5000}, "training"),
         ({"model.cross_attention.strategy": "ring"}, "model.cross_attention"),
+        ({"model.cross_attention.strategy": "hierarchical"}, "model.cross_attention"),
+        ({"model.cross_attention.link": "measure"}, "model.cross_attention.link"),
         ({"data.kind": "video"}, "data.kind"),
         ({"parallel.context_parallel_size": 0}, "parallel.context_parallel_size"),
     ],

@@ -64,7 +64,17 @@ def _probed_links(cp_group, ranks_per_node: int | None) -> Link | Topology:
             groups = _two_level_groups(cp_group, ranks_per_node)
             inner = probe_link(groups.inner, agree_over=cp_group)
             _PROBED_LINKS[key] = Topology(ranks_per_node, inner, probe_link(groups.outer, agree_over=cp_group))
+        if torch.distributed.get_rank() == 0:
+            print(f"cross-attention links probed: {_describe_links(_PROBED_LINKS[key])}", flush=True)
     return _PROBED_LINKS[key]
+
+
+def _describe_links(links: Link | Topology) -> str:
+    """``"1.4 GB/s, 210 us"``, or the links inside and between nodes."""
+    one = lambda link: f"{link.bandwidth / 1e9:.3g} GB/s, {link.latency * 1e6:.3g} us"
+    if isinstance(links, Link):
+        return one(links)
+    return f"inside a node ({links.ranks_per_node} ranks) {one(links.inner)}; between nodes {one(links.outer)}"
 
 
 def _configured_link(gbps: float | None, latency_us: float | None, cp_group) -> Link:

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 from ..ops import BACKENDS, STRATEGIES
+from ..ops.api import TWO_LEVEL_STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -113,12 +114,21 @@ class CrossAttentionSettings(_Section):
     blind_rows: Literal["zero", "attend_all"] = "zero"
     link_gbps: PositiveFloat | None = None  # the CP ring's link for "auto" (None: by NCCL/gloo backend)
     link_latency_us: PositiveFloat | None = None
+    # CP ranks per node (consecutive CP ranks): enables "hierarchical" and lets "auto" consider it;
+    # link_gbps/link_latency_us are then the link between nodes, inner_link_* the one inside.
+    ranks_per_node: PositiveInt | None = None
+    inner_link_gbps: PositiveFloat | None = None
+    inner_link_latency_us: PositiveFloat | None = None
+    link: Literal["config", "probe"] = "config"  # probe: measure the links at the first "auto" call
 
     @model_validator(mode="after")
     def _check(self) -> "CrossAttentionSettings":
+        allowed = [*sorted(STRATEGIES), *sorted(TWO_LEVEL_STRATEGIES)]
         for name in [self.strategy] if isinstance(self.strategy, str) else self.strategy:
-            if name not in STRATEGIES and name != "auto":
-                raise ValueError(f"strategy must be 'auto' or one of {sorted(STRATEGIES)}, got {name!r}")
+            if name not in allowed and name != "auto":
+                raise ValueError(f"strategy must be 'auto' or one of {allowed}, got {name!r}")
+            if name == "hierarchical" and self.ranks_per_node is None:
+                raise ValueError("strategy 'hierarchical' needs ranks_per_node (CP ranks per node)")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         return self

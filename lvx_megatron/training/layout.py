@@ -64,6 +64,13 @@ def validate_layout(cfg: RunConfig, world_size: int) -> Layout:
         )
     if t.num_layers % pp:
         _fail("pp", "parallel.pipeline_model_parallel_size", f"{pp} must divide model.text.num_layers ({t.num_layers})")
+    per_node = cfg.model.cross_attention.ranks_per_node
+    if per_node is not None and cp % per_node:
+        _fail(
+            "cp",
+            "model.cross_attention.ranks_per_node",
+            f"{per_node} must divide parallel.context_parallel_size ({cp})",
+        )
     sp = p.sequence_parallel and tp > 1
     text_split = cp * (tp if sp else 1)
     if d.seq_length % text_split:

@@ -98,6 +98,10 @@ def transformer_config(cfg: RunConfig) -> CrossAttentionTransformerConfig:
         cross_attention_gate_init=x.gate_init,
         cross_attention_link_gbps=x.link_gbps,
         cross_attention_link_latency_us=x.link_latency_us,
+        cross_attention_ranks_per_node=x.ranks_per_node,
+        cross_attention_inner_link_gbps=x.inner_link_gbps,
+        cross_attention_inner_link_latency_us=x.inner_link_latency_us,
+        cross_attention_link=x.link,
     )
 
 
