@@ -15,11 +15,12 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import Tensor, nn
 
 from ..core import CrossAttentionMask, CrossAttentionTransformerConfig, hyper_attention_layer_spec, hyper_context
-from .vit import ViTConfig, ViTVisionTower
-from .vlm import ImageBatch, TextSettings, VisionLanguageModel
+from .tower_vlm import TowerVisionLanguageModel
+from .vit import ViTConfig
+from .vlm import ImageBatch, TextSettings
 
 
-class MplugOwl3Model(VisionLanguageModel):
+class MplugOwl3Model(TowerVisionLanguageModel):
     """SigLIP tower + projector (first stage), hyper-attention decoder, LM head (last stage).
 
     Args:
@@ -51,14 +52,12 @@ class MplugOwl3Model(VisionLanguageModel):
                 f"visual_hidden_size ({config.visual_hidden_size}) must equal hidden_size ({config.hidden_size}): "
                 "the projector maps vision features to the text width"
             )
-        super().__init__(config, text, pg_collection, hyper_attention_layer_spec(), pre_process, post_process)
-        self.vision_config = vision
-        self.freeze_vision_encoder = freeze_vision_encoder
+        super().__init__(
+            config, text, pg_collection, hyper_attention_layer_spec(), vision,
+            pre_process, post_process, freeze_vision_encoder, vision_activation_checkpointing,
+        )  # fmt: skip
         if pre_process:
-            self.vision_model = ViTVisionTower(vision, activation_checkpointing=vision_activation_checkpointing)
             self.vision2text_model = nn.Linear(vision.hidden_size, config.hidden_size)
-            if freeze_vision_encoder:
-                self.vision_model.requires_grad_(False)
 
     def visual_tokens_per_image(self, num_tiles: int) -> int:
         """The tower's patches (each image is one tile)."""
@@ -66,36 +65,22 @@ class MplugOwl3Model(VisionLanguageModel):
 
     def encode_images(self, batch: ImageBatch) -> Tensor:
         """This rank's images ``[B, n, 1, C, H, W]`` -> ``X`` ``[n * patches, B, hidden]``."""
-        pixels = batch.pixel_values
-        b, n = pixels.shape[:2]
-        dtype = self.vision2text_model.weight.dtype
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_vision_encoder):
-            features = self.vision_model(pixels.flatten(0, 2).to(dtype))  # [B * n, patches, width]
-        x = self.vision2text_model(features)
+        b, n = batch.pixel_values.shape[:2]
+        x = self.vision2text_model(self.tower_features(batch, self.vision2text_model.weight.dtype))
         return x.view(b, n * x.shape[1], x.shape[2]).transpose(0, 1).contiguous()
 
     def cross_attention_mask(
         self, cross_attention_mask: Tensor, batch: ImageBatch, text: tuple[int, int]
     ) -> CrossAttentionMask:
         """Ids are image indices; row ``t`` sees the images whose ``<image>`` token is at ``<= t``."""
-        positions = self._positions(batch)
-        start, stop = batch.images
-        ids = torch.arange(start, stop, device=positions.device).expand(positions.shape[0], -1)
-        ids = torch.where(positions[:, start:stop] >= 0, ids, -1)
+        positions = self.image_positions(batch)
         rows = torch.arange(text[0], text[1], device=positions.device)
         q_mask = (positions[:, None, :] >= 0) & (positions[:, None, :] <= rows[None, :, None])
-        kv_ids = ids.repeat_interleave(self.vision_config.num_patches, dim=1)
-        return CrossAttentionMask(q_image_mask=q_mask, kv_image_ids=kv_ids)
+        return CrossAttentionMask(q_image_mask=q_mask, kv_image_ids=self.visual_token_ids(batch))
 
     def decoder_context(self, x: Tensor, batch: ImageBatch, seq_length: int) -> Tensor:
         """``[X, cos, sin]``: MI-Rope rotates each image's keys to its ``<image>`` token's position."""
-        positions = self._positions(batch)[:, slice(*batch.images)].clamp(min=0)  # padding images: never seen
+        positions = self.image_positions(batch)[:, slice(*batch.images)].clamp(min=0)  # padding images: never seen
         freqs = self.rotary.get_emb(seq_length)[:, 0, 0, : self.config.kv_channels // 2].to(x.device)  # [S, d/2]
         per_token = freqs[positions].repeat_interleave(self.vision_config.num_patches, dim=1)  # [B, s_vis, d/2]
         return hyper_context(x, per_token.transpose(0, 1))
-
-    @staticmethod
-    def _positions(batch: ImageBatch) -> Tensor:
-        if batch.image_positions is None:
-            raise ValueError("MplugOwl3Model needs image_positions (the <image> token of each image)")
-        return batch.image_positions

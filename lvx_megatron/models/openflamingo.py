@@ -17,8 +17,9 @@ from torch import Tensor
 
 from ..core import CrossAttentionMask, CrossAttentionTransformerConfig, flamingo_layer_spec
 from .perceiver import PerceiverConfig, PerceiverResampler
-from .vit import ViTConfig, ViTVisionTower
-from .vlm import ImageBatch, TextSettings, VisionLanguageModel
+from .tower_vlm import TowerVisionLanguageModel
+from .vit import ViTConfig
+from .vlm import ImageBatch, TextSettings
 
 
 def latest_image_mask(image_positions: Tensor, rows: tuple[int, int]) -> Tensor:
@@ -30,7 +31,7 @@ def latest_image_mask(image_positions: Tensor, rows: tuple[int, int]) -> Tensor:
     return seen & (torch.arange(image_positions.shape[1], device=seen.device) == latest)
 
 
-class OpenFlamingoModel(VisionLanguageModel):
+class OpenFlamingoModel(TowerVisionLanguageModel):
     """CLIP tower + Perceiver Resampler (first stage), Flamingo decoder, LM head (last stage).
 
     Args:
@@ -69,15 +70,13 @@ class OpenFlamingoModel(VisionLanguageModel):
                 f"vision tower's hidden_size ({vision.hidden_size}) must be equal"
             )
         spec = flamingo_layer_spec(cross_attention_heads, cross_attention_head_dim, ff_mult)
-        super().__init__(config, text, pg_collection, spec, pre_process, post_process)
-        self.vision_config = vision
+        super().__init__(
+            config, text, pg_collection, spec, vision,
+            pre_process, post_process, freeze_vision_encoder, vision_activation_checkpointing,
+        )  # fmt: skip
         self.perceiver_config = perceiver
-        self.freeze_vision_encoder = freeze_vision_encoder
         if pre_process:
-            self.vision_model = ViTVisionTower(vision, activation_checkpointing=vision_activation_checkpointing)
             self.perceiver = PerceiverResampler(perceiver)
-            if freeze_vision_encoder:
-                self.vision_model.requires_grad_(False)
 
     def visual_tokens_per_image(self, num_tiles: int) -> int:
         """The resampler's latents (each image is one tile)."""
@@ -85,11 +84,8 @@ class OpenFlamingoModel(VisionLanguageModel):
 
     def encode_images(self, batch: ImageBatch) -> Tensor:
         """This rank's images ``[B, n, 1, C, H, W]`` -> ``X`` ``[n * num_latents, B, width]``."""
-        pixels = batch.pixel_values
-        b, n = pixels.shape[:2]
-        dtype = self.perceiver.latents.dtype
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_vision_encoder):
-            features = self.vision_model(pixels.flatten(0, 2).to(dtype))  # [B * n, patches, width]
+        b, n = batch.pixel_values.shape[:2]
+        features = self.tower_features(batch, self.perceiver.latents.dtype)
         media = torch.arange(*batch.images, device=features.device).repeat(b)
         latents = self.perceiver(features.unsqueeze(1), media)  # one frame per medium
         return latents.view(b, n * latents.shape[1], latents.shape[2]).transpose(0, 1).contiguous()
@@ -98,11 +94,5 @@ class OpenFlamingoModel(VisionLanguageModel):
         self, cross_attention_mask: Tensor, batch: ImageBatch, text: tuple[int, int]
     ) -> CrossAttentionMask:
         """Ids are image indices; each row sees only its most recent image; padding images are -1."""
-        positions = batch.image_positions
-        if positions is None:
-            raise ValueError("OpenFlamingoModel needs image_positions (the <image> token of each image)")
-        start, stop = batch.images
-        ids = torch.arange(start, stop, device=positions.device).expand(positions.shape[0], -1)
-        ids = torch.where(positions[:, start:stop] >= 0, ids, -1)
-        kv_ids = ids.repeat_interleave(self.perceiver_config.num_latents, dim=1)
-        return CrossAttentionMask(q_image_mask=latest_image_mask(positions, text), kv_image_ids=kv_ids)
+        q_mask = latest_image_mask(self.image_positions(batch), text)
+        return CrossAttentionMask(q_image_mask=q_mask, kv_image_ids=self.visual_token_ids(batch))
