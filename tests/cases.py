@@ -67,6 +67,23 @@ def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm().clamp_min(1.0))
 
 
+def _sharded_call(case: Case, prob: dict, rank: int, group, q_lens, kv_lens) -> tuple:
+    """This rank's ``q, k, v`` leaves (in ``case.dtype``) and the keyword arguments of its call."""
+    q, k, v = (
+        _shard(prob[name], lens, rank).to(case.dtype).requires_grad_()
+        for name, lens in (("q", q_lens), ("k", kv_lens), ("v", kv_lens))
+    )
+    kwargs = dict(
+        group=group,
+        strategy=case.strategy,
+        q_image_mask=_shard(prob["q_mask"], q_lens, rank),
+        kv_image_ids=_shard(prob["ids"], kv_lens, rank),
+        backend=case.backend,
+        head_chunks=case.head_chunks,
+    )
+    return q, k, v, kwargs
+
+
 def run_case(case: Case, rank: int, world_size: int, group=None, lengths=None) -> dict[str, float]:
     """Relative errors of this rank's output and gradients against the float64 dense reference.
 
@@ -78,20 +95,8 @@ def run_case(case: Case, rank: int, world_size: int, group=None, lengths=None) -
     ref_out = dense_cross_attention(*ref_in, None, prob["q_mask"], prob["ids"])
     ref_grads = torch.autograd.grad(ref_out, ref_in, prob["dout"])
 
-    q = _shard(prob["q"], q_lens, rank).to(case.dtype).requires_grad_()
-    k = _shard(prob["k"], kv_lens, rank).to(case.dtype).requires_grad_()
-    v = _shard(prob["v"], kv_lens, rank).to(case.dtype).requires_grad_()
-    out = distributed_cross_attention(
-        q,
-        k,
-        v,
-        group=group,
-        strategy=case.strategy,
-        q_image_mask=_shard(prob["q_mask"], q_lens, rank),
-        kv_image_ids=_shard(prob["ids"], kv_lens, rank),
-        backend=case.backend,
-        head_chunks=case.head_chunks,
-    )
+    q, k, v, kwargs = _sharded_call(case, prob, rank, group, q_lens, kv_lens)
+    out = distributed_cross_attention(q, k, v, **kwargs)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), _shard(prob["dout"], q_lens, rank).to(case.dtype))
     errs = {
         "out": _rel_err(out, _shard(ref_out.detach(), q_lens, rank)),
@@ -171,16 +176,7 @@ def counted_bytes(case: Case, rank: int, world_size: int, group=None):
 
     prob = make_problem(case, world_size)
     q_lens, kv_lens, dtype = prob["q_lens"], prob["kv_lens"], case.dtype
-    q = _shard(prob["q"], q_lens, rank).to(dtype).requires_grad_()
-    k = _shard(prob["k"], kv_lens, rank).to(dtype).requires_grad_()
-    v = _shard(prob["v"], kv_lens, rank).to(dtype).requires_grad_()
-    kwargs = dict(
-        group=group,
-        strategy=case.strategy,
-        q_image_mask=_shard(prob["q_mask"], q_lens, rank),
-        kv_image_ids=_shard(prob["ids"], kv_lens, rank),
-        head_chunks=case.head_chunks,
-    )
+    q, k, v, kwargs = _sharded_call(case, prob, rank, group, q_lens, kv_lens)
     with count_communication() as fwd:
         out = distributed_cross_attention(q, k, v, **kwargs)
     with count_communication() as bwd:

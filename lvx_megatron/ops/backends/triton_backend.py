@@ -70,12 +70,12 @@ def forward_config(rows: int, head_dim: int, dtype: torch.dtype) -> KernelConfig
     return KernelConfig(128, 64, 8, 4) if rows <= 512 else KernelConfig(64, 64, 4, 3)
 
 
-def dkdv_config(rows: int, head_dim: int, dtype: torch.dtype) -> KernelConfig:
+def dkdv_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     """Tiles of the ``dK``/``dV`` kernel (``block_n`` keys per program, ``block_m`` rows per step)."""
     return KernelConfig(32, 32, 4, 1) if _wide(head_dim, dtype) else KernelConfig(64, 64, 4, 2)
 
 
-def dq_config(rows: int, head_dim: int, dtype: torch.dtype) -> KernelConfig:
+def dq_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     """Tiles of the split-KV ``dQ`` kernel."""
     return KernelConfig(64, 32, 4, 2) if _wide(head_dim, dtype) else KernelConfig(128, 64, 8, 3)
 
@@ -173,10 +173,11 @@ class TritonBackend(BlockAttentionBackend):
         self._check(q)
         b, sq, hq, d = q.shape
         skv, hkv = k.shape[1], k.shape[2]
-        o = q.new_zeros(q.shape)
-        lse = q.new_full((b, sq, hq), float("-inf"), dtype=torch.float32)
         if sq == 0 or skv == 0 or b == 0:
-            return o, lse
+            return q.new_zeros(q.shape), q.new_full((b, sq, hq), float("-inf"), dtype=torch.float32)
+        # The kernels write every element (rows that see nothing: 0 and -inf), so no fill is needed.
+        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((b, sq, hq), dtype=torch.float32, device=q.device)
         q, k, v = _rows_view(q), _rows_view(k), _rows_view(v)
         g, rows = hq // hkv, hq // hkv * sq
         tiles = self.forward_tiles or forward_config(rows, d, q.dtype)
@@ -246,14 +247,14 @@ class TritonBackend(BlockAttentionBackend):
         ]  # fmt: skip
         constants = dict(HKV=hkv, G=g, HEAD_DIM=d, BLOCK_D=max(16, _pow2(d)), MASK_MODE=mode, NUM_WORDS=words)
         constants.update(SKIP=self.skip_empty_tiles and mode != 0, IEEE=q.dtype == torch.float32)
-        tiles = self.dkdv_tiles or dkdv_config(rows, d, q.dtype)
+        tiles = self.dkdv_tiles or dkdv_config(d, q.dtype)
         _bwd_dkdv_kernel[(_cdiv(skv, tiles.block_n), b * hkv)](
             q, k, v, dout, lse, delta, *mask_args[:3], dk, dv, scale, sq, skv,
             *shared, dk.stride(0), dk.stride(1), dk.stride(2),
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             **constants,
         )  # fmt: skip
-        tiles = self.dq_tiles or dq_config(rows, d, q.dtype)
+        tiles = self.dq_tiles or dq_config(d, q.dtype)
         row_blocks = _cdiv(rows, tiles.block_m)
         splits, split_len = _split(row_blocks * b * hkv, skv, q.device, self.waves)
         _bwd_dq_kernel[(row_blocks, splits, b * hkv)](

@@ -30,8 +30,8 @@ gradients; all accumulation is fp32.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # globals a kernel reads must be constexpr instances
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -58,10 +58,28 @@ def _mm(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _packed_rows(first, SQ, hk, G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Packed rows ``first ..`` of key/value head ``hk``: ``(rows, in bounds, query token, query head)``."""
+    rows = first + tl.arange(0, BLOCK_M)
+    return rows, rows < SQ * G, rows // G, hk * G + rows % G
+
+
+@triton.jit
+def _load_stat(ptr, b, qi, head, stride_b, stride_s, stride_h, row_ok, other):
+    """A ``[BLOCK_M]`` per-row statistic (LSE, delta) of packed rows from a ``[B, Sq, Hq]`` tensor."""
+    return tl.load(ptr + b * stride_b + qi * stride_s + head * stride_h, mask=row_ok, other=other)
+
+
+@triton.jit
+def _lse_log2(lse):
+    """The LSE in the exp2 domain; rows that see no key (``-inf``) become ``+inf``, so ``P = 0``."""
+    return tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+
+
+@triton.jit
 def _probs(q, k, lse, visible, qk_scale, IEEE: tl.constexpr):
-    """``P`` of a (rows, keys) tile from the global LSE (natural log; ``-inf`` rows give ``P = 0``)."""
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    return tl.where(visible, tl.exp2(_mm(q, tl.trans(k), IEEE) * qk_scale - lse2[:, None]), 0.0)
+    """``P`` of a (rows, keys) tile from the global LSE (natural log)."""
+    return tl.where(visible, tl.exp2(_mm(q, tl.trans(k), IEEE) * qk_scale - _lse_log2(lse)[:, None]), 0.0)
 
 
 @triton.jit
@@ -185,14 +203,11 @@ def _fwd_kernel(
     pid_bh = tl.program_id(2)
     b = pid_bh // HKV
     hk = pid_bh % HKV
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < SQ * G
-    qi = rows // G
-    head = hk * G + rows % G
+    rows, row_ok, qi, head = _packed_rows(pid_m * BLOCK_M, SQ, hk, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q = _load_rows(Q, b, qi, head, offs_d, stride_qb, stride_qs, stride_qh, row_ok, d_ok)
-    qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
+    qk_scale = sm_scale * LOG2E  # exp2 domain
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -220,7 +235,7 @@ def _fwd_kernel(
 
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     if DIRECT:
         o_ptrs = O_OUT + b * stride_ob + qi[:, None] * stride_os + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, o.to(O_OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -261,8 +276,7 @@ def _combine_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hk = pid_bh % HKV
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < SQ * G
+    rows, row_ok, qi, head = _packed_rows(pid_m * BLOCK_M, SQ, hk, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     lse_base = LSE_PART + pid_bh * stride_lpb + rows
@@ -284,8 +298,6 @@ def _combine_kernel(
     seen = total > 0
     o = acc / tl.where(seen, total, 1.0)[:, None]
     lse = tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
-    qi = rows // G
-    head = hk * G + rows % G
     o_ptrs = OUT + b * stride_ob + qi[:, None] * stride_os + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b * stride_lb + qi * stride_ls + head * stride_lh, lse, mask=row_ok)
@@ -357,12 +369,9 @@ def _bwd_dkdv_kernel(
     v = _load_keys(V, b, hk, cols, offs_d, stride_vb, stride_vs, stride_vh, col_ok, d_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     for m0 in range(0, SQ * G, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < SQ * G
-        qi = rows // G
-        head = hk * G + rows % G
+        _, row_ok, qi, head = _packed_rows(m0, SQ, hk, G, BLOCK_M)
         # The tile is computed transposed ([keys, rows]) so that P^T and dS^T feed the dK/dV
         # matmuls straight from registers, with no transpose of a register tile.
         visible_t, live = _visibility(
@@ -376,9 +385,9 @@ def _bwd_dkdv_kernel(
                 other=0.0,
             )
             do = _load_rows(DO, b, qi, head, offs_d, stride_dob, stride_dos, stride_doh, row_ok, d_ok)
-            lse = tl.load(LSE + b * stride_lb + qi * stride_ls + head * stride_lh, mask=row_ok, other=float("-inf"))
-            delta = tl.load(DELTA + b * stride_db + qi * stride_ds + head * stride_dh, mask=row_ok, other=0.0)
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+            lse = _load_stat(LSE, b, qi, head, stride_lb, stride_ls, stride_lh, row_ok, float("-inf"))
+            delta = _load_stat(DELTA, b, qi, head, stride_db, stride_ds, stride_dh, row_ok, 0.0)
+            lse2 = _lse_log2(lse)
             p_t = tl.where(visible_t, tl.exp2(_mm(k, q_t, IEEE) * qk_scale - lse2[None, :]), 0.0)
             dv += _mm(p_t.to(do.dtype), do, IEEE)
             ds_t = p_t * (_mm(v, tl.trans(do), IEEE) - delta[None, :])
@@ -449,17 +458,14 @@ def _bwd_dq_kernel(
     pid_bh = tl.program_id(2)
     b = pid_bh // HKV
     hk = pid_bh % HKV
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < SQ * G
-    qi = rows // G
-    head = hk * G + rows % G
+    _, row_ok, qi, head = _packed_rows(pid_m * BLOCK_M, SQ, hk, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q = _load_rows(Q, b, qi, head, offs_d, stride_qb, stride_qs, stride_qh, row_ok, d_ok)
     do = _load_rows(DO, b, qi, head, offs_d, stride_dob, stride_dos, stride_doh, row_ok, d_ok)
-    lse = tl.load(LSE + b * stride_lb + qi * stride_ls + head * stride_lh, mask=row_ok, other=float("-inf"))
-    delta = tl.load(DELTA + b * stride_db + qi * stride_ds + head * stride_dh, mask=row_ok, other=0.0)
-    qk_scale = sm_scale * 1.4426950408889634
+    lse = _load_stat(LSE, b, qi, head, stride_lb, stride_ls, stride_lh, row_ok, float("-inf"))
+    delta = _load_stat(DELTA, b, qi, head, stride_db, stride_ds, stride_dh, row_ok, 0.0)
+    qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     start = pid_s * split_len
     end = tl.minimum(start + split_len, SKV)
