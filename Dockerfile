@@ -1,7 +1,7 @@
 # lvx-megatron cluster image: NGC PyTorch (CUDA, NCCL, Transformer Engine, apex) + this project.
 #   docker build -t lvx-megatron:latest .
 #   docker run --gpus all --ipc=host --rm -it lvx-megatron:latest \
-#       torchrun --nproc-per-node=8 pretrain_mllm.py --config examples/configs/llama-3.2-11b-vision.yaml
+#       python -m lvx_megatron.torchrun --nproc-per-node=8 pretrain_mllm.py --config examples/configs/llama-3.2-11b-vision.yaml
 # Slurm with pyxis/enroot: `enroot import dockerd://lvx-megatron:latest` makes lvx-megatron+latest.sqsh;
 # then `CONTAINER_IMAGE=$PWD/lvx-megatron+latest.sqsh sbatch examples/slurm/llama-3.2-11b-vision.sbatch`.
 FROM nvcr.io/nvidia/pytorch:25.10-py3

@@ -10,14 +10,15 @@ setup:
 	@LVX_VENV=$(VENV) bash scripts/setup_env.sh
 
 # Train the tiny model on the generated video QA data: CPU, 2 gloo ranks, context parallel 2.
+# lvx_megatron.torchrun is torchrun that ends a failed run with the ranks' one-line errors.
 demo: setup
-	$(VENV)/bin/torchrun --nproc-per-node=2 pretrain_mllm.py --config $(CONFIG)
+	$(PY) -m lvx_megatron.torchrun --nproc-per-node=2 pretrain_mllm.py --config $(CONFIG)
 
 # The distributed cross-attention op alone: exactness and bytes moved per strategy.
 demo-ops: setup
 	$(PY) -m lvx_megatron.demo --world-size $(NPROC)
 
-SHELL_SCRIPTS := scripts/setup_env.sh .ci/run examples/run_local.sh examples/slurm/launch.sh examples/slurm/*.sbatch
+SHELL_SCRIPTS := scripts/setup_env.sh scripts/fetch_gpu_wheels.sh .ci/run examples/run_local.sh examples/slurm/launch.sh examples/slurm/*.sbatch
 
 lint: setup
 	$(PY) -m ruff check .

@@ -1,6 +1,9 @@
 """Train a Llama-3.2-Vision-style model with context-parallel cross-attention (LV-XAttn).
 
-    torchrun --nproc-per-node=2 pretrain_mllm.py --config examples/configs/tiny.yaml
+    python -m lvx_megatron.torchrun --nproc-per-node=2 pretrain_mllm.py --config examples/configs/tiny.yaml
+
+(``lvx_megatron.torchrun`` is torchrun that ends a failed run with the ranks' one-line errors;
+plain ``torchrun`` works too.)
 
 Flags are Megatron-LM's (see ``--help``) and override the YAML config; see README.md.
 """

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Train on one machine without Slurm: one process per GPU (or NPROC gloo processes on CPU).
+# Train on one machine without Slurm: one process per GPU (or NPROC gloo processes on CPU), started
+# by torchrun through lvx_megatron.torchrun (torchrun's flags; a failed run ends with its one-line errors).
 #   examples/run_local.sh examples/configs/tiny.yaml [pretrain_mllm.py flags...]
 #   NPROC=8 examples/run_local.sh examples/configs/llama-3.2-11b-vision.yaml --train-iters 100
 set -euo pipefail
@@ -13,7 +14,7 @@ if [[ -z "${NPROC:-}" ]]; then
         NPROC=2
     fi
 fi
-torchrun="torchrun"
-[[ -x .venv/bin/torchrun ]] && torchrun=".venv/bin/torchrun"
+python="python"
+[[ -x .venv/bin/python ]] && python=".venv/bin/python"
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
-exec "${torchrun}" --standalone --nproc-per-node="${NPROC}" pretrain_mllm.py --config "${config}" "$@"
+exec "${python}" -m lvx_megatron.torchrun --standalone --nproc-per-node="${NPROC}" pretrain_mllm.py --config "${config}" "$@"

@@ -187,9 +187,9 @@ def test_model_layouts_give_the_single_process_loss_and_gradients(world_size):
     "config, overrides, message",
     [
         (TINY, {"model.architecture": "llava"}, "config error: model.architecture: Input should be 'mllama'"),
-        (TINY, {"model.vision.feature_layer": -2}, "config error: model: vision.feature_layer is not used"),
-        (ARCHITECTURES["mplug_owl3"], {"model.perceiver": {"depth": 2}}, "config error: model: perceiver is not used"),
-        (ARCHITECTURES["openflamingo"], {"model.vision.max_num_tiles": 4}, "config error: model: vision.max_num_tiles"),
+        (TINY, {"model.vision.feature_layer": -2}, "config error: model.vision.feature_layer: not used"),
+        (ARCHITECTURES["mplug_owl3"], {"model.perceiver": {"depth": 2}}, "config error: model.perceiver: not used"),
+        (ARCHITECTURES["openflamingo"], {"model.vision.max_num_tiles": 4}, "config error: model.vision.max_num_tiles"),
         (ARCHITECTURES["openflamingo"], {"model.text.cross_attention_layers": [1]}, "config error: model.text: give"),
     ],
 )

@@ -10,8 +10,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import tokenizers
 import torch
 from PIL import Image
+from transformers import PreTrainedTokenizerFast
+from transformers.models.mllama import image_processing_pil_mllama as hf_pil
+from transformers.models.mllama import processing_mllama as hf_proc
 
 from lvx_megatron.data import (
     ByteTokenizer,
@@ -224,9 +228,6 @@ def test_byte_tokenizer_roundtrip():
 
 
 def test_huggingface_tokenizer_local(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
-    from transformers import PreTrainedTokenizerFast
-
     def save(words, folder):
         vocab = {w: i for i, w in enumerate(words)}
         tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
@@ -246,17 +247,15 @@ def test_huggingface_tokenizer_local(tmp_path):
 
 # --- tiling and masks vs Hugging Face --------------------------------------------------------------------------
 def _hf_image_module():
-    """HF's Mllama image helpers: the torchvision module if importable, else its PIL twin (same functions)."""
+    """HF's Mllama image helpers: the torchvision module if importable, else its PIL twin (same functions;
+    torchvision is no dependency)."""
     try:  # the torchvision module raises only on first use when torchvision is missing
         from transformers.models.mllama import image_processing_mllama as mod
 
         mod.get_all_supported_aspect_ratios(1)
     except ImportError:
-        mod = pytest.importorskip("transformers.models.mllama.image_processing_pil_mllama")
+        mod = hf_pil
     return mod
-
-
-hf_proc = pytest.importorskip("transformers.models.mllama.processing_mllama")
 
 
 def test_aspect_ratios_and_canvas_match_hf():
@@ -273,8 +272,7 @@ def test_aspect_ratios_and_canvas_match_hf():
 
 
 def test_tile_image_matches_hf_processor():
-    pil = pytest.importorskip("transformers.models.mllama.image_processing_pil_mllama")
-    proc = pil.MllamaImageProcessorPil(
+    proc = hf_pil.MllamaImageProcessorPil(
         size={"height": 16, "width": 16}, max_image_tiles=4, image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD)
     )
     rng = np.random.default_rng(1)

@@ -77,11 +77,13 @@ def _write_config(tmp_path: Path, **sections) -> Path:
 
 
 def _train(config: Path, **popen):
+    """pretrain_mllm.py in a process group of its own (see the SIGKILL below)."""
     return subprocess.Popen(
         [sys.executable, str(REPO / "pretrain_mllm.py"), "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
         **popen,
     )
 
@@ -99,7 +101,9 @@ def test_sigkill_then_restart_continues_the_uninterrupted_loss_curve(tmp_path):
     while not (Path(ckpt) / "metrics.jsonl").exists() or len(train_losses(ckpt)) < 5:
         assert time.time() < deadline and proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    # The whole process group, as a node death or torchrun's agent kills it: killing only the trainer
+    # would orphan its helper processes (megatron-core's checkpoint writers' multiprocessing manager).
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     resumed_from = int((Path(ckpt) / "latest_checkpointed_iteration.txt").read_text())
     assert resumed_from in (2, 4, 6)
@@ -144,13 +148,15 @@ def test_broken_samples_are_skipped_counted_and_bounded(tmp_path):
 
 
 HANG_SCRIPT = """
-import sys, time, torch, torch.distributed as dist
+import multiprocessing, sys, time, torch, torch.distributed as dist
 from lvx_megatron.launch import spawn_gloo
 from lvx_megatron.training.watchdog import HangWatchdog
 
 def worker(rank, world_size):
     if rank == 1:
         time.sleep(60)  # never joins the all-reduce
+    # A helper process, as megatron-core's checkpoint writers start one: the abort must end it too.
+    manager = multiprocessing.get_context("spawn").Manager()
     watchdog = HangWatchdog(timeout_s=2.0, rank=rank, poll_s=0.2)
     watchdog.iteration = 7
     with watchdog.phase("forward-backward"):

@@ -1,5 +1,5 @@
 """The Slurm launchers against fake `srun`/`scontrol`: the torchrun command lines for 1 and 4 nodes,
-the container flags, extra flags, and checkpoint-then-requeue on SIGUSR1."""
+the container flags, extra flags, and checkpoint-then-requeue on SIGUSR1; the local launcher."""
 
 import os
 import signal
@@ -77,10 +77,12 @@ def test_torchrun_command_line(slurm, script, nodes, config):
     )
     assert proc.returncode == 0, proc.stderr
     args = _srun_args(record)
-    torchrun = args.index("torchrun")
+    torchrun = args.index("python")
     assert args[:torchrun] == [f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", f"--chdir={REPO}"]
-    assert args[torchrun : torchrun + 7] == [
-        "torchrun",
+    assert args[torchrun : torchrun + 9] == [
+        "python",
+        "-m",
+        "lvx_megatron.torchrun",
         f"--nnodes={nodes}",
         "--nproc-per-node=8",
         "--rdzv-id=4242",
@@ -127,12 +129,12 @@ def test_sigusr1_checkpoints_then_requeues(slurm):
 
 
 def test_local_launcher_runs_torchrun_standalone(tmp_path):
-    fake = tmp_path / "torchrun"
+    fake = tmp_path / "python"
     fake.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$FAKE_RECORD"\n')
     fake.chmod(0o755)
     record = tmp_path / "args"
     env = {**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin", "NPROC": "3", "FAKE_RECORD": str(record)}
-    # The launcher prefers the project's venv torchrun; hide it by running a copy of the repo layout.
+    # The launcher prefers the project's venv python; hide it by running a copy of the repo layout.
     repo = tmp_path / "repo"
     (repo / "examples").mkdir(parents=True)
     (repo / "examples" / "run_local.sh").write_text((REPO / "examples" / "run_local.sh").read_text())
@@ -142,6 +144,8 @@ def test_local_launcher_runs_torchrun_standalone(tmp_path):
         check=True,
     )
     assert record.read_text().splitlines() == [
+        "-m",
+        "lvx_megatron.torchrun",
         "--standalone",
         "--nproc-per-node=3",
         "pretrain_mllm.py",

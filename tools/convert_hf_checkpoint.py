@@ -163,12 +163,11 @@ def validated_run_config(tree: dict):
 def import_checkpoint(hf_dir: Path, out: Path, dtype: str = "float32") -> Path:
     """HF directory -> model-only distributed checkpoint ``out/iter_0000000`` and ``out/model.yaml``."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     from lvx_megatron.models import hf_mapping
     from lvx_megatron.models.init import global_parameter_names
-    from lvx_megatron.training.checkpointing import TRACKER, checkpoint_dir
+    from lvx_megatron.training.checkpointing import write_checkpoint
     from lvx_megatron.training.setup import init_model_parallel
 
     config_path = hf_dir / "config.json"
@@ -200,20 +199,14 @@ def import_checkpoint(hf_dir: Path, out: Path, dtype: str = "float32") -> Path:
             _log(f"import: {group}: {len(group_maps)} tensors")
     if reader.unused:
         raise ValueError(f"--hf-dir: {len(reader.unused)} tensors have no counterpart, e.g. {sorted(reader.unused)[0]}")
-    path = checkpoint_dir(out, 0)
-    if dist.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
     state = {
         "model": model.sharded_state_dict(metadata={"non_homogeneous_layers": True}),
         "iteration": 0,
         "run_config": cfg.model_dump(mode="json"),
         "hf_config": hf_config,
     }
-    dist_checkpointing.save(state, str(path))
-    dist.barrier()
+    path = write_checkpoint(state, out, 0)  # with its manifest, verified by every loader
     if dist.get_rank() == 0:
-        (out / TRACKER).write_text("0")
         header = (
             f"# Written by tools/convert_hf_checkpoint.py from {hf_dir.resolve()}/config.json.\n"
             "# model: the imported architecture (keep it). data, training, checkpoint: placeholders to edit.\n"
@@ -225,12 +218,14 @@ def import_checkpoint(hf_dir: Path, out: Path, dtype: str = "float32") -> Path:
 
 
 def checkpoint_path(load: Path) -> Path:
-    from lvx_megatron.training.checkpointing import checkpoint_dir, latest_iteration
+    """The checkpoint under ``load`` that training would resume from: the tracker's if it is intact, else
+    the newest older intact one, each one passed over printed (collective; after :func:`init_single_process`)."""
+    from lvx_megatron.training.checkpointing import newest_intact
 
-    iteration = latest_iteration(load)
-    if iteration is None:
+    found = newest_intact(load, setting="--load")
+    if found is None:
         raise ValueError(f"--load: no checkpoint in {load} (no latest_checkpointed_iteration.txt)")
-    return checkpoint_dir(load, iteration)
+    return found[1]
 
 
 def padded_vocab_size(path: Path) -> int:
@@ -299,8 +294,8 @@ def export_checkpoint(
     from lvx_megatron.training.checkpointing import load_model_weights
     from lvx_megatron.training.setup import init_model_parallel
 
-    path = checkpoint_path(load)
     init_single_process()
+    path = checkpoint_path(load)
     common = dist_checkpointing.load_common_state_dict(str(path))
     run_config = dict(common["run_config"])
     run_config["parallel"] = {}  # export loads into one process
@@ -374,6 +369,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from lvx_megatron.training.checkpointing import CheckpointSaveError
+
     try:
         if args.command == "import":
             import_checkpoint(args.hf_dir, args.out, args.dtype)
@@ -382,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # ConfigError included: one line naming the field
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (CheckpointSaveError, OSError) as exc:  # a full disk, an unwritable --out: one line naming the path
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -164,6 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    joined = dist.is_initialized()  # a process group of the caller's (in-process use) is left to the caller
     try:
         inputs = torch.load(args.inputs, weights_only=True)
         logits = forward_logits(
@@ -174,13 +175,16 @@ def main(argv: list[str] | None = None) -> int:
             args.context_parallel_size,
             args.vocab_size,
         )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if logits is not None:
+            torch.save(logits, args.output)
+            print(f"wrote {args.output}: logits {tuple(logits.shape)}", flush=True)
+    except (ValueError, OSError) as exc:  # ConfigError included; an unreadable --inputs: one line
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
-    if logits is not None:
-        torch.save(logits, args.output)
-        print(f"wrote {args.output}: logits {tuple(logits.shape)}", flush=True)
-    dist.destroy_process_group()
+    finally:
+        if not joined and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

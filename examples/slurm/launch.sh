@@ -1,7 +1,9 @@
 #!/bin/bash
-# Shared body of the sbatch scripts: one `srun` task per node, each running `torchrun`, which
-# starts one pretrain_mllm.py process per GPU and joins the others through a c10d rendezvous on
-# the job's first node. Sourced by examples/slurm/*.sbatch after they set CONFIG.
+# Shared body of the sbatch scripts: one `srun` task per node, each running torchrun (as
+# `python -m lvx_megatron.torchrun`: torchrun's code and flags, and a failed run ends with the
+# ranks' one-line errors), which starts one pretrain_mllm.py process per GPU and joins the others
+# through a c10d rendezvous on the job's first node. Sourced by examples/slurm/*.sbatch after they
+# set CONFIG.
 #
 # Environment (all optional except CONFIG):
 #   CONFIG            YAML run config, e.g. examples/configs/llama-3.2-11b-vision.yaml
@@ -42,7 +44,7 @@ export UCX_NET_DEVICES="${UCX_NET_DEVICES:-}"             # e.g. mlx5_0:1 when U
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 
 torchrun_args=(
-    torchrun
+    python -m lvx_megatron.torchrun
     "--nnodes=${NNODES}"
     "--nproc-per-node=${GPUS_PER_NODE}"
     "--rdzv-id=${JOB_ID}"

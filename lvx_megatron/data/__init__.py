@@ -5,7 +5,7 @@ Depends on torch, numpy, PIL (and webdataset for writing shards); never on megat
 
 from lvx_megatron.data.batch import answer_accuracy, collate, encode_sample
 from lvx_megatron.data.sampler import micro_batches
-from lvx_megatron.data.shards import ShardedVideoDataset, write_shards
+from lvx_megatron.data.shards import ShardedVideoDataset, ShardError, write_shards
 from lvx_megatron.data.tiling import (
     IMAGE_MEAN,
     IMAGE_STD,
@@ -22,6 +22,7 @@ __all__ = [
     "IMAGE_STD",
     "ByteTokenizer",
     "HFTokenizer",
+    "ShardError",
     "ShardedVideoDataset",
     "Tokenizer",
     "VideoQAGenerator",

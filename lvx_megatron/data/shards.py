@@ -1,7 +1,7 @@
 """Sharded video QA data: webdataset tar shards plus ``index.json``, read back with random access.
 
-A sample ``<key>`` is stored as ``<key>.json`` (``{"question": str, "answer": str, "num_frames": F}``) and
-its frames ``<key>.000.png``, ``<key>.001.png``, ... (png or jpg). See docs/data.md.
+A sample ``<key>`` is stored as ``<key>.json`` (``{"question": str, "answer": str, "num_frames": F, "crc32": {...}}``)
+and its frames ``<key>.000.png``, ``<key>.001.png``, ... (png or jpg). See docs/data.md.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import re
 import sys
 import tarfile
 import time
+import zlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -22,6 +23,16 @@ INDEX_FILE = "index.json"
 FORMAT_VERSION = 1
 FRAME_FORMATS: tuple[str, ...] = ("png", "jpg")
 _FRAME_RE = re.compile(r"^(\d{3,})\.(png|jpg|jpeg)$")
+TEXT_CRC = "text"  # the key of the question/answer checksum in a sample's "crc32"
+
+
+class ShardError(ValueError):
+    """A shard folder, shard file or stored sample that cannot be read as written; the message names it."""
+
+
+def text_crc32(question: str, answer: str) -> int:
+    """CRC-32 of a sample's text, stored with it so that a damaged ``.json`` member is detected."""
+    return zlib.crc32(f"{question}\n{answer}".encode())
 
 
 def encode_frame(frame: np.ndarray, image_format: str = "png") -> bytes:
@@ -95,10 +106,12 @@ def write_shards(
                 raise ValueError(f"sample {i} lacks field 'frames' (or 'encoded_frames')")
             if not encoded:
                 raise ValueError(f"sample {i} has no frames")
-            meta = {"question": question, "answer": answer, "num_frames": len(encoded)}
-            record = {"__key__": f"{i:09d}", "json": json.dumps(meta).encode("utf-8")}
-            for j, (ext, data) in enumerate(encoded):
-                record[f"{j:03d}.{ext}"] = data
+            frames_by_suffix = {f"{j:03d}.{ext}": data for j, (ext, data) in enumerate(encoded)}
+            # Checksums of every stored part: damaged bytes are found on read, never decoded as a sample.
+            crc = {suffix: zlib.crc32(data) for suffix, data in frames_by_suffix.items()}
+            crc[TEXT_CRC] = text_crc32(question, answer)
+            meta = {"question": question, "answer": answer, "num_frames": len(encoded), "crc32": crc}
+            record = {"__key__": f"{i:09d}", "json": json.dumps(meta).encode("utf-8"), **frames_by_suffix}
             writer.write(record)
             name = os.path.basename(writer.fname)
             counts[name] = counts.get(name, 0) + 1
@@ -118,25 +131,48 @@ def write_shards(
         "shards": [{"name": k, "num_samples": v} for k, v in counts.items()],
         "total": total,
     }
-    with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+    # Written last and atomically: its presence marks the folder complete.
+    index_path = os.path.join(out_dir, INDEX_FILE)
+    with open(f"{index_path}.tmp", "w") as f:
         json.dump(index, f, indent=1)
+    os.replace(f"{index_path}.tmp", index_path)
     print(f"[write_shards] done: {total} samples in {len(counts)} shards under {out_dir}", file=sys.stderr)
     return index
 
 
 def _scan_tar(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """[(key, {suffix: (data offset, size)})] of a shard in file order; reads headers only."""
+    """[(key, {suffix: (data offset, size)})] of a shard in file order; reads headers only.
+
+    ShardError naming the file when it is not a complete tar: tarfile stops without an error at a
+    header that is cut off or damaged, so the archive must also end with its end-of-archive block.
+    """
     samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    with tarfile.open(path, "r:") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            base = os.path.basename(m.name)
-            key, _, suffix = base.partition(".")
-            key = os.path.join(os.path.dirname(m.name), key)
-            if not samples or samples[-1][0] != key:
-                samples.append((key, {}))
-            samples[-1][1][suffix] = (m.offset_data, m.size)
+    size, end = os.path.getsize(path), 0
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                blocks = (m.size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE  # data is padded to whole blocks
+                end = m.offset_data + blocks * tarfile.BLOCKSIZE
+                if (stop := m.offset_data + m.size) > size:
+                    raise ShardError(f"{path}: truncated: member {m.name!r} ends at byte {stop} of {size}")
+                if not m.isfile():
+                    continue
+                base = os.path.basename(m.name)
+                key, _, suffix = base.partition(".")
+                key = os.path.join(os.path.dirname(m.name), key)
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, {}))
+                samples[-1][1][suffix] = (m.offset_data, m.size)
+    except tarfile.TarError as exc:
+        raise ShardError(f"{path}: not a readable tar file ({exc}); truncated or damaged?") from None
+    with open(path, "rb") as f:
+        f.seek(end)
+        block = f.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
+        raise ShardError(
+            f"{path}: truncated or damaged after {len(samples)} samples (byte {end} of {size} is not the "
+            "end-of-archive block)"
+        )
     return samples
 
 
@@ -153,9 +189,11 @@ class ShardedVideoDataset:
             raise FileNotFoundError(f"shard folder {path!r} does not exist")
         index_path = os.path.join(path, INDEX_FILE)
         if os.path.exists(index_path):
-            with open(index_path) as f:
-                index = json.load(f)
-            shards = [(s["name"], int(s["num_samples"])) for s in index["shards"]]
+            try:
+                with open(index_path) as f:
+                    shards = [(s["name"], int(s["num_samples"])) for s in json.load(f)["shards"]]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ShardError(f"{index_path}: not a shard index ({type(exc).__name__}: {exc})") from None
         else:
             names = sorted(n for n in os.listdir(path) if n.endswith(".tar"))
             if not names:
@@ -169,10 +207,10 @@ class ShardedVideoDataset:
         for si, (name, expected) in enumerate(shards):
             shard_path = os.path.join(path, name)
             if not os.path.exists(shard_path):
-                raise FileNotFoundError(f"shard {name!r} listed in {index_path} is missing")
+                raise FileNotFoundError(f"{shard_path}: missing (listed in {index_path})")
             members = _scan_tar(shard_path)
             if expected >= 0 and len(members) != expected:
-                raise ValueError(f"shard {name!r} holds {len(members)} samples but {INDEX_FILE} says {expected}")
+                raise ShardError(f"{shard_path}: holds {len(members)} samples but {index_path} says {expected}")
             self.shard_names.append(name)
             self._entries.extend((si, key, m) for key, m in members)
         self._files: dict[int, object] = {}
@@ -197,24 +235,43 @@ class ShardedVideoDataset:
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample index {i} out of range for {len(self)} samples in {self.path!r}")
         shard, key, members = self._entries[i]
-        where = f"{self.shard_names[shard]}:{key}"
+        where = f"{os.path.join(self.path, self.shard_names[shard])}:{key}"
         if "json" not in members:
-            raise ValueError(f"{where}: no {key}.json member")
-        meta = json.loads(self._read(shard, *members["json"]))
+            raise ShardError(f"{where}: no {key}.json member")
+        try:
+            meta = json.loads(self._read(shard, *members["json"]))
+        except ValueError as exc:
+            raise ShardError(f"{where}: {key}.json is not valid JSON ({exc})") from None
+        if not isinstance(meta, dict):
+            raise ShardError(f"{where}: {key}.json is not an object")
         question, answer = sample_text_fields(meta, where)
+        crc = meta.get("crc32", {})  # absent in shards written by other tools: nothing to verify
+        if TEXT_CRC in crc and crc[TEXT_CRC] != text_crc32(question, answer):
+            raise ShardError(f"{where}: {key}.json: the question/answer do not match their CRC-32")
         frame_members = sorted((int(m.group(1)), suffix) for suffix in members if (m := _FRAME_RE.match(suffix)))
         num_frames = int(meta.get("num_frames", len(frame_members)))
         if [j for j, _ in frame_members] != list(range(num_frames)):
-            raise ValueError(
+            raise ShardError(
                 f"{where}: expected frames 000..{num_frames - 1:03d}, found {[s for _, s in frame_members]}"
             )
-        frames = []
-        for _, suffix in frame_members:
-            with Image.open(io.BytesIO(self._read(shard, *members[suffix]))) as im:
-                frames.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        frames = [
+            self._frame(where, suffix, self._read(shard, *members[suffix]), crc.get(suffix))
+            for _, suffix in frame_members
+        ]
         if len({f.shape for f in frames}) != 1:
-            raise ValueError(f"{where}: frames differ in size {sorted({f.shape for f in frames})}")
+            raise ShardError(f"{where}: frames differ in size {sorted({f.shape for f in frames})}")
         return {"frames": np.stack(frames), "question": question, "answer": answer}
+
+    @staticmethod
+    def _frame(where: str, suffix: str, data: bytes, crc: int | None) -> np.ndarray:
+        """One stored frame as uint8 [H, W, 3]; ShardError naming the member if it is damaged or undecodable."""
+        if crc is not None and zlib.crc32(data) != crc:
+            raise ShardError(f"{where}: frame {suffix}: damaged ({len(data)} bytes do not match their CRC-32)")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except Exception as exc:  # decoders of untrusted bytes raise many types (OSError, SyntaxError, zlib.error)
+            raise ShardError(f"{where}: frame {suffix}: cannot be decoded ({type(exc).__name__}: {exc})") from None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -1,28 +1,35 @@
 """Training glue of ``pretrain_mllm.py``: config, data, model set-up, loop, checkpoints, logging."""
 
-import os
 import sys
 
+from ..torchrun import report_error
 from .config import ConfigError, RunConfig, load_config
 from .data import DataError
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    """Entry point: parse flags + YAML, train, return the final metrics (exit 2 on a config error)."""
+    """Entry point: parse flags + YAML, train, return the final metrics.
+
+    Exit status 2 on a config (or unusable checkpoint) or data error, 1 when a checkpoint cannot be
+    written; each is one line on stderr (see ``lvx_megatron.torchrun.report_error``).
+    """
     from .arguments import parse_run_config
 
     try:
         cfg = parse_run_config(argv)
+        from .checkpointing import CheckpointSaveError
         from .loop import Trainer
 
         trainer = Trainer(cfg)
         try:
             return trainer.run()
+        except CheckpointSaveError as exc:
+            report_error(f"checkpoint error: {exc}")
+            sys.exit(1)
         finally:
             trainer.close()
     except (ConfigError, DataError) as exc:
-        if os.environ.get("RANK", "0") == "0":
-            print(str(exc) if isinstance(exc, ConfigError) else f"data error: {exc}", file=sys.stderr)
+        report_error(str(exc) if isinstance(exc, ConfigError) else f"data error: {exc}")
         sys.exit(2)
 
 

@@ -7,7 +7,9 @@ entry point does not use is an error rather than silently ignored.
 """
 
 import argparse
-from typing import Any
+import difflib
+import re
+from typing import Any, NoReturn
 
 from .config import ConfigError, RunConfig, load_config
 
@@ -43,11 +45,44 @@ FLAG_FIELDS: dict[str, str] = {
 }
 
 
+# Flags handled outside FLAG_FIELDS.
+_OTHER_FLAGS = ("config", "wandb_mode", "bf16", "help")
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one-line ConfigErrors naming the flag.
+
+    argparse's own ``error`` prints the whole usage first, which for Megatron-LM's flags is
+    hundreds of lines above the one that matters.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        if m := re.fullmatch(r"argument (\S+): (.*)", message):
+            raise ConfigError(f"config error: {m[1]}: {m[2]}")
+        if m := re.fullmatch(r"the following arguments are required: (.*)", message):
+            raise ConfigError(f"config error: {m[1]}: required")
+        raise ConfigError(f"config error: {message}")
+
+
+def _unknown_argument(parser: argparse.ArgumentParser, arg: str) -> ConfigError:
+    """The error for the first argument the parser does not know, with the closest flag we use."""
+    if not arg.startswith("-"):
+        return ConfigError(f"config error: {arg!r}: unexpected argument; pretrain_mllm.py takes only flags")
+    flag = arg.split("=", 1)[0]
+    used = [s for a in parser._actions if a.dest in FLAG_FIELDS or a.dest in _OTHER_FLAGS for s in a.option_strings]
+    close = difflib.get_close_matches(flag, used, n=1)
+    hint = f"did you mean {close[0]}?" if close else "pretrain_mllm.py --help lists the flags"
+    return ConfigError(f"config error: {flag}: unknown flag ({hint})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Megatron-LM's parser plus ``--config`` and ``--wandb-mode``; no defaults are filled in."""
+    """Megatron-LM's parser plus ``--config`` and ``--wandb-mode``; no defaults are filled in.
+
+    Its errors are one-line ConfigErrors (see :class:`_OneLineErrorParser`).
+    """
     from megatron.training.arguments import add_megatron_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="pretrain_mllm.py",
         description="Train a Llama-3.2-Vision-style model with context-parallel cross-attention.",
         allow_abbrev=False,
@@ -85,7 +120,10 @@ def overrides_from_flags(flags: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_run_config(argv: list[str] | None = None) -> RunConfig:
-    """Parse the command line and return the validated run config."""
-    args = build_parser().parse_args(argv)
+    """Parse the command line and return the validated run config; ConfigError (one line) if either is bad."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise _unknown_argument(parser, unknown[0])
     flags = vars(args)
     return load_config(flags["config"], overrides_from_flags(flags))

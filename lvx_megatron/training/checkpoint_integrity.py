@@ -2,14 +2,17 @@
 
 After all ranks wrote a checkpoint, each rank checksums the files it wrote and rank 0 writes
 ``manifest.json`` (before the tracker file names the checkpoint). On load the files are checked
-against it, spread over the ranks; a truncated or corrupted checkpoint is reported and the newest
-older one that is intact is used instead. ``checkpoint.keep_last`` removes older checkpoints.
+against it, spread over the ranks; a truncated or corrupted checkpoint (or manifest) is reported
+and the newest older one that is intact is used instead. ``checkpoint.keep_last`` removes older
+checkpoints.
 """
 
 import json
+import os
 import re
 import shutil
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
@@ -33,6 +36,38 @@ def _mine(name: str, rank: int, world: int) -> bool:
     return owner % world == rank
 
 
+def on_rank0(action: Callable[[], None]) -> None:
+    """Run ``action`` on rank 0 and raise its exception on every rank (collective).
+
+    A file operation that fails on rank 0 alone (a full disk) must not leave the other ranks
+    waiting in the next collective: they all raise it together.
+    """
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            action()
+        except Exception as exc:
+            error = exc
+    errors = [error]
+    dist.broadcast_object_list(errors, src=0)
+    if errors[0] is not None:
+        raise errors[0]
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` by a file holding ``text``: written and synced under a temporary name, then renamed,
+    so a reader sees the old file or the new one, never a partial one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _gather_checksums(path: Path, names: list[str]) -> dict[str, list[int]]:
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = {n: [(path / n).stat().st_size, _crc32(path / n)] for n in names if _mine(n, rank, world)}
@@ -45,25 +80,33 @@ def write_manifest(path: Path) -> None:
     """Checksum every file of the checkpoint at ``path`` and write its manifest (collective)."""
     names = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST)
     files = _gather_checksums(path, names)
-    if dist.get_rank() == 0:
-        tmp = path / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
-        tmp.replace(path / MANIFEST)
-    dist.barrier()
+    on_rank0(lambda: write_atomically(path / MANIFEST, json.dumps({"files": files}, indent=1, sort_keys=True)))
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, list[int]] | None, str]:
+    """The manifest's ``{file: [size, crc32]}``, or None and why it cannot be used."""
+    try:
+        files = json.loads((path / MANIFEST).read_bytes())["files"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        return None, f"{MANIFEST} is unreadable or not valid JSON (truncated or corrupted?): {type(exc).__name__}"
+    valid = isinstance(files, dict) and all(
+        isinstance(entry, list) and len(entry) == 2 and all(type(v) is int for v in entry) for entry in files.values()
+    )
+    if not valid or not files:
+        return None, f"{MANIFEST} does not list files as {{name: [size, crc32]}} (corrupted?)"
+    return files, ""
 
 
 def verify(path: Path) -> str | None:
     """None if the checkpoint at ``path`` matches its manifest, else what is wrong (collective).
 
-    A checkpoint without a manifest (written by an older version or imported) is not checked.
+    A checkpoint without a manifest (written before manifests existed) is not checked; the caller says so.
     """
-    manifest = path / MANIFEST
-    if not manifest.is_file():
+    if not (path / MANIFEST).is_file():
         return None
-    expected = json.loads(manifest.read_text())["files"]
+    expected, problem = _read_manifest(path)
     rank, world = dist.get_rank(), dist.get_world_size()
-    problem = ""
-    for name in sorted(expected):
+    for name in sorted(expected or {}):
         if not _mine(name, rank, world):
             continue
         file = path / name
@@ -73,7 +116,7 @@ def verify(path: Path) -> str | None:
         elif file.stat().st_size != size:
             problem = f"{name} has {file.stat().st_size} bytes, the manifest says {size} (truncated?)"
         elif _crc32(file) != crc:
-            problem = f"{name} fails its CRC-32 check (corrupted)"
+            problem = f"{name} fails its CRC-32 check against {MANIFEST} (corrupted)"
         if problem:
             break
     problems = [None] * world
@@ -93,13 +136,16 @@ def complete_iterations(root: Path) -> list[int]:
 
 
 def rotate(root: Path, keep_last: int, current: int) -> list[Path]:
-    """Delete complete checkpoints older than the newest ``keep_last`` (rank 0 only; 0 keeps all)."""
+    """Delete complete checkpoints older than the newest ``keep_last`` (rank 0 only; 0 keeps all).
+
+    Folders newer than ``current`` are left alone and not counted: they are not this run's (a run that
+    was set back, or a stale tracker), and the run replaces each one when it saves that iteration again.
+    """
     if keep_last <= 0 or dist.get_rank() != 0:
         return []
     removed = []
-    for iteration in complete_iterations(root)[keep_last:]:
-        if iteration != current:
-            path = root / f"iter_{iteration:07d}"
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+    for iteration in [i for i in complete_iterations(root) if i <= current][keep_last:]:
+        path = root / f"iter_{iteration:07d}"
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed

@@ -2,29 +2,57 @@
 
 Layout (Megatron-LM's): ``<save>/iter_0000100/`` holds one distributed checkpoint (model,
 optimizer, LR scheduler, iteration) and ``<save>/latest_checkpointed_iteration.txt`` names the
-newest complete one. The tracker is replaced atomically only after every rank finished writing
-and the checkpoint's manifest (sizes and CRC-32 of its files) exists, so a crash during a save
-leaves the previous checkpoint as the one that is resumed; a checkpoint damaged later is detected
-on load and the newest older intact one is used (:mod:`.checkpoint_integrity`).
+newest complete one. A save writes ``iter_0000100.saving/``, checksums it into its manifest
+(sizes and CRC-32 of its files), renames it to ``iter_0000100/`` (moving a damaged or stale folder
+of that name aside first) and replaces the tracker atomically last, so a crash or a full disk
+during a save leaves the previous checkpoint as the one that is resumed. Every loader of these
+checkpoints (training, ``tools/convert_hf_checkpoint.py export``, ``tools/mllama_forward.py``)
+goes through :func:`newest_intact`: a checkpoint damaged later is detected against its manifest
+and the newest older intact one is used (:mod:`.checkpoint_integrity`).
 
 Parameters are saved as sharded tensors in global (unsplit) coordinates and the distributed
 optimizer's state in its "fully reshardable" per-parameter form, so a checkpoint loads into any tensor,
 pipeline or context-parallel layout and any data-parallel size.
 """
 
-import os
+import contextlib
+import logging
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from torch.distributed.checkpoint.api import CheckpointException
 
-from .checkpoint_integrity import complete_iterations, rotate, verify, write_manifest
+from .checkpoint_integrity import (
+    MANIFEST,
+    complete_iterations,
+    on_rank0,
+    rotate,
+    verify,
+    write_atomically,
+    write_manifest,
+)
 from .config import ConfigError, RunConfig
 from .setup import TrainState
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# Suffixes of a save in progress and of the folder it replaces; never loaded, removed by the next save.
+SAVING, REPLACED = ".saving", ".replaced"
+# What a failed checkpoint read or write raises: torch.distributed.checkpoint gathers the ranks'
+# errors into a CheckpointException, which derives from BaseException, not Exception.
+CHECKPOINT_ERRORS = (Exception, CheckpointException)
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk); the message is one line naming the folder.
+
+    The unfinished folder is removed; the previous checkpoint and the tracker are as they were.
+    """
 
 
 def _optimizer_format(state: TrainState) -> dict:
@@ -40,18 +68,25 @@ def _optimizer_format(state: TrainState) -> dict:
 
 
 def checkpoint_dir(root: str | Path, iteration: int) -> Path:
+    """The folder of the checkpoint of ``iteration`` under ``root``."""
     return Path(root) / f"iter_{iteration:07d}"
 
 
-def latest_iteration(root: str | Path) -> int | None:
-    """The newest complete checkpoint's iteration under ``root``, or None."""
-    tracker = Path(root) / TRACKER
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
+def _read_tracker(root: Path) -> tuple[int | None, str]:
+    """The iteration the tracker names, or None and why there is none."""
+    tracker = root / TRACKER
+    try:
+        text = tracker.read_bytes().decode("ascii", errors="replace").strip()
+    except FileNotFoundError:
+        return None, f"{TRACKER} is missing"
     if not text.isdigit():
-        raise ConfigError(f"config error: checkpoint.load: {tracker} does not hold an iteration number: {text!r}")
-    return int(text)
+        return None, f"{TRACKER} does not hold an iteration number ({text!r}: damaged?)"
+    return int(text), ""
+
+
+def _say(text: str) -> None:
+    if dist.get_rank() == 0:
+        print(text, flush=True)
 
 
 def _materialize_adam_state(optimizer) -> None:
@@ -113,55 +148,205 @@ def _sharded_state(state: TrainState, is_loading: bool) -> dict:
     }
 
 
-def save_checkpoint(state: TrainState, cfg: RunConfig, iteration: int, root: str | Path) -> Path:
-    """Write the checkpoint of ``iteration`` under ``root`` (collective over all ranks)."""
-    path = checkpoint_dir(root, iteration)
+def _untimed(name: str) -> AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def _prepare(root: Path, staging: Path) -> None:
+    """An empty ``staging`` folder; the leftovers of interrupted saves (never loaded) are removed."""
+    for leftover in [*root.glob(f"iter_*{SAVING}"), *root.glob(f"iter_*{REPLACED}")]:
+        shutil.rmtree(leftover)
+    staging.mkdir(parents=True)
+
+
+def _set_aside(path: Path) -> None:
+    """Rename a folder already at ``path`` (damaged, or a stale one of the same iteration) out of the way.
+
+    One rename, not a deletion: a crash while deleting would leave a half-deleted folder under the
+    checkpoint's own name.
+    """
+    if path.exists():
+        path.rename(path.with_name(path.name + REPLACED))
+
+
+def _publish(staging: Path, path: Path) -> None:
+    staging.rename(path)
+    shutil.rmtree(path.with_name(path.name + REPLACED), ignore_errors=True)
+
+
+class _Collect(logging.Handler):
+    def __init__(self, messages: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.messages = messages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _writer_errors() -> Iterator[list[str]]:
+    """The errors megatron's checkpoint writer logs meanwhile, kept off the console (reported once, by us).
+
+    Its writer threads catch a failed file write (a full disk), log it and raise a RuntimeError
+    that holds only the exception's class: the log is the one place that keeps ``[Errno 28] No
+    space left on device``.
+    """
+    log = logging.getLogger(filesystem_async.__name__)
+    messages: list[str] = []
+    handler, propagate = _Collect(messages), log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield messages
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed save, also inside torch.distributed.checkpoint's per-rank failures."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, CheckpointException):
+        for failure, _ in exc.failures.values():
+            if found := _os_error(failure):
+                return found
+    return None
+
+
+def _file_system_reason(exc: BaseException, logged: list[str]) -> str | None:
+    """What failed when a save failed writing files, else None (a bug: its traceback is kept)."""
+    if error := _os_error(exc):
+        return str(error)
+    if not isinstance(exc, CheckpointException):
+        return None
+    # megatron raises it on every rank together, with the details on the rank that failed: gather them.
+    reasons = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, logged[0] if logged else None)
+    return next((r for r in reasons if r), None)
+
+
+def _save_failed(
+    root: Path, path: Path, staging: Path, exc: BaseException, logged: list[str]
+) -> CheckpointSaveError | None:
+    """Remove what an unfinished save left; the one-line error to raise for a file-system failure, else None."""
+    unfinished = staging.exists()
     if dist.get_rank() == 0:
-        if path.exists():  # left by a run that crashed after this iteration, or an older run
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-    dist.barrier()
+        shutil.rmtree(staging, ignore_errors=True)
+    reason = _file_system_reason(exc, logged)
+    if reason is None:
+        return None
+    tracked, _ = _read_tracker(root)
+    kept = f"removed the unfinished {staging.name}" if unfinished else f"{path.name} is complete but not tracked"
+    tracker = f"{root / TRACKER} still names iter_{tracked:07d}" if tracked is not None else "nothing is tracked yet"
+    return CheckpointSaveError(f"could not save {path}: {reason}; {kept}; {tracker}")
+
+
+def write_checkpoint(
+    sharded: dict,
+    root: str | Path,
+    iteration: int,
+    phase: Callable[[str], AbstractContextManager] = _untimed,
+) -> Path:
+    """Write the distributed checkpoint ``sharded`` as ``root/iter_<iteration>`` and track it (collective).
+
+    ``phase(name)`` wraps each step (the training loop's hang watchdog names the step that hangs).
+    A file-system failure (a full disk) raises :class:`CheckpointSaveError` on every rank, after
+    removing the unfinished folder; the previous checkpoint and the tracker are not touched.
+    """
+    root = Path(root)
+    path = checkpoint_dir(root, iteration)
+    staging = path.with_name(path.name + SAVING)
+    logged: list[str] = []
+    try:
+        with phase("prepare"):
+            on_rank0(lambda: _prepare(root, staging))
+        with phase("write"), _writer_errors() as logged:
+            dist_checkpointing.save(sharded, str(staging))
+        with phase("manifest"):
+            write_manifest(staging)
+        with phase("set aside"):
+            on_rank0(lambda: _set_aside(path))
+        with phase("publish"):
+            on_rank0(lambda: _publish(staging, path))
+        with phase("tracker"):  # last: until here the tracker names the previous checkpoint
+            on_rank0(lambda: write_atomically(root / TRACKER, str(iteration)))
+    except CHECKPOINT_ERRORS as exc:
+        error = _save_failed(root, path, staging, exc, logged)
+        if error is None:
+            raise
+        raise error from exc
+    return path
+
+
+def save_checkpoint(
+    state: TrainState,
+    cfg: RunConfig,
+    iteration: int,
+    root: str | Path,
+    phase: Callable[[str], AbstractContextManager] = _untimed,
+) -> Path:
+    """Write the training checkpoint of ``iteration`` under ``root`` (:func:`write_checkpoint`), then
+    delete the checkpoints beyond ``checkpoint.keep_last`` (collective over all ranks)."""
     sharded = _sharded_state(state, is_loading=False)
     sharded["scheduler"] = state.scheduler.state_dict()
     sharded["iteration"] = iteration
     sharded["run_config"] = cfg.model_dump(mode="json")
-    dist_checkpointing.save(sharded, str(path))
-    dist.barrier()
-    write_manifest(path)
-    if dist.get_rank() == 0:
-        tmp = Path(root) / (TRACKER + ".tmp")
-        tmp.write_text(str(iteration))
-        os.replace(tmp, Path(root) / TRACKER)
-    rotate(Path(root), cfg.checkpoint.keep_last, iteration)
+    path = write_checkpoint(sharded, root, iteration, phase)
+    with phase("rotate"):
+        rotate(Path(root), cfg.checkpoint.keep_last, iteration)
     dist.barrier()
     return path
 
 
-def newest_intact(root: str | Path) -> tuple[int, Path] | None:
-    """The tracker's checkpoint if it is intact, else the newest older intact one (collective).
+def newest_intact(root: str | Path, setting: str = "checkpoint.load") -> tuple[int, Path] | None:
+    """The checkpoint to load under ``root``: the tracker's if it is intact, else the newest older intact
+    one (collective). Every checkpoint passed over is printed with the reason.
 
-    None when ``root`` holds no checkpoint yet; ConfigError when none of them is intact.
+    A missing or unreadable tracker falls back to the newest checkpoint that has a manifest.
+    Checkpoints newer than the tracker are not used (their save did not finish, or the tracker was
+    set back on purpose). None when ``root`` holds no checkpoint; ConfigError naming ``setting`` and
+    every problem when none is intact.
     """
-    tracked = latest_iteration(root)
+    root = Path(root)
+    tracked, problem = _read_tracker(root)
+    complete = complete_iterations(root)
     if tracked is None:
-        return None
-    candidates = [tracked] + [i for i in complete_iterations(Path(root)) if i < tracked]
-    problems = []
+        if not complete and not (root / TRACKER).exists():
+            return None
+        _say(f"checkpoint: {root}: {problem}; using the newest intact checkpoint")
+        candidates, problems = complete, [problem]
+    else:
+        newer = [f"iter_{i:07d}" for i in complete if i > tracked]
+        if newer:
+            _say(
+                f"checkpoint: {', '.join(newer)} under {root} are newer than the tracker's iteration {tracked}; not "
+                "used (their save did not finish, or the tracker was set back)"
+            )
+        candidates, problems = [tracked] + [i for i in complete if i < tracked], []
     for iteration in candidates:
         path = checkpoint_dir(root, iteration)
         problem = verify(path) if path.is_dir() else "the folder is missing"
         if problem is None:
+            if not (path / MANIFEST).is_file():
+                _say(f"checkpoint {path} has no {MANIFEST} (saved before manifests existed?): loaded unchecked")
             return iteration, path
         problems.append(f"{path.name}: {problem}")
-        if dist.get_rank() == 0:
-            print(f"checkpoint {path} is not intact ({problem}); trying the previous one", flush=True)
-    raise ConfigError(f"config error: checkpoint.load: no intact checkpoint under {root} ({'; '.join(problems)})")
+        _say(f"checkpoint {path} is not intact ({problem}); trying an older one")
+    raise ConfigError(f"config error: {setting}: no intact checkpoint under {root} ({'; '.join(problems)})")
 
 
-def _mismatch(path: Path, exc: Exception) -> ConfigError:
+def _first_line(exc: BaseException) -> str:
+    """The first line of what went wrong, looking inside torch.distributed.checkpoint's per-rank failures."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        return _first_line(next(iter(exc.failures.values()))[0])
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _mismatch(path: Path, exc: BaseException) -> ConfigError:
     return ConfigError(
         f"config error: checkpoint.load: {path} does not match this model (architecture or vocabulary "
-        f"differ?): {str(exc).splitlines()[0]}"
+        f"differ?): {_first_line(exc)}"
     )
 
 
@@ -178,7 +363,7 @@ def load_model_weights(mllama, path: str | Path) -> None:
     sharded = {"model": mllama.sharded_state_dict(metadata={"non_homogeneous_layers": True})}
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
-    except Exception as exc:
+    except CHECKPOINT_ERRORS as exc:
         raise _mismatch(Path(path), exc) from exc
     mllama.load_state_dict(loaded["model"])
 
@@ -191,6 +376,7 @@ def load_checkpoint(state: TrainState, root: str | Path) -> int:
     """
     found = newest_intact(root)
     if found is None:  # Megatron-LM's convention: --load == --save, nothing there yet
+        _say(f"--load {root}: no checkpoint there, starting fresh")
         return 0
     _, path = found
     if is_model_only(path):
@@ -207,7 +393,7 @@ def load_checkpoint(state: TrainState, root: str | Path) -> int:
     sharded = _sharded_state(state, is_loading=True)
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
-    except Exception as exc:
+    except CHECKPOINT_ERRORS as exc:
         raise _mismatch(path, exc) from exc
     state.mllama.load_state_dict(loaded["model"])
     _load_optimizer(state.optimizer, loaded["optimizer"])

@@ -5,6 +5,7 @@ one line naming the field, e.g. ``config error: model.text.hidden_size: Input sh
 than 0 (got -4)``.
 """
 
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,18 @@ from ..ops.api import TWO_LEVEL_STRATEGIES
 
 class ConfigError(ValueError):
     """A bad configuration; the message is one line that names the field."""
+
+
+class FieldError(ValueError):
+    """A section validator's complaint about ``field`` (dotted, relative to the section).
+
+    The one-line message appends ``field`` to the section's location, so every check that spans
+    several fields still names the one to change: ``config error: model.vision.patch_size: ...``.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class _Section(BaseModel):
@@ -64,13 +77,24 @@ class TextModelConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> "TextModelConfig":
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads")
+            raise FieldError(
+                "num_attention_heads",
+                f"must divide hidden_size ({self.hidden_size}), got {self.num_attention_heads}",
+            )
         groups = self.num_query_groups or self.num_attention_heads
         if self.num_attention_heads % groups:
-            raise ValueError(f"num_attention_heads must be divisible by num_query_groups ({groups})")
-        bad = [i for i in self.cross_attention_layers if not 0 <= i < self.num_layers]
-        if bad:
-            raise ValueError(f"cross_attention_layers {bad} outside [0, num_layers={self.num_layers})")
+            raise FieldError(
+                "num_query_groups", f"must divide num_attention_heads ({self.num_attention_heads}), got {groups}"
+            )
+        layers = self.cross_attention_layers
+        problems = [f"{i} out of range" for i in sorted(set(layers)) if not 0 <= i < self.num_layers]
+        problems += [f"{i} repeated" for i in sorted(set(layers)) if layers.count(i) > 1]
+        if problems:
+            raise FieldError(
+                "cross_attention_layers",
+                f"must be distinct decoder layer indices in [0, num_layers={self.num_layers}), "
+                f"got {layers} ({', '.join(problems)})",
+            )
         return self
 
 
@@ -123,14 +147,14 @@ class CrossAttentionSettings(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "CrossAttentionSettings":
-        allowed = [*sorted(STRATEGIES), *sorted(TWO_LEVEL_STRATEGIES)]
+        allowed = ["auto", *sorted(STRATEGIES), *sorted(TWO_LEVEL_STRATEGIES)]
         for name in [self.strategy] if isinstance(self.strategy, str) else self.strategy:
-            if name not in allowed and name != "auto":
-                raise ValueError(f"strategy must be 'auto' or one of {allowed}, got {name!r}")
+            if name not in allowed:
+                raise FieldError("strategy", f"must be one of {allowed} (or a list, one per layer), got {name!r}")
             if name == "hierarchical" and self.ranks_per_node is None:
-                raise ValueError("strategy 'hierarchical' needs ranks_per_node (CP ranks per node)")
+                raise FieldError("ranks_per_node", "required by strategy 'hierarchical' (the CP ranks of one node)")
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+            raise FieldError("backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
         return self
 
 
@@ -179,13 +203,18 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
         arch, v, x = self.architecture, self.vision, self.cross_attention
+        layers = self.text.cross_attention_layers
+        if isinstance(x.strategy, list) and len(x.strategy) != len(layers):
+            raise FieldError(
+                "cross_attention.strategy",
+                f"needs one entry per cross-attention layer ({len(layers)}: model.text.cross_attention_layers = "
+                f"{layers}) or a single name, got {x.strategy}",
+            )
         if arch == "mllama":
-            if v.num_global_layers is None:
-                raise ValueError("vision.num_global_layers is required for architecture 'mllama'")
+            _check_mllama_vision(v)
             unused = {"vision.feature_layer": v.feature_layer != -1, "perceiver": self.perceiver}
         else:
-            if v.max_num_tiles != 1:
-                raise ValueError(f"vision.max_num_tiles must be 1 for architecture {arch!r} (one tile per image)")
+            _check_vit(v, arch)
             unused = {
                 "vision.num_global_layers": v.num_global_layers is not None,
                 "vision.intermediate_layers_indices": v.intermediate_layers_indices,
@@ -197,8 +226,42 @@ class ModelConfig(_Section):
             unused["perceiver"] = self.perceiver
         for field, given in unused.items():
             if given:
-                raise ValueError(f"{field} is not used by architecture {arch!r}; leave it out")
+                raise FieldError(field, f"not used by architecture {arch!r}; leave it out")
         return self
+
+
+def _check_mllama_vision(v: VisionModelConfig) -> None:
+    """What the mllama vision encoder needs beyond the field types (see models/mllama_vision.py)."""
+    if v.num_global_layers is None:
+        raise FieldError("vision.num_global_layers", "required for architecture 'mllama'")
+    if v.image_size % v.patch_size:
+        divisors = [d for d in range(1, v.image_size + 1) if v.image_size % d == 0]
+        raise FieldError(
+            "vision.patch_size",
+            f"must divide vision.image_size ({v.image_size}) for architecture 'mllama': one of {divisors}, "
+            f"got {v.patch_size}",
+        )
+    indices = v.intermediate_layers_indices
+    if not indices or any(not 0 <= i < v.num_hidden_layers for i in indices):
+        raise FieldError(
+            "vision.intermediate_layers_indices",
+            "must be a non-empty list of local vision layer indices in "
+            f"[0, vision.num_hidden_layers={v.num_hidden_layers}), got {indices}",
+        )
+
+
+def _check_vit(v: VisionModelConfig, arch: str) -> None:
+    """What the CLIP/SigLIP towers need beyond the field types (see models/vit.py)."""
+    if v.max_num_tiles != 1:
+        raise FieldError("vision.max_num_tiles", f"must be 1 for architecture {arch!r} (one tile per image)")
+    # Not necessarily a divisor: SigLIP so400m-patch14-384 drops the last 6 pixels.
+    if v.patch_size > v.image_size:
+        raise FieldError("vision.patch_size", f"must be in [1, vision.image_size={v.image_size}], got {v.patch_size}")
+    if v.feature_layer < -v.num_hidden_layers:
+        raise FieldError(
+            "vision.feature_layer",
+            f"must be in [-vision.num_hidden_layers, -1] = [{-v.num_hidden_layers}, -1], got {v.feature_layer}",
+        )
 
 
 class DataConfig(_Section):
@@ -220,6 +283,16 @@ class DataConfig(_Section):
     tokenizer_path: str | None = None
     seed: int = 0
     max_bad_samples: int = Field(100, ge=0)  # unreadable/invalid samples skipped before the run aborts
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.tokenizer == "huggingface" and not self.tokenizer_path:
+            raise FieldError(
+                "tokenizer_path",
+                "required by tokenizer 'huggingface' (a local transformers tokenizer folder); "
+                "the tokenizers without one: words, bytes",
+            )
+        return self
 
 
 class ParallelConfig(_Section):
@@ -250,17 +323,22 @@ class TrainingConfig(_Section):
     exit_interval: int = Field(0, ge=0)  # stop (after saving) when iteration % exit_interval == 0
     max_skipped_steps: int = Field(10, ge=0)  # iterations with non-finite loss/grads skipped before stopping
     hang_timeout_s: float = Field(1800.0, ge=0)  # a loop phase without progress this long aborts (0: off)
+    # Cross-attention's time share is measured on iterations that are multiples of this (0: never);
+    # those steps synchronise the device and are left out of step_s, tokens/s and MFU.
+    xattn_timing_interval: int = Field(50, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingConfig":
         if self.lr_warmup_iters >= self.train_iters:
-            raise ValueError(f"lr_warmup_iters ({self.lr_warmup_iters}) must be < train_iters ({self.train_iters})")
+            raise FieldError(
+                "lr_warmup_iters", f"must be < train_iters ({self.train_iters}), got {self.lr_warmup_iters}"
+            )
         if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+            raise FieldError("min_lr", f"must be <= lr ({self.lr}), got {self.min_lr}")
         if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size "
-                f"({self.micro_batch_size})"
+            raise FieldError(
+                "global_batch_size",
+                f"must be a multiple of micro_batch_size ({self.micro_batch_size}), got {self.global_batch_size}",
             )
         return self
 
@@ -298,7 +376,11 @@ class RunConfig(_Section):
 
 def _one_line(error: ValidationError) -> str:
     first = error.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    loc = [str(p) for p in first["loc"]]
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, FieldError):
+        loc.append(cause.field)
+    loc = ".".join(loc) or "<top level>"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field (check the spelling; see the config reference in README.md)"
@@ -318,15 +400,44 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error (PyYAML keeps the
+    last one, so a second ``training:`` section would silently drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # the base class reports it
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key {key!r} (first at line {first_line[key]})", problem_mark=key_node.start_mark
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> ConfigError:
+    """``config error: FILE:LINE:COLUMN: not valid YAML: problem (context)``, 1-based like editors."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} at line {context_mark.line + 1})"
+    return ConfigError(f"config error: {where}: not valid YAML: {problem}")
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read and validate ``path``; ``overrides`` maps dotted field names to values that win."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config error: --config: no such file {str(path)!r}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # a SafeLoader
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config error: {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise _yaml_error(path, exc) from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config error: {path}: the top level must be a mapping of sections")
     for dotted, value in (overrides or {}).items():

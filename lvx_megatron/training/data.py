@@ -6,6 +6,7 @@ Every rank of a data-parallel replica (its TP, CP and PP ranks) reads the same m
 """
 
 import json
+import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch.distributed as dist
 
 from ..data.batch import collate, encode_sample
 from ..data.sampler import micro_batches
-from ..data.shards import ShardedVideoDataset, write_shards
+from ..data.shards import INDEX_FILE, ShardedVideoDataset, ShardError, write_shards
 from ..data.tokenizer import Tokenizer, build_tokenizer
 from ..data.video_qa import GENERATOR_VERSION, VideoQAGenerator
 from .config import ConfigError, RunConfig
@@ -36,39 +37,86 @@ def _synthetic_settings(cfg: RunConfig) -> dict:
     }
 
 
-def _generate_synthetic(cfg: RunConfig, root: Path) -> None:
-    """Write the generated video QA splits into ``root`` (replacing a copy made with other settings)."""
-    d = cfg.data
+def _split_problem(path: Path, num_samples: int) -> str | None:
+    """Why the generated split in ``path`` is unusable (None: it is complete)."""
+    if not (path / INDEX_FILE).is_file():  # write_shards writes it last
+        return f"no {INDEX_FILE}: its generation did not finish"
+    try:
+        found = len(ShardedVideoDataset(str(path)))
+    except (ShardError, OSError) as exc:
+        return str(exc)
+    return None if found == num_samples else f"{found} clips instead of {num_samples}"
+
+
+def ensure_synthetic(cfg: RunConfig) -> None:
+    """Make ``data.path`` hold the generated video QA splits of ``cfg``'s settings (one process only).
+
+    ``settings.json`` says what the splits were made with. It is removed before anything is
+    regenerated and written last, atomically, so after an interruption at any point it never
+    vouches for splits that were not all made with it; a split that is incomplete or damaged
+    anyway is regenerated, saying why.
+    """
+    d, root = cfg.data, Path(cfg.data.path)
+    settings, wanted = root / SETTINGS, _synthetic_settings(cfg)
+    try:
+        current = json.loads(settings.read_text()) == wanted
+    except (OSError, ValueError):  # missing, or half-written by an older version
+        current = False
+    stale = f"made with other data settings ({SETTINGS})"
+    if not current and settings.exists():
+        settings.unlink()
+    elif not current:
+        stale = f"no {SETTINGS}: an earlier generation did not finish"
     counts = {"train": d.train_samples, "eval": d.eval_samples}
     for split in SPLITS:
-        shutil.rmtree(root / split, ignore_errors=True)
-        print(f"generating the synthetic video QA {split} split ({counts[split]} clips) in {root / split}", flush=True)
+        path = root / split
+        if current:
+            problem = _split_problem(path, counts[split])
+            if problem is None:
+                continue
+        else:
+            problem = stale if path.exists() else None
+        action = f"regenerating ({problem})" if problem else "generating"
+        print(f"{action} the synthetic video QA {split} split ({counts[split]} clips) in {path}", flush=True)
+        shutil.rmtree(path, ignore_errors=True)
         gen = VideoQAGenerator(counts[split], d.max_images, d.frame_size, seed=d.seed, split=split)
-        write_shards(gen, str(root / split), samples_per_shard=1024, log_every=1024)
-    (root / SETTINGS).write_text(json.dumps(_synthetic_settings(cfg), indent=1))
+        write_shards(gen, str(path), samples_per_shard=1024, log_every=1024)
+    if not current:
+        tmp = root / f"{SETTINGS}.tmp"
+        tmp.write_text(json.dumps(wanted, indent=1))
+        os.replace(tmp, settings)
 
 
 def prepare_datasets(cfg: RunConfig) -> dict[str, ShardedVideoDataset]:
-    """The train and eval datasets; the synthetic one is generated (by global rank 0) when missing or stale."""
+    """The train and eval datasets; the synthetic one is generated (by global rank 0) when missing or stale.
+
+    DataError naming the file when a shard folder cannot be read.
+    """
     d = cfg.data
     root = Path(d.path)
     if d.kind == "synthetic_video_qa":
-        settings = root / SETTINGS
-        current = settings.is_file() and json.loads(settings.read_text()) == _synthetic_settings(cfg)
-        if not current and dist.get_rank() == 0:
-            _generate_synthetic(cfg, root)
+        if dist.get_rank() == 0:
+            ensure_synthetic(cfg)
         dist.barrier()
     for split in SPLITS:
-        if not (root / split / "index.json").is_file():
+        if not (root / split / INDEX_FILE).is_file():
             raise ConfigError(
-                f"config error: data.path: {root / split} holds no shards (index.json); make them with "
+                f"config error: data.path: {root / split} holds no shards ({INDEX_FILE}); make them with "
                 "tools/folder_to_wds.py or tools/make_video_qa.py"
             )
-    return {split: ShardedVideoDataset(str(root / split)) for split in SPLITS}
+    try:
+        return {split: ShardedVideoDataset(str(root / split)) for split in SPLITS}
+    except (ShardError, OSError) as exc:
+        raise DataError(str(exc)) from None
 
 
 def make_tokenizer(cfg: RunConfig) -> Tokenizer:
-    return build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
+    """The run's tokenizer; ConfigError naming ``data.tokenizer_path`` when it cannot be loaded."""
+    try:
+        return build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
+    except (ValueError, OSError) as exc:
+        message = " ".join(str(exc).split())  # transformers' messages span several lines
+        raise ConfigError(f"config error: data.tokenizer_path: {message}") from None
 
 
 class DataError(RuntimeError):

@@ -10,8 +10,8 @@ every parallel layout computes the same numbers.
 import math
 import resource
 import signal
-import time
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.training.dist_signal_handler import DistributedSignalHandler
 
 from ..models.sharding import text_range
-from .checkpointing import latest_iteration, load_checkpoint, save_checkpoint
+from .checkpointing import load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .data import BatchSource, make_tokenizer, prepare_datasets
 from .flops import flops_per_sample, peak_flops, visual_tokens_per_image
@@ -28,7 +28,7 @@ from .layout import validate_layout
 from .run_logger import RunLogger
 from .setup import TrainState, build_train_state, init_distributed
 from .watchdog import HangWatchdog
-from .xattn_timer import CrossAttentionTimer
+from .xattn_timer import CrossAttentionTimer, StepTimer, device_sync
 
 _MODEL_INPUTS = (
     "tokens",
@@ -98,19 +98,26 @@ class Trainer:
             cfg, self.datasets["eval"], self.tokenizer, dp_rank, dp_size, cfg.data.seed + 1, verbose
         )
         self.logger = RunLogger(cfg, writer=dist.get_rank() == 0)
-        self.timer = CrossAttentionTimer(self.state.mllama, self.device)
+        sync = device_sync(self.device)
+        self.step_timer = StepTimer(
+            CrossAttentionTimer(self.state.mllama, sync), cfg.training.xattn_timing_interval, sync
+        )
         self.flops_per_sample = flops_per_sample(cfg, self.state.mllama.text.padded_vocab_size)
         self.peak = peak_flops(self.device)
         self.iteration = 0
         self.skipped_steps = 0
         self.watchdog = HangWatchdog(cfg.training.hang_timeout_s, dist.get_rank())
-        load = cfg.checkpoint.load
+        # The iteration of the intact checkpoint this run has under checkpoint.save (loaded or saved by it):
+        # a save at that iteration would write the same state again. Not the tracker's iteration: when the
+        # tracked checkpoint was damaged or missing, the run resumed from an older one and must save again.
+        self.checkpointed_iteration: int | None = None
+        load, save = cfg.checkpoint.load, cfg.checkpoint.save
         if load:
             self.iteration = load_checkpoint(self.state, load)
             if self.iteration:
                 self.logger.console(f"--load {load}: resumed at iteration {self.iteration}")
-            elif latest_iteration(load) is None:  # (a model-only checkpoint reports itself)
-                self.logger.console(f"--load {load}: no checkpoint there, starting fresh")
+                if save and Path(save).resolve() == Path(load).resolve():
+                    self.checkpointed_iteration = self.iteration
 
     # --- one step --------------------------------------------------------------------------
 
@@ -185,21 +192,25 @@ class Trainer:
 
     # --- the run -----------------------------------------------------------------------------
 
-    def _throughput(self, seconds: float, xattn_seconds: float) -> dict:
+    def _throughput(self, times: dict[str, float]) -> dict:
+        """Rates of the interval's ordinary steps (``StepTimer.interval``; none when it had only sampled
+        ones), cross-attention's share of its sampled steps, and memory."""
         cfg = self.cfg
-        gbs, world = cfg.training.global_batch_size, dist.get_world_size()
-        text_tokens = gbs * cfg.data.seq_length
-        visual_tokens = gbs * cfg.data.max_images * visual_tokens_per_image(cfg)
-        tflops = self.flops_per_sample * gbs / seconds / world / 1e12
-        metrics = {
-            "step_s": seconds,
-            "text_tokens_per_s": text_tokens / seconds,
-            "visual_tokens_per_s": visual_tokens / seconds,
-            "tflops_per_device": tflops,
-            "xattn_time_share": xattn_seconds / seconds,
-        }
-        if self.peak:
-            metrics["mfu"] = tflops * 1e12 / self.peak
+        metrics = {}
+        if "step_s" in times:
+            seconds = times["step_s"]
+            gbs, world = cfg.training.global_batch_size, dist.get_world_size()
+            tflops = self.flops_per_sample * gbs / seconds / world / 1e12
+            metrics = {
+                "step_s": seconds,
+                "text_tokens_per_s": gbs * cfg.data.seq_length / seconds,
+                "visual_tokens_per_s": gbs * cfg.data.max_images * visual_tokens_per_image(cfg) / seconds,
+                "tflops_per_device": tflops,
+            }
+            if self.peak:
+                metrics["mfu"] = tflops * 1e12 / self.peak
+        if "xattn_time_share" in times:
+            metrics["xattn_time_share"] = times["xattn_time_share"]
         if self.device.type == "cuda":
             metrics["max_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:
@@ -208,9 +219,10 @@ class Trainer:
 
     def _save(self) -> None:
         root = self.cfg.checkpoint.save
-        if root and latest_iteration(root) != self.iteration:
-            with self.watchdog.phase("checkpoint save"):
-                path = save_checkpoint(self.state, self.cfg, self.iteration, self.cfg.checkpoint.save)
+        if root and self.checkpointed_iteration != self.iteration:
+            phase = lambda name: self.watchdog.phase(f"checkpoint save ({name})")
+            path = save_checkpoint(self.state, self.cfg, self.iteration, root, phase)
+            self.checkpointed_iteration = self.iteration
             self.logger.console(f"saved checkpoint {path}")
 
     def run(self) -> dict:
@@ -228,12 +240,10 @@ class Trainer:
         ):
             while self.iteration < tr.train_iters:
                 logged = (self.iteration + 1) % tr.log_interval == 0 or self.iteration + 1 == tr.train_iters
-                if logged:
-                    self.timer.start()
-                start = time.perf_counter()
                 self.watchdog.iteration = self.iteration + 1
+                self.step_timer.start_step(self.iteration + 1)
                 metrics = self.train_step()
-                seconds = time.perf_counter() - start
+                self.step_timer.end_step()
                 self.iteration += 1
                 if "skipped_steps" in metrics:
                     self.logger.log("train", self.iteration, metrics)
@@ -248,15 +258,17 @@ class Trainer:
                         )
                     continue
                 if logged:
-                    metrics.update(self._throughput(seconds, self.timer.stop()))
+                    metrics.update(self._throughput(self.step_timer.interval()))
                     self.logger.log("train", self.iteration, metrics)
                 last_train = metrics
                 if tr.eval_interval and self.iteration % tr.eval_interval == 0 and self.iteration < tr.train_iters:
+                    self.step_timer.pause()  # evaluation is no step's time
                     with self.watchdog.phase("evaluation"):
                         last_eval = self.evaluate()
                     self.logger.log("eval", self.iteration, last_eval)
                 interval = cfg.checkpoint.save_interval
                 if interval and self.iteration % interval == 0 and self.iteration < tr.train_iters:
+                    self.step_timer.pause()
                     self._save()
                 exit_now = tr.exit_interval and self.iteration % tr.exit_interval == 0
                 term, usr1 = any(sigterm.signals_received()), any(sigusr1.signals_received())

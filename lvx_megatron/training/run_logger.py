@@ -98,6 +98,9 @@ class RunLogger:
         if self.wandb is not None:
             try:
                 self.wandb.finish()
+                import wandb
+
+                wandb.teardown()  # ends W&B's service process with the run, not at interpreter exit
             except Exception as exc:
                 warnings.warn(f"W&B finish failed: {exc}", stacklevel=2)
 

@@ -4,7 +4,8 @@ A collective that never completes (a rank died, a rank is stuck reading data, a 
 blocks every other rank forever. The loop marks its phases (``with watchdog.phase("forward-backward")``);
 a background thread aborts the process when one phase has run longer than the timeout, after
 printing the rank, the phase, the iteration and every thread's stack (the stack shows which
-collective is waiting).
+collective is waiting). Its child processes (megatron-core's checkpoint-writer manager, data
+workers) are killed first: the abort skips the exit handlers that would stop them.
 """
 
 import contextlib
@@ -14,7 +15,16 @@ import sys
 import threading
 import time
 
+import psutil
+
 HANG_EXIT_CODE = 3
+
+
+def _kill_descendants() -> None:
+    """Kill this process's child processes and theirs, which would outlive it as orphans."""
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 class HangWatchdog:
@@ -55,6 +65,7 @@ class HangWatchdog:
                 )
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()
+                _kill_descendants()
                 os._exit(HANG_EXIT_CODE)
 
     def close(self) -> None:
