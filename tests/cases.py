@@ -58,13 +58,30 @@ def _shard(t: torch.Tensor | None, lens: list[int], rank: int) -> torch.Tensor |
     return t[:, start : start + lens[rank]].contiguous()
 
 
-def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """``|x - ref| / |ref|``; the floor of 1 keeps degenerate all-but-zero references (a text row
-    that sees a single key has a mathematically zero dq) from turning rounding into huge ratios."""
+def _visibility(prob: dict) -> torch.Tensor:
+    """``[B, Sq, Skv]``: text token ``i`` sees visual token ``j`` (the masks' definition, computed here)."""
+    (b, sq), skv = prob["q"].shape[:2], prob["k"].shape[1]
+    ids, q_mask = prob["ids"], prob["q_mask"]
+    if ids is None:
+        return torch.ones(b, sq, skv, dtype=torch.bool)
+    seen = (ids >= 0)[:, None, :].expand(b, sq, skv)
+    if q_mask is None:
+        return seen
+    return seen & q_mask.gather(2, ids.clamp_min(0)[:, None, :].expand(b, sq, skv))
+
+
+def _errors(x: torch.Tensor, ref: torch.Tensor, zero: torch.Tensor) -> tuple[float, float]:
+    """``(|x - ref| / |ref|`` over the rows whose exact value may be non-zero, the largest ``|x|`` over
+    the rows ``zero`` (``[B, S]``) whose exact value is zero): a real relative error, and an absolute
+    one only where the reference is legitimately ~0 (there the float64 reference is rounding noise,
+    so ``x`` is compared with the exact 0)."""
     x = x.detach().double()
     if not torch.isfinite(x).all():
-        return float("inf")
-    return float((x - ref).norm() / ref.norm().clamp_min(1.0))
+        return float("inf"), float("inf")
+    zero = zero[..., None, None].expand_as(x)
+    diff, norm = (x - ref)[~zero].norm(), ref[~zero].norm()
+    rel = float(diff / norm) if norm > 0 else (0.0 if diff == 0 else float("inf"))
+    return rel, float(x[zero].abs().max()) if zero.any() else 0.0
 
 
 def _sharded_call(case: Case, prob: dict, rank: int, group, q_lens, kv_lens) -> tuple:
@@ -85,7 +102,7 @@ def _sharded_call(case: Case, prob: dict, rank: int, group, q_lens, kv_lens) -> 
 
 
 def run_case(case: Case, rank: int, world_size: int, group=None, lengths=None) -> dict[str, float]:
-    """Relative errors of this rank's output and gradients against the float64 dense reference.
+    """Errors of this rank's output and gradients against the float64 dense reference (see :func:`_errors`).
 
     ``lengths`` (``(q_lens, kv_lens)``, same totals) re-splits the random problem over the ranks.
     """
@@ -98,15 +115,27 @@ def run_case(case: Case, rank: int, world_size: int, group=None, lengths=None) -
     q, k, v, kwargs = _sharded_call(case, prob, rank, group, q_lens, kv_lens)
     out = distributed_cross_attention(q, k, v, **kwargs)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), _shard(prob["dout"], q_lens, rank).to(case.dtype))
-    errs = {
-        "out": _rel_err(out, _shard(ref_out.detach(), q_lens, rank)),
-        "dq": _rel_err(dq, _shard(ref_grads[0], q_lens, rank)),
-        "dk": _rel_err(dk, _shard(ref_grads[1], kv_lens, rank)),
-        "dv": _rel_err(dv, _shard(ref_grads[2], kv_lens, rank)),
-    }
-    if prob["q_mask"] is not None and q_lens[0] and rank == 0:
-        # Row 0 of rank 0 sees no image: exactly zero output and gradient.
-        errs["blind_row_max"] = float(out[:, 0].abs().max() + dq[:, 0].abs().max())
+    # Exactly zero: output and gradient of a text row that sees no key (dq also for one key: the
+    # softmax gradient vanishes), dK/dV of a key no row sees (dK also when its rows see only it).
+    visible = _visibility(prob)
+    keys_seen = visible.sum(2)
+    blind, single = keys_seen == 0, keys_seen <= 1
+    unseen = ~visible.any(1)
+    inert = ~(visible & (keys_seen >= 2)[:, :, None]).any(1)
+    errs, zero_abs = {}, []
+    for name, x, ref, zero, lens in (
+        ("out", out, ref_out.detach(), blind, q_lens),
+        ("dq", dq, ref_grads[0], single, q_lens),
+        ("dk", dk, ref_grads[1], inert, kv_lens),
+        ("dv", dv, ref_grads[2], unseen, kv_lens),
+    ):
+        errs[name], largest = _errors(x, _shard(ref, lens, rank), _shard(zero, lens, rank))
+        zero_abs.append(largest)
+    # Entries whose exact value is 0, against the same bound as the relative errors (the inputs are O(1)).
+    errs["zero_abs"] = max(zero_abs)
+    mine = _shard(blind, q_lens, rank)
+    if mine.any():  # documented: exactly zero, not merely small
+        errs["blind_row_max"] = float(out.detach()[mine].abs().max() + dq[mine].abs().max())
     return errs
 
 

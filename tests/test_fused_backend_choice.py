@@ -1,16 +1,10 @@
 """The fused backend's kernel choice and packing, checked without a GPU."""
 
-import json
-import os
-import sys
-
 import pytest
 import torch
 
 from lvx_megatron.ops import TorchFusedBackend
 from lvx_megatron.ops.backends.fused import pack_heads, pack_stat, unpack_heads, unpack_stat
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 
 
 def test_gqa_packing_round_trips_and_groups_query_heads_by_kv_head():
@@ -36,15 +30,3 @@ def test_kernel_choice_and_its_errors():
         TorchFusedBackend("cudnn")._choose(q, None, 16)
     with pytest.raises(ValueError, match="kernel must be one of"):
         TorchFusedBackend("triton")
-
-
-def test_results_file_names_device_versions_and_command(tmp_path):
-    from results_file import write_results
-
-    path = tmp_path / "r.json"
-    write_results(str(path), "tool.py", ["--x", "1"], {"dtype": "bf16"}, rows=[{"a": 1}])
-    data = json.loads(path.read_text())
-    assert data["rows"] == [{"a": 1}]
-    meta = data["meta"]
-    assert meta["command"] == "python tools/tool.py --x 1" and meta["dtype"] == "bf16"
-    assert {"device", "torch", "cuda", "python", "date"} <= set(meta)

@@ -1,11 +1,30 @@
-"""The JSON results file every GPU tool writes: the data plus the run's device and versions."""
+"""The JSON results file every tool writes: the data plus where it came from.
+
+``meta`` records what is needed to tell which code, software and machine produced the numbers and
+how to produce them again: the git commit and whether the tree differed from it (and which
+files), the device and its driver, the torch / CUDA / cuDNN / Triton / Python versions, the
+date, and the command line as run (``shlex``-quoted, so it can be pasted back into a shell).
+"""
 
 import datetime
+import importlib.metadata
 import json
+import os
 import platform
+import re
+import shlex
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_LISTED_FILES = 20  # a dirty tree lists this many changed paths, then how many more
+# Environment variables that change what the tools run (kernels, devices, allocator); nothing else
+# from the environment is recorded.
+RECORDED_ENV = ("CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF")
+RECORDED_ENV_PREFIXES = ("TRITON_", "LVX_")
 
 
 def _triton_version() -> str | None:
@@ -16,17 +35,153 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
-def write_results(path: str, tool: str, argv: list[str] | None, extra_meta: dict, **data) -> None:
-    """Write ``{"meta": ..., **data}`` to ``path``; meta names the device, versions and command."""
-    meta = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(repo: Path, *args: str) -> str:
+    # safe.directory: the GPU machine's copy of the tree may belong to another user than the one
+    # running the tool, and git then refuses to read it.
+    proc = subprocess.run(
+        ["git", "-c", f"safe.directory={repo}", "-C", str(repo), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return proc.stdout
+
+
+def _git_dir(repo: Path) -> Path | None:
+    """The repository's git directory: ``.git``, or where a ``.git`` file (worktree) points."""
+    dot_git = repo / ".git"
+    if dot_git.is_dir():
+        return dot_git
+    if dot_git.is_file():
+        text = dot_git.read_text().strip()
+        if text.startswith("gitdir:"):
+            path = Path(text.removeprefix("gitdir:").strip())
+            return path if path.is_absolute() else (repo / path).resolve()
+    return None
+
+
+def commit_from_files(repo: Path) -> str:
+    """HEAD's commit read from ``.git/HEAD`` and the refs (loose or packed), without git; "unknown"."""
+    git_dir = _git_dir(repo)
+    if git_dir is None or not (git_dir / "HEAD").is_file():
+        return "unknown"
+    head = (git_dir / "HEAD").read_text().strip()
+    if not head.startswith("ref:"):
+        return head if re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", head) else "unknown"
+    ref = head.removeprefix("ref:").strip()
+    common = git_dir
+    if (git_dir / "commondir").is_file():  # a worktree keeps its branches in the main repository
+        common = (git_dir / (git_dir / "commondir").read_text().strip()).resolve()
+    for base in dict.fromkeys((git_dir, common)):
+        loose = base / ref
+        if loose.is_file():
+            return loose.read_text().strip()
+        packed = base / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text().splitlines():
+                sha, _, name = line.partition(" ")
+                if name == ref:
+                    return sha
+    return "unknown"
+
+
+def git_state(repo: Path = REPO) -> dict:
+    """``commit``, ``dirty`` and the ``changed`` paths (untracked ones included) of ``repo``.
+
+    Without a working git (not installed, or no repository) the commit is read from the files of
+    ``.git`` and ``dirty`` is "unknown": telling changed files from committed ones needs git.
+    """
+    try:
+        status = _git(repo, "status", "--porcelain=v1", "--untracked-files=normal")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": commit_from_files(repo), "dirty": "unknown", "changed": "unknown"}
+    try:
+        commit = _git(repo, "rev-parse", "HEAD").strip()
+    except subprocess.SubprocessError:  # a repository without commits
+        commit = "unknown"
+    changed = [line[3:] for line in status.splitlines() if line.strip()]
+    listed = changed[:MAX_LISTED_FILES]
+    if len(changed) > len(listed):
+        listed.append(f"... and {len(changed) - len(listed)} more")
+    return {"commit": commit, "dirty": bool(changed), "changed": listed}
+
+
+def driver_version() -> str | None:
+    """The NVIDIA driver version; None without CUDA, "unknown" when no source answers."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    proc_file = Path("/proc/driver/nvidia/version")
+    if proc_file.is_file():
+        found = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", proc_file.read_text())
+        if found:
+            return found.group(1)
+    return "unknown"
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def device_slug(name: str | None = None) -> str:
+    """A short file-name form of a device name: "NVIDIA H100 80GB HBM3" -> "h100", "cpu" -> "cpu"."""
+    name = (name or device_name()).lower().removeprefix("nvidia ")
+    model = re.search(r"\b([a-z]{1,2}\d{2,4}[a-z]?)\b", name)
+    if model:
+        return model.group(1)
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown"
+
+
+def command_line(tool: str, argv: list[str] | None) -> str:
+    """The command as run, quoted for a POSIX shell; under torchrun, the launcher too."""
+    words = ["python", f"tools/{tool}", *(argv if argv is not None else sys.argv[1:])]
+    if "LOCAL_WORLD_SIZE" in os.environ:  # started by torchrun: one node's process count
+        words = ["torchrun", f"--nproc-per-node={os.environ['LOCAL_WORLD_SIZE']}", *words[1:]]
+    return shlex.join(words)
+
+
+def provenance(tool: str, argv: list[str] | None) -> dict:
+    """The ``meta`` fields every results file starts with."""
+    env = {k: v for k, v in sorted(os.environ.items()) if k in RECORDED_ENV or k.startswith(RECORDED_ENV_PREFIXES)}
+    return {
+        "device": device_name(),
+        "driver": driver_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "triton": _triton_version(),
+        "megatron_core": _package_version("megatron-core"),
         "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
-        "command": f"python tools/{tool} " + " ".join(argv if argv is not None else sys.argv[1:]),
-        **extra_meta,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": command_line(tool, argv),
+        "env": env,
+        "git": git_state(),
     }
+
+
+def write_results(path: str, tool: str, argv: list[str] | None, extra_meta: dict, **data) -> None:
+    """Write ``{"meta": ..., **data}`` to ``path``; ``argv`` None means this process's ``sys.argv``."""
+    meta = {**provenance(tool, argv), **extra_meta}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump({"meta": meta, **data}, f, indent=1)
+        f.write("\n")

@@ -11,7 +11,9 @@ predicted forward+backward time of the model's cross-attention layers per sample
 GPU sends per layer, the peak visual K/V memory per GPU, and a step-time estimate (the rest of the
 model at ``--mfu`` of the GPU's peak, split over all GPUs). The plot shows the query ring's
 speedup over the KV ring as the visual/text ratio grows. Predictions come from
-``lvx_megatron/ops/cost_model.py`` (its byte counts are tested against the implementation).
+``lvx_megatron/ops/cost_model.py`` (its byte counts are tested against the implementation) with
+the attention rates of the shipped table (``--rates`` reads another one, made by
+``tools/make_rate_table.py``; ``--mask`` picks its rows).
 """
 
 import argparse
@@ -19,6 +21,8 @@ import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|absl).*")
+
+from results_file import write_results  # noqa: E402
 
 from lvx_megatron.ops.cost_model import (  # noqa: E402
     CallShape,
@@ -29,17 +33,20 @@ from lvx_megatron.ops.cost_model import (  # noqa: E402
     predicted_level_bytes,
     uniform_lengths,
 )
+from lvx_megatron.ops.rate_table import MASKS, compute_model, load_rate_table  # noqa: E402
 from lvx_megatron.training.config import load_config  # noqa: E402
 from lvx_megatron.training.flops import flops_per_sample, visual_tokens_per_image  # noqa: E402
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "block_attention_h100.json"
-# Dense bf16 peak relative to the H100 on which the attention table was measured.
+# Dense bf16 peak relative to the H100/H200 on which the attention table is measured.
 GPU_SCALE = {"h100": 1.0, "h200": 1.0, "a100": 312 / 989.4}
 
 
-def scaled(model: ComputeModel, factor: float) -> ComputeModel:
-    table = {k: (f * factor, b * factor) for k, (f, b) in model.table.items()}
-    return ComputeModel(table, (model.default[0] * factor, model.default[1] * factor))
+def rates(args) -> ComputeModel:
+    """The table's rows of ``--mask``, scaled to ``--gpu`` by dense peak."""
+    model, factor = compute_model(load_rate_table(args.rates), args.mask), GPU_SCALE[args.gpu]
+    return ComputeModel(
+        {config: {k: (f * factor, b * factor) for k, (f, b) in grid.items()} for config, grid in model.rates.items()}
+    )
 
 
 def call_shape(cfg, text: int, visual: int, gpus: int) -> CallShape:
@@ -74,7 +81,7 @@ def simulate(args) -> tuple[list[tuple], dict]:
     visual = frames * visual_tokens_per_image(cfg)
     link = lambda gbps: Link(bandwidth=gbps * 1e9, latency=args.latency_us * 1e-6)
     topology = Topology(args.gpus_per_node, inner=link(args.intra_gbps), outer=link(args.inter_gbps))
-    compute = scaled(ComputeModel.from_benchmark(BENCHMARK, args.kernel), GPU_SCALE[args.gpu])
+    compute = rates(args)
     shape = call_shape(cfg, text, visual, gpus)
     best, predictions = choose_strategy(shape, topology, compute)
     layers = len(cfg.model.text.cross_attention_layers)
@@ -100,7 +107,7 @@ def plot_speedup(args, path: str) -> None:
     cfg = load_config(args.config)
     gpus = args.nodes * args.gpus_per_node
     text = args.text_tokens or cfg.data.seq_length
-    compute = scaled(ComputeModel.from_benchmark(BENCHMARK, args.kernel), GPU_SCALE[args.gpu])
+    compute = rates(args)
     fig, ax = plt.subplots(figsize=(6, 4))
     for gbps in sorted({args.intra_gbps, args.inter_gbps}):
         link = Link(bandwidth=gbps * 1e9, latency=args.latency_us * 1e-6)
@@ -123,7 +130,7 @@ def plot_speedup(args, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run config (model dims, cross-attention layers)")
     parser.add_argument("--frames", type=int, help="frames per sample (default: data.max_images)")
@@ -134,15 +141,14 @@ def main() -> None:
     parser.add_argument("--inter-gbps", type=float, default=25.0, help="GB/s per direction between nodes")
     parser.add_argument("--latency-us", type=float, default=10.0)
     parser.add_argument("--gpu", choices=sorted(GPU_SCALE), default="h100")
+    parser.add_argument("--rates", help="a rate table of tools/make_rate_table.py (default: the shipped one)")
     parser.add_argument(
-        "--kernel",
-        default="triton/masked",
-        help="benchmark column (a variant of tools/bench_block_attention.py): triton/masked (what masked "
-        "models run), auto (unmasked), fused/auto, fused/masked, ...",
+        "--mask", choices=MASKS, default="image", help="the table's rows: image (what the models run) or none"
     )
     parser.add_argument("--mfu", type=float, default=0.35, help="utilisation of the rest of the model")
     parser.add_argument("--plot", help="write the speedup-vs-ratio PNG here")
-    args = parser.parse_args()
+    parser.add_argument("--output", help="write the results JSON here (what the README's simulator quotes read)")
+    args = parser.parse_args(argv)
     for name in ("nodes", "gpus_per_node"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -150,22 +156,44 @@ def main() -> None:
     links = f"links {args.intra_gbps:g} GB/s in a node"
     if args.nodes > 1:
         links += f", {args.inter_gbps:g} GB/s between nodes"
-    print(
+    report = [
         f"{Path(args.config).stem}: {m['frames']} frames = {m['visual']} visual tokens, {m['text']} text tokens, "
         f"{m['layers']} cross-attention layers, {m['gpus']} {args.gpu.upper()}s "
-        f"({args.nodes} x {args.gpus_per_node}), {links}"
-    )
-    print("strategy        xattn ms/sample   MB sent/GPU/layer   peak K/V MB/GPU   step s/sample")
+        f"({args.nodes} x {args.gpus_per_node}), {links}",
+        "strategy        xattn ms/sample   MB sent/GPU/layer   peak K/V MB/GPU   step s/sample",
+    ]
     for name, xattn, nbytes, kv, step in rows:
         mark = "  <- auto" if name == m["best"] else ""
-        print(f"{name:<14}  {xattn * 1e3:15.1f}   {nbytes / 1e6:17.1f}   {kv / 1e6:15.1f}   {step:13.3f}{mark}")
+        report.append(f"{name:<14}  {xattn * 1e3:15.1f}   {nbytes / 1e6:17.1f}   {kv / 1e6:15.1f}   {step:13.3f}{mark}")
     if "levels" in m:
-        print(
+        report.append(
             f"hierarchical sends {m['levels']['inner'] / 1e6:.1f} MB/GPU/layer inside a node and "
             f"{m['levels']['outer'] / 1e6:.1f} MB between nodes"
         )
     qr, kv = rows[0], rows[1]
-    print(f"query ring vs KV ring: cross-attention {kv[1] / qr[1]:.1f}x faster, step {kv[4] / qr[4]:.2f}x faster")
+    report.append(
+        f"query ring vs KV ring: cross-attention {kv[1] / qr[1]:.1f}x faster, step {kv[4] / qr[4]:.2f}x faster"
+    )
+    print("\n".join(report))
+    if args.output:
+        strategies = [
+            dict(strategy=name, xattn_ms=xattn * 1e3, mb_sent_per_gpu_per_layer=nbytes / 1e6,
+                 peak_kv_mb_per_gpu=kv / 1e6, step_s=step, auto=name == m["best"])
+            for name, xattn, nbytes, kv, step in rows
+        ]  # fmt: skip
+        scenario = {k: m[k] for k in ("gpus", "text", "visual", "frames", "layers")}
+        scenario.update(vars(args))
+        write_results(
+            args.output,
+            "simulate_xattn.py",
+            argv,
+            {"model": "a prediction of lvx_megatron/ops/cost_model.py, not a measurement"},
+            scenario=scenario,
+            strategies=strategies,
+            levels_mb={k: v / 1e6 for k, v in m.get("levels", {}).items()},
+            speedup={"xattn": kv[1] / qr[1], "step": kv[4] / qr[4]},
+            report=report,
+        )
     if args.plot:
         plot_speedup(args, args.plot)
         print(f"wrote {args.plot}")

@@ -1,7 +1,5 @@
 """``strategy="auto"``: the cost model's choice for one call, from its shapes and the group's links."""
 
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -9,21 +7,22 @@ from torch import Tensor
 from .api import prepare_call
 from .cost_model import CallShape, ComputeModel, Link, Prediction, Topology, choose_strategy
 from .groups import HierarchicalGroups
+from .rate_table import compute_model, load_rate_table
 
-# Measured on an H100 by tools/bench_block_attention.py (GQA 32/8, d 128): the "auto" block backend on
-# unmasked blocks and the Triton kernels on masked ones (what backend="auto" runs for each).
-_BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "block_attention_h100.json"
-# Without a measurement: a CUDA GPU's attention rate, a CPU core's.
-_FALLBACK_RATE = {"cuda": (300e12, 250e12), "cpu": (20e9, 15e9)}
+# The CPU path has no table: one core's fp32 attention rate (forward, forward+backward FLOP/s),
+# the same for every block shape.
+CPU_RATE = (20e9, 15e9)
 # Links by process-group backend: NCCL inside a node (NVLink) and gloo over TCP.
 DEFAULT_LINKS = {"nccl": Link(bandwidth=100e9, latency=10e-6), "gloo": Link(bandwidth=1e9, latency=50e-6)}
 
 
 def default_compute_model(device: torch.device, masked: bool) -> ComputeModel:
-    """The measured H100 table on CUDA (masked blocks run on their own kernels), else a flat rate."""
-    if device.type == "cuda" and _BENCHMARK.is_file():
-        return ComputeModel.from_benchmark(_BENCHMARK, "triton/masked" if masked else "auto")
-    return ComputeModel(default=_FALLBACK_RATE.get(device.type, _FALLBACK_RATE["cpu"]))
+    """On a GPU the shipped rate table's rows (``"image"`` for masked calls, else ``"none"``); it
+    refuses to guess without them (:class:`~.rate_table.RateTableError` naming the file). On CPU
+    the flat :data:`CPU_RATE`."""
+    if device.type == "cpu":
+        return ComputeModel(flat=CPU_RATE)
+    return compute_model(load_rate_table(), "image" if masked else "none")
 
 
 def default_link(group: dist.ProcessGroup | None) -> Link:

@@ -3,7 +3,7 @@
 Bytes follow the counting conventions of :mod:`.comm_stats` exactly (ring exchanges count what
 they send; collectives what a ring algorithm sends per rank), so predictions can be checked
 against ``count_communication``. Times combine a compute model (attention TFLOP/s as a function
-of the block shape, from the block-attention benchmark) with a link model (latency + bytes /
+of the heads and block shape, from the block-attention benchmark's rate table) with a link model (latency + bytes /
 bandwidth): ring strategies overlap each step's transfer with its compute (the next block is in
 flight while the current one is computed), ``q_allgather`` overlaps its chunks' collectives with
 the other chunks' compute, ``kv_allgather`` does not overlap. Given a :class:`Topology` (ranks per
@@ -11,10 +11,8 @@ node, a link inside and one between nodes) the ``hierarchical`` strategy is pred
 """
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .head_chunks import head_chunk_bounds, head_chunk_count
 
@@ -75,59 +73,86 @@ class Topology:
         return self.outer if world_size > self.ranks_per_node else self.inner
 
 
+HeadConfig = tuple[int, int, int]  # (query heads, K/V heads, head dim)
+Rates = tuple[float, float]  # forward and forward+backward FLOP/s
+
+
+def _bracket(values: list[float], x: float) -> tuple[float, float, float]:
+    """The neighbours of ``x`` in sorted ``values`` and its weight on the upper one, in log space
+    (clamped to the ends)."""
+    x = min(max(x, values[0]), values[-1])
+    hi = next(i for i, v in enumerate(values) if v >= x)
+    lo = max(hi - 1, 0)
+    if values[hi] == values[lo]:
+        return values[lo], values[hi], 0.0
+    return values[lo], values[hi], math.log(x / values[lo]) / math.log(values[hi] / values[lo])
+
+
+def _nearest(values: set[int], x: float) -> int:
+    """The value closest to ``x`` in log space (ties: the larger)."""
+    return min(values, key=lambda v: (abs(math.log(v / x)), -v))
+
+
 @dataclass
 class ComputeModel:
-    """Attention throughput (FLOP/s) by query-block rows and key rows, from a measured table.
+    """Attention throughput (FLOP/s) by head configuration and block shape, from a measured table.
 
-    ``table`` maps ``(sq, skv)`` to forward and forward+backward FLOP/s on a grid; other shapes
-    are interpolated in log-log space (clamped to the grid). ``default`` is used when it is empty.
+    ``rates`` maps ``(q_heads, kv_heads, head_dim)`` to a complete grid ``{(sq, skv): (fwd,
+    fwd_bwd)}`` (:mod:`.rate_table` reads the shipped one). A call's rates come from the rows of
+    its own head configuration when they were measured; otherwise, at the nearest measured head
+    dim and, among its configurations, the nearest measured ``q_heads`` (both in log space: rates
+    follow no law in either that could be interpolated, tile shapes change with the head dim),
+    interpolated in the GQA group size ``q_heads / kv_heads`` between the two measured groups
+    around it (log rate linear in the log group size). Within a grid: bilinear in log-log space
+    over ``(sq, skv)``. Everything is clamped to what was measured. ``flat``: one rate for every
+    shape instead (the CPU path has no table).
     """
 
-    table: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
-    default: tuple[float, float] = (100e12, 100e12)
+    rates: dict[HeadConfig, dict[tuple[int, int], Rates]] = field(default_factory=dict)
+    flat: Rates | None = None
 
-    @classmethod
-    def from_benchmark(cls, path: str | Path, column: str = "fused/auto", q_heads: int = 32, kv_heads: int = 8):
-        """Read ``tools/bench_block_attention.py``'s JSON (TFLOP/s per shape and backend)."""
-        rows = json.loads(Path(path).read_text())["results"]
-        table = {}
-        for row in rows:
-            if row.get("variant") == column and (row["hq"], row["hkv"]) == (q_heads, kv_heads):
-                table[(row["sq"], row["skv"])] = (row["fwd_tflops"] * 1e12, row["fwd_bwd_tflops"] * 1e12)
-        return cls(table)
+    def __post_init__(self) -> None:
+        if bool(self.rates) == (self.flat is not None):
+            raise ValueError("ComputeModel needs either measured rates or a flat rate, not both or neither")
+        for config, grid in self.rates.items():
+            sqs, skvs = {k[0] for k in grid}, {k[1] for k in grid}
+            missing = [(sq, skv) for sq in sorted(sqs) for skv in sorted(skvs) if (sq, skv) not in grid]
+            if missing:
+                raise ValueError(f"rates of heads/head dim {config}: the (sq, skv) grid lacks {missing}")
+            if any(rate <= 0 for pair in grid.values() for rate in pair):
+                raise ValueError(f"rates of heads/head dim {config}: every rate must be positive")
 
-    def _rates(self, sq: int, skv: int) -> tuple[float, float]:
-        """Rates at ``(sq, skv)``: bilinear in log-log space over the measured grid, clamped to it."""
-        if not self.table:
-            return self.default
-        sqs, skvs = sorted({k[0] for k in self.table}), sorted({k[1] for k in self.table})
+    def rates_at(self, q_heads: int, kv_heads: int, head_dim: int, sq: int, skv: int) -> Rates:
+        """Forward and forward+backward FLOP/s of ``sq`` query rows against ``skv`` keys."""
+        if self.flat is not None:
+            return self.flat
+        dim = _nearest({c[2] for c in self.rates}, head_dim)
+        hq = _nearest({c[0] for c in self.rates if c[2] == dim}, q_heads)
+        by_group = {c[0] / c[1]: c for c in self.rates if c[0] == hq and c[2] == dim}
+        g0, g1, tg = _bracket(sorted(by_group), q_heads / kv_heads)
+        low, high = (self._grid_log_rates(self.rates[by_group[g]], sq, skv) for g in (g0, g1))
+        fwd, fwd_bwd = (math.exp(a * (1 - tg) + b * tg) for a, b in zip(low, high, strict=True))
+        return fwd, fwd_bwd
 
-        def bracket(values: list[int], x: int) -> tuple[int, int, float]:
-            x = min(max(x, values[0]), values[-1])
-            hi = next(i for i, v in enumerate(values) if v >= x)
-            lo = max(hi - 1, 0)
-            if values[hi] == values[lo]:
-                return values[lo], values[hi], 0.0
-            return values[lo], values[hi], math.log(x / values[lo]) / math.log(values[hi] / values[lo])
-
-        q0, q1, tq = bracket(sqs, max(sq, 1))
-        k0, k1, tk = bracket(skvs, max(skv, 1))
+    @staticmethod
+    def _grid_log_rates(grid: dict[tuple[int, int], Rates], sq: int, skv: int) -> list[float]:
+        """Log rates at ``(sq, skv)``: bilinear in log-log space over the grid, clamped to it."""
+        q0, q1, tq = _bracket(sorted({k[0] for k in grid}), max(sq, 1))
+        k0, k1, tk = _bracket(sorted({k[1] for k in grid}), max(skv, 1))
         out = []
         for i in range(2):
-            corners = [
-                math.log(self.table.get(key, self.default)[i]) for key in ((q0, k0), (q1, k0), (q0, k1), (q1, k1))
-            ]
+            corners = [math.log(grid[key][i]) for key in ((q0, k0), (q1, k0), (q0, k1), (q1, k1))]
             low = corners[0] * (1 - tq) + corners[1] * tq
             high = corners[2] * (1 - tq) + corners[3] * tq
-            out.append(math.exp(low * (1 - tk) + high * tk))
-        return out[0], out[1]
+            out.append(low * (1 - tk) + high * tk)
+        return out
 
     def seconds(self, shape: CallShape, sq: int, skv: int, backward: bool) -> float:
         """Time of one block pair: ``sq`` query rows (all heads) against ``skv`` keys."""
         if sq == 0 or skv == 0:
             return 0.0
         flops = 4.0 * shape.batch * shape.q_heads * sq * skv * shape.head_dim
-        fwd_rate, fwd_bwd_rate = self._rates(sq, skv)
+        fwd_rate, fwd_bwd_rate = self.rates_at(shape.q_heads, shape.kv_heads, shape.head_dim, sq, skv)
         if not backward:
             return flops / fwd_rate
         # fwd+bwd time at the measured combined rate, minus the forward part

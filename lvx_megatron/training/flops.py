@@ -1,10 +1,11 @@
 """Model FLOPs of one sample, for TFLOP/s and MFU.
 
-Counts the matmul FLOPs of the model as defined (2 per multiply-add), forward x3 for trained
-parts (forward + backward), x1 for a frozen vision encoder, and no recomputation: the usual
-"model FLOPs" of MFU. Attention is counted over the positions actually attended (causal text:
-half; cross-attention: every visual token; mllama's vision encoder: all tiles of an image, padded
-to 8).
+Counts the matmul and convolution FLOPs of the model as defined (2 per multiply-add), forward x3
+for trained parts (forward + backward), x1 for a frozen vision encoder, and no recomputation: the
+usual "model FLOPs" of MFU. Attention is counted over the positions actually attended (causal
+text: half; cross-attention: every visual token; mllama's vision encoder: all tiles of an image,
+padded to 8). ``tests/test_flops.py`` checks the forward and backward counts against
+``torch.utils.flop_counter`` on the tiny configs of every architecture.
 """
 
 import torch
@@ -56,7 +57,9 @@ def _vision_flops(cfg: RunConfig) -> tuple[float, float]:
         tokens = patches + int(m.architecture == "openflamingo")
         layers = v.num_hidden_layers + 1 + v.feature_layer
     vision_layer = tokens * (2 * 4 * hv * hv + 2 * 2 * hv * fv) + 4 * tokens * tokens * hv
-    vision = d.max_images * layers * vision_layer
+    tiles = v.max_num_tiles if m.architecture == "mllama" else 1
+    patch_embedding = tiles * patches * 2 * 3 * v.patch_size**2 * hv  # the RGB patch convolution
+    vision = d.max_images * (layers * vision_layer + patch_embedding)
     visual = d.max_images * visual_tokens_per_image(cfg)
     if m.architecture == "mllama":
         return vision, visual * 2 * hv * (1 + len(v.intermediate_layers_indices)) * h
@@ -69,8 +72,9 @@ def _vision_flops(cfg: RunConfig) -> tuple[float, float]:
     return vision, d.max_images * r.depth * layer
 
 
-def flops_per_sample(cfg: RunConfig, padded_vocab_size: int) -> float:
-    """Training FLOPs of one sample (``seq_length`` text tokens, ``max_images`` images)."""
+def forward_flops_per_sample(cfg: RunConfig, padded_vocab_size: int) -> dict[str, float]:
+    """Forward FLOPs of one sample (``seq_length`` text tokens, ``max_images`` images) by part:
+    ``text`` (decoder and LM head), ``connector`` (projector or resampler), ``vision`` (encoder)."""
     t, d = cfg.model.text, cfg.data
     s, h, f = d.seq_length, t.hidden_size, t.ffn_hidden_size
     kv = (t.num_query_groups or t.num_attention_heads) * (h // t.num_attention_heads)
@@ -82,8 +86,14 @@ def flops_per_sample(cfg: RunConfig, padded_vocab_size: int) -> float:
     vocab = s * 2 * h * padded_vocab_size
     text = n_self * self_layer + n_cross * _cross_layer_flops(cfg, self_layer, visual) + vocab
     vision, connector = _vision_flops(cfg)
+    return {"text": text, "connector": connector, "vision": vision}
+
+
+def flops_per_sample(cfg: RunConfig, padded_vocab_size: int) -> float:
+    """Training FLOPs of one sample: forward x3, a frozen vision encoder's x1."""
+    parts = forward_flops_per_sample(cfg, padded_vocab_size)
     vision_factor = 1 if cfg.model.freeze_vision_encoder else 3
-    return 3 * (text + connector) + vision_factor * vision
+    return 3 * (parts["text"] + parts["connector"]) + vision_factor * parts["vision"]
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -1,17 +1,30 @@
-"""Share of a step's time spent in the cross-attention layers (forward and backward).
+"""Step time without the observer's cost, and the share of it spent in cross-attention.
 
-Forward hooks time each ``ContextParallelCrossAttention`` call; identity autograd nodes on its
-output and input time its backward (autograd runs a module's backward between the gradient
-reaching its output and leaving its input). Timing needs device synchronisation, so it is only
-switched on for the steps that are logged.
+:class:`StepTimer` times the steps of a logging interval as a whole: the device is synchronised
+only where a timed stretch of steps ends (a log record, or other work such as evaluation or a
+checkpoint coming up) and around the sampled steps below, never inside an ordinary step.
+
+:class:`CrossAttentionTimer` measures cross-attention's share on a few sampled steps: forward
+hooks time each cross-attention call; identity autograd nodes on its output and input time its
+backward (autograd runs a module's backward between the gradient reaching its output and leaving
+its input). Each of those timestamps synchronises the device, so sampled steps are slower; they
+are left out of the step time.
 """
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ..core import ContextParallelCrossAttention
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """A function that waits for the work queued on ``device`` (a no-op on CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 class _Mark(torch.autograd.Function):
@@ -29,21 +42,29 @@ class _Mark(torch.autograd.Function):
 
 
 class CrossAttentionTimer:
-    """Accumulates seconds spent in every cross-attention module of ``model`` while active."""
+    """Accumulates seconds spent in every cross-attention module of ``model`` while active.
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
-        self.device = device
+    ``sync`` waits for the device (:func:`device_sync`). ``module_types``: the modules timed
+    (megatron-style: ``forward(hidden, ...)`` returning ``(output, bias)``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sync: Callable[[], None],
+        module_types: tuple[type, ...] = (ContextParallelCrossAttention,),
+    ) -> None:
+        self._sync = sync
         self.active = False
         self.seconds = 0.0
         self._handles = []
         for module in model.modules():
-            if isinstance(module, ContextParallelCrossAttention):
+            if isinstance(module, module_types):
                 self._handles.append(module.register_forward_pre_hook(self._before, with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._after))
 
     def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._sync()
         return time.perf_counter()
 
     def _before(self, module, args, kwargs):
@@ -77,3 +98,60 @@ class CrossAttentionTimer:
         """Stop timing; return the seconds accumulated since :meth:`start`."""
         self.active = False
         return self.seconds
+
+
+class StepTimer:
+    """Mean time of a logging interval's ordinary steps, and cross-attention's share of the sampled ones.
+
+    Steps whose iteration is a multiple of ``sample_every`` (0: none) run with ``xattn`` on; they
+    are timed on their own and left out of the step time. ``sync`` waits for the device.
+    """
+
+    def __init__(self, xattn: CrossAttentionTimer, sample_every: int, sync: Callable[[], None]) -> None:
+        self.xattn, self.sample_every, self.sync = xattn, sample_every, sync
+        self._since: float | None = None  # start of the running stretch of ordinary steps
+        self._sampled_start = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.steps = self.sampled_steps = 0
+        self.seconds = self.sampled_seconds = self.xattn_seconds = 0.0
+
+    def pause(self) -> None:
+        """End the running stretch of steps (before other work, e.g. evaluation); synchronises once."""
+        if self._since is not None:
+            self.sync()
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
+
+    def start_step(self, iteration: int) -> None:
+        """Before the step numbered ``iteration`` (1-based)."""
+        if self.sample_every and iteration % self.sample_every == 0:
+            self.pause()
+            self.xattn.start()
+            self._sampled_start = time.perf_counter()
+        elif self._since is None:
+            self.sync()  # the work before this stretch (a previous one, evaluation) is not its time
+            self._since = time.perf_counter()
+
+    def end_step(self) -> None:
+        """After the step begun by :meth:`start_step`."""
+        if self.xattn.active:
+            self.sync()
+            self.sampled_seconds += time.perf_counter() - self._sampled_start
+            self.xattn_seconds += self.xattn.stop()
+            self.sampled_steps += 1
+        else:
+            self.steps += 1
+
+    def interval(self) -> dict[str, float]:
+        """``step_s`` (mean seconds of the ordinary steps since the last call; absent without one) and
+        ``xattn_time_share`` (of the sampled steps; absent without one). Synchronises once."""
+        self.pause()
+        out = {}
+        if self.steps:
+            out["step_s"] = self.seconds / self.steps
+        if self.sampled_steps:
+            out["xattn_time_share"] = self.xattn_seconds / self.sampled_seconds
+        self._reset()
+        return out

@@ -1,13 +1,13 @@
 """``backend="auto"`` on CUDA: per call, the faster of our Triton kernels and torch's fused kernels.
 
-The rule comes from the block-attention benchmark (``benchmarks/results/block_attention_h100.json``,
-H100, bf16, d=128, GQA 32/8):
+The rule comes from the block-attention benchmark (``tools/bench_block_attention.py``); how
+much faster each side is, measured, is in the README's GPU results (rendered from the benchmark's
+results file), not here:
 
-- masked blocks (every block of a Llama-3.2-Vision model) run on the Triton kernels, 2x to 25x
-  faster than torch's only masked GQA path (the memory-efficient kernel with a dense bias);
+- masked blocks (every block of a Llama-3.2-Vision model) run on the Triton kernels, which beat
+  torch's only masked GQA path (the memory-efficient kernel with a dense bias) at every shape;
 - unmasked backward passes of short GQA query blocks (at most 256 packed rows per key/value head:
-  64 tokens of a 4-head group) run on the Triton kernels, 1.1x to 1.3x faster than the best torch
-  kernel;
+  64 tokens of a 4-head group) run on the Triton kernels, which beat the best torch kernel there;
 - everything else (unmasked forwards, taller blocks) runs on torch's kernels (cuDNN/flash), and
   fp32 too (ours would run fp32 matmuls without tensor cores).
 """

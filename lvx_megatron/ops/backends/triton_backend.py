@@ -135,8 +135,8 @@ class TritonBackend(BlockAttentionBackend):
         waves: target thread blocks per SM of the split-KV kernels (forward and ``dQ``).
         skip_empty_tiles: with a mask, test each key tile and skip those no query row sees. A win
             when most keys are hidden (heavy tile padding, many images per text); off by default
-            because the test keeps the key loads out of the software pipeline, which made dense
-            masks 1.2x to 1.7x slower on an H100.
+            because the test keeps the key loads out of the software pipeline, which makes dense
+            masks slower (measured: docs/ops.md, from the block-attention benchmark's results).
     """
 
     name = "triton"

@@ -1,0 +1,93 @@
+"""tools/regenerate_gpu_results.py on CPU: the plan, stage selection and budget, the tests stage's
+results file, stopping a stage that runs too long, and the fused training config it runs."""
+
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+import regenerate_gpu_results as regen
+
+from lvx_megatron.training.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_fused_config_is_the_1b_config_with_the_fused_backend():
+    base = load_config(REPO / "examples/configs/single-gpu-1b.yaml").model_dump()
+    fused = load_config(REPO / "examples/configs/single-gpu-1b-fused.yaml").model_dump()
+    assert fused["model"]["cross_attention"]["backend"] == "fused"
+    assert base["model"]["cross_attention"]["backend"] == "auto"
+    for cfg in (base, fused):  # what may differ: the backend, where the run writes and its W&B name
+        del cfg["model"]["cross_attention"]["backend"], cfg["logging"]["run_dir"], cfg["logging"]["wandb_exp_name"]
+    assert fused == base
+
+
+def test_dry_run_plans_the_selected_stages_in_order_with_files_named_by_device(capsys, tmp_path):
+    out = tmp_path / "out"
+    argv = [str(out), "--dry-run", "--device-name", "NVIDIA H200", "--only", "train-fused,check,bench"]
+    assert regen.main([*argv, "--bench-flags", "--iters 5 --sq 64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    commands = [line.split("$ ", 1)[1] for line in lines if "] $ " in line]
+    assert [c.split()[1] for c in commands[:2]] == ["tools/gpu_check.py", "tools/bench_block_attention.py"]
+    assert commands[0].endswith(f"--output {out / 'gpu_check_h200.json'}")
+    assert commands[1].endswith(f"--iters 5 --sq 64 --output {out / 'block_attention_h200.json'}")
+    train, summary = shlex.split(commands[2]), shlex.split(commands[3])
+    assert train[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    assert train[train.index("--config") + 1] == "examples/configs/single-gpu-1b-fused.yaml"
+    assert summary[1] == "tools/train_summary.py" and summary[2] == str(REPO / "runs/single-gpu-1b-fused/metrics.jsonl")
+    assert summary[summary.index("--output") + 1] == str(out / "train_1b_h200_fused.json")
+    assert shlex.split(summary[summary.index("--command") + 1])[1:] == train[1:]
+    assert not out.exists()  # a dry run writes nothing
+
+
+def test_unknown_stages_are_an_error():
+    with pytest.raises(SystemExit) as exc:
+        regen.main(["out", "--only", "tests,bogus"])
+    assert exc.value.code == 2
+
+
+def test_a_stage_is_not_started_without_its_minimum_time(capsys, tmp_path):
+    rc = regen.main([str(tmp_path), "--dry-run", "--device-name", "cpu", "--only", "check,train", "--budget-s", "100"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "check: planned" in out and "train: not started: 100 s left, it needs 180" in out
+
+
+def test_tests_stage_records_each_outcome_and_the_counts(tmp_path):
+    tests = tmp_path / "test_sample.py"
+    tests.write_text(
+        "import pytest\n\n"
+        "def test_ok():\n    pass\n\n"
+        "def test_bad():\n    assert False\n\n"
+        "@pytest.mark.skip(reason='not here')\ndef test_skipped():\n    pass\n"
+    )
+    out, no_wheels = tmp_path / "out", tmp_path / "no_wheels"
+    argv = [str(out), "--only", "tests", "--tests", str(tests), "--device-name", "cpu", "--wheels", str(no_wheels)]
+    assert regen.main(argv) == 1  # a failing test fails the stage, and is recorded
+    data = json.loads((out / "gpu_tests_cpu.json").read_text())
+    assert data["counts"] == {"passed": 1, "failed": 1, "errors": 0, "skipped": 1, "total": 3}
+    assert {t["test"].split("::")[1]: t["outcome"] for t in data["tests"]} == {
+        "test_ok": "passed",
+        "test_bad": "failed",
+        "test_skipped": "skipped",
+    }
+    assert shlex.split(data["meta"]["command"]) == ["python", "tools/regenerate_gpu_results.py", *argv]
+    assert shlex.split(data["meta"]["tests_command"])[-1] == str(tests)
+    assert "tests: FAILED: exit status 1" in (out / "regenerate_cpu.log").read_text()
+
+
+def test_a_stage_that_runs_too_long_is_stopped_with_the_processes_it_started(tmp_path):
+    args = regen.parse_args([str(tmp_path), "--only", "check"])
+    ctx = regen.Context(args, [], "cpu", dict(os.environ))
+    ctx.stage, ctx.deadline = "check", time.monotonic() + 2
+    # the child starts a grandchild; both must be gone afterwards (conftest fails a test that leaves one)
+    code = "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"
+    began = time.monotonic()
+    with pytest.raises(regen.StageError, match="timed out"):
+        ctx.run([sys.executable, "-c", code])
+    assert time.monotonic() - began < 60

@@ -1,0 +1,166 @@
+"""Numbers in README.md and docs/*.md agree with the results files they quote (tools/render_results.py),
+and the committed simulator results are what the simulator computes now."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+import render_results as rr
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_docs_agree_with_their_results_files(capsys):
+    assert rr.main(["--check"]) == 0, capsys.readouterr().out
+    assert sum(len(list(rr.regions(d, d.read_text()))) for d in rr.default_docs()) > 40
+
+
+def test_every_results_file_a_doc_quotes_exists_and_is_named_beside_it():
+    """A region's file is also linked or named in its document, so a reader can find it."""
+    for doc in rr.default_docs():
+        text = doc.read_text()
+        for region in rr.regions(doc, text):
+            words = [part for word in shlex.split(region.spec)[1:] for part in word.partition("=")[::2]]
+            for name in (w for w in words if w.endswith(".json")):
+                assert (rr.RESULTS / name).is_file(), (doc.name, region.line, name)
+                in_markers = sum(spec.count(name) for spec in (r.spec for r in rr.regions(doc, text)))
+                assert text.count(name) > in_markers, f"{doc.name}:{region.line}: link or name {name} in the text"
+
+
+def test_a_number_that_disagrees_with_its_file_fails_the_check_and_is_rewritten(tmp_path, capsys):
+    doc = tmp_path / "doc.md"
+    region = "<!-- results: value file=train_1b_h100.json key=summary.step_s fmt=.3g -->"
+    doc.write_text(f"A step takes {region}2.31<!-- /results --> s.\n")
+    assert rr.main([str(doc), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert f"{doc}:1: region 'value file=train_1b_h100.json key=summary.step_s fmt=.3g'" in out
+    assert "benchmarks/results/train_1b_h100.json" in out and "-2.31" in out and "+2.29" in out
+    assert rr.main([str(doc)]) == 0  # rewrite from the file
+    assert doc.read_text() == f"A step takes {region}2.29<!-- /results --> s.\n"
+    assert rr.main([str(doc), "--check"]) == 0
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("x <!-- results: nope file=a.json -->1<!-- /results -->", "no renderer 'nope'"),
+        ("x <!-- results: value file=train_1b_h100.json key=summary.step_s typo=1 -->1<!-- /results -->", "unused"),
+        ("x <!-- results: value file=missing.json key=a -->1<!-- /results -->", "no results file"),
+        ("x <!-- results: value file=train_1b_h100.json key=summary.nope -->1<!-- /results -->", "no key 'nope'"),
+        (
+            "<!-- results: value file=train_1b_h100.json key=summary.steps -->12<!-- /results -->",
+            "must not start a line",
+        ),
+        (
+            "x <!-- results: value file=xattn_memory_h100.json key=memory[layers=8].peak -->1<!-- /results -->",
+            "matches 4",
+        ),
+    ],
+)
+def test_a_region_that_cannot_render_is_an_error_naming_it(tmp_path, capsys, text, message):
+    doc = tmp_path / "doc.md"
+    doc.write_text(text + "\n")
+    assert rr.main([str(doc), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert f"{doc}:1: region" in err and message in err
+
+
+def _results(tmp_path: Path, monkeypatch, name: str, data: dict) -> None:
+    monkeypatch.setattr(rr, "RESULTS", tmp_path)
+    monkeypatch.setattr(rr, "REPO", tmp_path)
+    (tmp_path / name).write_text(json.dumps({"meta": {}, **data}))
+
+
+def test_block_table_reads_rows_by_variant_mask_and_shape(tmp_path, monkeypatch):
+    """A benchmark of a newer format (a mask field per row, other variants): new columns are entries."""
+    rows = []
+    for sq in (64, 256):
+        for variant, mask, rate in (("triton", "none", 100), ("triton", "video", 80), ("fused/auto", "none", 120)):
+            r = sq / 64 * rate
+            row = dict(hq=32, hkv=8, head_dim=128, sq=sq, skv=16384, variant=variant, mask=mask)
+            rows.append({**row, "fwd_tflops": r, "fwd_bwd_tflops": r / 2, "fwd_ms": 1.0, "fwd_bwd_ms": 1.0})
+    rows.append(dict(hq=32, hkv=8, head_dim=128, sq=256, skv=16384, variant="fused/flash", error="unsupported"))
+    _results(tmp_path, monkeypatch, "bench.json", {"results": rows})
+    monkeypatch.setitem(rr.BLOCK_COLUMNS, "triton/video", rr.Column("triton/video", ("triton",), mask="video"))
+    monkeypatch.setattr(
+        rr, "BLOCK_TABLE", ("triton", "triton/video", "best-torch", ("video / best", "triton/video", "best-torch"))
+    )
+    table = rr.render_block_table(rr.Params(["file=bench.json"])).splitlines()
+    assert table[0] == "| Hq/Hkv | Sq | Skv | triton | triton/video | best torch (f+b kernel) | video / best |"
+    assert table[2] == "| 32/8 | 64 | 16K | 100 / 50 | 80 / 40 | 120 / 60 (fused/auto) | 0.67 |"
+    assert table[3] == "| 32/8 | 256 | 16K | 400 / 200 | 320 / 160 | 480 / 240 (fused/auto) | 0.67 |"
+    span = rr.Params(["file=bench.json", "of=triton/video", "over=triton", "metric=fwd", "fmt=.1f", "where=sq>=256"])
+    assert rr.render_block_span(span) == "0.8-0.8"
+    one = rr.Params(["file=bench.json", "of=triton", "stat=one", "where=sq=64", "fmt=.0f", "suffix= TFLOP/s"])
+    assert rr.render_block_span(one) == "50 TFLOP/s"
+    with pytest.raises(rr.RenderError, match="selects 2 shapes"):
+        rr.render_block_span(rr.Params(["file=bench.json", "of=triton", "stat=one"]))
+
+
+def test_training_renderers_read_the_summary_fields(tmp_path, monkeypatch):
+    summary = dict(
+        step_s=2.0, visual_tokens_per_s=123456, text_tokens_per_s=999.6, tflops_per_device=250.4, mfu=0.2531,
+        xattn_time_share=0.1, max_mem_gib=40.04,
+    )  # fmt: skip
+    _results(tmp_path, monkeypatch, "fast.json", {"summary": summary})
+    _results(
+        tmp_path, monkeypatch, "slow.json", {"summary": {**summary, "step_s": 3.0, "mfu": 0.2, "xattn_time_share": 0.3}}
+    )
+    table = rr.render_train_table(rr.Params(["fast.json=`auto`", "slow.json=`fused` (slow)"])).splitlines()
+    assert table[2] == "| `auto` | 2 s | 123.5K | 1000 | 250 | 25.3% | 10.0% | 40.0 GiB |"
+    assert table[3].startswith("| `fused` (slow) | 3 s |")
+    text = rr.render_train_comparison(rr.Params(["fast=fast.json", "slow=slow.json", "slow_label=with fused"]))
+    share = "cross-attention's share of the step 10.0% vs 30.0%"
+    assert text == f"2 s instead of 3 s with fused (1.50x; MFU 25.3% vs 20.0%; {share})"
+
+
+def test_gpu_check_and_gpu_test_renderers(tmp_path, monkeypatch):
+    block = dict(check="block", strategy="query_ring", backend="triton", dtype="bfloat16", hq=32, hkv=8, head_dim=128)
+    records = [
+        {**block, "mask": "tiles", "errors": {"out": 1e-3, "dq": 4.44e-3, "blind_rows_max_abs": 0.0}, "tolerance": 2e-2,
+         "passed": True},
+        {**block, "mask": "none", "dtype": "float32", "errors": {"out": 3e-7}, "tolerance": 1e-4, "passed": True},
+        {"check": "layer", "backend": "auto", "dtype": "bfloat16", "errors": {"out": 7e-3, "gates_worst": 0.9},
+         "unjudged": ["gates_worst"], "tolerance": 5e-2, "passed": False},
+    ]  # fmt: skip
+    _results(tmp_path, monkeypatch, "check.json", {"results": records})
+    errors = rr.render_gpu_check_errors(rr.Params(["file=check.json"]))
+    assert errors == (
+        "2 of 3 within tolerance; worst relative errors: block bfloat16 4.4e-3 (tolerance 2e-2), "
+        "block float32 3.0e-7 (tolerance 1e-4), layer bfloat16 7.0e-3 (tolerance 5e-2)"
+    )
+    cases = rr.render_gpu_check_cases(rr.Params(["file=check.json"]))
+    assert cases.startswith("2 block cases (strategies query_ring; backends triton; bfloat16, float32; Hq/Hkv 32/8")
+    assert cases.endswith("masks none, tiles) and 1 megatron layer cases (backends auto; bfloat16)")
+    _results(tmp_path, monkeypatch, "tests.json", {"counts": {"passed": 41, "failed": 0, "errors": 0, "skipped": 2}})
+    assert rr.render_gpu_tests(rr.Params(["file=tests.json"])) == "41 tests pass, 2 skipped"
+
+
+def _simulator_argv(command: str, output: Path) -> list[str]:
+    """The recorded simulator command with its output redirected and without the plot."""
+    words = shlex.split(command)[2:]
+    kept = []
+    for flag, value in zip(words[::2], words[1::2], strict=True):
+        if flag not in ("--output", "--plot"):
+            kept += [flag, value]
+    return [*kept, "--output", str(output)]
+
+
+@pytest.mark.parametrize("path", sorted(rr.RESULTS.glob("simulate_*.json")), ids=lambda p: p.stem)
+def test_committed_simulator_results_are_what_the_simulator_computes_now(path, tmp_path):
+    committed = json.loads(path.read_text())
+    argv = _simulator_argv(committed["meta"]["command"], tmp_path / "now.json")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools/simulate_xattn.py"), *argv], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    now = json.loads((tmp_path / "now.json").read_text())
+    rerun = f"rerun `{committed['meta']['command']}`, then python tools/render_results.py"
+    assert now["report"] == committed["report"], rerun
+    assert now["strategies"] == committed["strategies"], rerun

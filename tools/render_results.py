@@ -1,0 +1,602 @@
+"""Fill the marked regions of README.md and docs/*.md from the results files they quote.
+
+A region names a renderer and its parameters; what lies between the markers is the renderer's
+output, so every measured number in the docs is traceable to a file and checked against it:
+
+    text <!-- results: value file=train_1b_h100.json key=summary.step_s fmt=.3g -->2.29<!-- /results --> s
+    <!-- results: block_table file=block_attention_h100.json -->
+    | Hq/Hkv | ... (a table: the start marker ends its line, the end marker starts one)
+    <!-- /results -->
+
+Parameters are ``key=value`` words (shell quoting: ``sep=" to "``); ``file`` names a file in
+benchmarks/results/. An inline region must not start a line (markdown would read the comment as
+an HTML block). The renderers are the functions registered with ``@renderer`` below;
+docs/results.md lists them and says how to add one.
+
+    python tools/render_results.py            # rewrite the regions from the files
+    python tools/render_results.py --check    # exit 1 and show a diff where a region disagrees
+"""
+
+import argparse
+import difflib
+import json
+import operator
+import re
+import shlex
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+REGION = re.compile(r"<!-- results: (?P<spec>.*?) -->(?P<body>.*?)<!-- /results -->", re.S)
+
+
+class RenderError(ValueError):
+    """A region that cannot be rendered: unknown renderer or parameter, missing file or key."""
+
+
+def default_docs() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+class Params:
+    """A region's parameters; every one must be used (a misspelt key is an error, not a no-op)."""
+
+    def __init__(self, words: list[str]) -> None:
+        self.values: dict[str, str] = {}
+        for word in words:
+            key, eq, value = word.partition("=")
+            if not eq:
+                raise RenderError(f"parameter {word!r} is not key=value")
+            self.values[key] = value
+        self.used: set[str] = set()
+        self.files: list[str] = []
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        self.used.add(key)
+        return self.values.get(key, default)
+
+    def require(self, key: str) -> str:
+        value = self.get(key)
+        if value is None:
+            raise RenderError(f"missing parameter {key}=")
+        return value
+
+    def items(self) -> list[tuple[str, str]]:
+        """All parameters in order (renderers whose parameters are the rows of a table)."""
+        self.used.update(self.values)
+        return list(self.values.items())
+
+    def load(self, name: str) -> dict:
+        """A results file of benchmarks/results/ by file name."""
+        path = RESULTS / name
+        if not path.is_file():
+            raise RenderError(f"no results file {path.relative_to(REPO)}")
+        self.files.append(str(path.relative_to(REPO)))
+        return json.loads(path.read_text())
+
+    def file(self, key: str = "file") -> dict:
+        return self.load(self.require(key))
+
+    def unused(self) -> list[str]:
+        return [k for k in self.values if k not in self.used]
+
+
+RENDERERS: dict[str, Callable[[Params], str]] = {}
+
+
+def renderer(name: str) -> Callable[[Callable[[Params], str]], Callable[[Params], str]]:
+    """Register ``fn(params) -> markdown`` as the renderer ``name``."""
+
+    def register(fn: Callable[[Params], str]) -> Callable[[Params], str]:
+        RENDERERS[name] = fn
+        return fn
+
+    return register
+
+
+# --- formatting -----------------------------------------------------------------------------------
+
+
+def fmt_number(value: float, spec: str) -> str:
+    """``spec``: a Python format spec (``.3g``, ``.1%``, ``.0f``) or ``sci``/``sciN`` (``4.1e-6``)."""
+    if spec.startswith("sci"):
+        digits = int(spec[3:] or 2)
+        mantissa, _, exponent = f"{value:.{digits - 1}e}".partition("e")
+        return f"{mantissa}e{int(exponent)}"
+    return format(value, spec)
+
+
+UNITS = {"GiB": 2**30, "K": 1e3, "M": 1e6, "ms": 1e-3}
+
+
+def lookup(data: object, path: str) -> object:
+    """``a.b[field=value,field=value].c``: keys, and the one list element whose fields match."""
+    node = data
+    for part in re.findall(r"[^.\[\]]+|\[[^\]]*\]", path):
+        if part.startswith("["):
+            conditions = dict(c.split("=", 1) for c in part[1:-1].split(","))
+            matches = [
+                item
+                for item in node
+                if all(json.dumps(item.get(k)) == v or str(item.get(k)) == v for k, v in conditions.items())
+            ]
+            if len(matches) != 1:
+                raise RenderError(f"{path}: {part} matches {len(matches)} elements, not one")
+            node = matches[0]
+        else:
+            if not isinstance(node, dict) or part not in node:
+                raise RenderError(f"{path}: no key {part!r}")
+            node = node[part]
+    return node
+
+
+@renderer("value")
+def render_value(p: Params) -> str:
+    """One number (or string) of a file: ``file``, ``key`` (a path, see ``lookup``), ``fmt``, ``unit``."""
+    value = lookup(p.file(), p.require("key"))
+    if isinstance(value, str):
+        return value
+    unit = p.get("unit")
+    if unit is not None:
+        value = value / UNITS[unit]
+    return fmt_number(value, p.get("fmt", ".3g")) + (unit if unit == "K" else "")
+
+
+@renderer("ratio")
+def render_ratio(p: Params) -> str:
+    """``key`` of ``file`` over ``den_key`` of ``den_file`` (default: the same file), formatted by ``fmt``."""
+    num = lookup(p.file(), p.require("key"))
+    den = lookup(p.load(p.get("den_file") or p.require("file")), p.require("den_key"))
+    return fmt_number(num / den, p.get("fmt", ".2f"))
+
+
+# --- block attention (tools/bench_block_attention.py) ---------------------------------------------
+
+SHAPE_FIELDS = ("hq", "hkv", "head_dim", "sq", "skv")
+# torch's unmasked kernels in the benchmark; "best torch" is the fastest of them per direction.
+TORCH_UNMASKED = (
+    "fused/auto", "fused/flash", "fused/cudnn", "fused/efficient", "sdpa/flash", "sdpa/cudnn", "sdpa/efficient",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Column:
+    """A value per shape and direction: the fastest of ``variants`` among the rows with ``mask``.
+
+    Rows are matched by their ``variant`` and ``mask`` fields (a row without ``mask`` is unmasked),
+    so a column of a new benchmark is one more entry in ``BLOCK_COLUMNS``.
+    """
+
+    header: str
+    variants: tuple[str, ...]
+    mask: str = "none"
+    name_winner: bool = False  # show which variant was fastest forward+backward
+
+
+BLOCK_COLUMNS = {
+    "triton": Column("triton", ("triton",)),
+    "best-torch": Column("best torch (f+b kernel)", TORCH_UNMASKED, name_winner=True),
+    "auto": Column("auto", ("auto",)),
+    "triton/masked": Column("triton/masked", ("triton/masked",)),
+    "triton/masked skip": Column("triton/masked skip", ("triton/masked skip",)),
+    "fused/masked": Column("fused/masked", ("fused/masked",)),
+    "query_ring n=1": Column("query_ring n=1", ("query_ring n=1",)),
+}
+# The README's table: column names of BLOCK_COLUMNS, or (header, numerator, denominator) for the
+# ratio of two columns' forward+backward rates.
+BLOCK_TABLE: tuple[str | tuple[str, str, str], ...] = (
+    "triton",
+    "best-torch",
+    "auto",
+    ("auto / best f+b", "auto", "best-torch"),
+    "triton/masked",
+    "fused/masked",
+    "query_ring n=1",
+)
+
+
+def shape_of(row: dict) -> tuple:
+    return tuple(row.get(f) for f in SHAPE_FIELDS)
+
+
+def block_shapes(data: dict) -> dict[tuple, list[dict]]:
+    """Measured rows (not the unsupported ones) grouped by shape, in the file's order."""
+    shapes: dict[tuple, list[dict]] = {}
+    for row in data["results"]:
+        if "error" not in row and "variant" in row:
+            shapes.setdefault(shape_of(row), []).append(row)
+    return shapes
+
+
+def column_value(rows: list[dict], column: Column, metric: str) -> tuple[float, str] | None:
+    """(TFLOP/s, variant) of the fastest matching row for ``metric`` (fwd or fwd_bwd); None if none."""
+    found = [r for r in rows if r["variant"] in column.variants and r.get("mask", "none") == column.mask]
+    if not found:
+        return None
+    best = max(found, key=lambda r: r[f"{metric}_tflops"])
+    return best[f"{metric}_tflops"], best["variant"]
+
+
+def _column(name: str) -> Column:
+    if name not in BLOCK_COLUMNS:
+        raise RenderError(f"no block column {name!r} (BLOCK_COLUMNS has {', '.join(BLOCK_COLUMNS)})")
+    return BLOCK_COLUMNS[name]
+
+
+def _kilo(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+@renderer("block_table")
+def render_block_table(p: Params) -> str:
+    """BLOCK_TABLE for every shape of ``file``: forward / forward+backward TFLOP/s per column."""
+    shapes = block_shapes(p.file())
+    headers = ["Hq/Hkv", "Sq", "Skv"] + [c[0] if isinstance(c, tuple) else _column(c).header for c in BLOCK_TABLE]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for shape, rows in shapes.items():
+        hq, hkv, _, sq, skv = shape
+        cells = [f"{hq}/{hkv}", str(sq), _kilo(skv)]
+        for entry in BLOCK_TABLE:
+            if isinstance(entry, tuple):
+                num = column_value(rows, _column(entry[1]), "fwd_bwd")
+                den = column_value(rows, _column(entry[2]), "fwd_bwd")
+                cells.append(f"{num[0] / den[0]:.2f}" if num and den else "-")
+                continue
+            column = _column(entry)
+            fwd, fwd_bwd = column_value(rows, column, "fwd"), column_value(rows, column, "fwd_bwd")
+            if fwd is None or fwd_bwd is None:
+                cells.append("-")
+                continue
+            cell = f"{fwd[0]:.0f} / {fwd_bwd[0]:.0f}"
+            cells.append(cell + (f" ({fwd_bwd[1]})" if column.name_winner else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_OPS = {">=": operator.ge, "<=": operator.le, "!=": operator.ne, ">": operator.gt, "<": operator.lt, "=": operator.eq}
+
+
+def shape_filter(where: str | None) -> Callable[[tuple], bool]:
+    """``"sq>=1024|hkv=32"``: alternatives split by ``|``, each a ``,``-joined list of conditions."""
+    if not where:
+        return lambda shape: True
+    alternatives = []
+    for alternative in where.split("|"):
+        conditions = []
+        for cond in alternative.split(","):
+            found = re.fullmatch(r"\s*(\w+)\s*(>=|<=|!=|>|<|=)\s*(\d+)\s*", cond)
+            if not found or found.group(1) not in SHAPE_FIELDS:
+                raise RenderError(f"where: bad condition {cond!r} (fields {', '.join(SHAPE_FIELDS)})")
+            conditions.append((SHAPE_FIELDS.index(found.group(1)), _OPS[found.group(2)], int(found.group(3))))
+        alternatives.append(conditions)
+    return lambda shape: any(all(op(shape[i], v) for i, op, v in conds) for conds in alternatives)
+
+
+@renderer("block_span")
+def render_block_span(p: Params) -> str:
+    """A column's rate (``of``; over column ``over``: their ratio) across the shapes ``where`` selects.
+
+    ``metric`` fwd or fwd_bwd; ``stat`` range (``lo{sep}hi``), min, max, or one (exactly one
+    shape); ``overhead=yes`` subtracts 1 (a ratio as an overhead); ``fmt`` and ``suffix`` format each
+    number.
+    """
+    shapes = block_shapes(p.file())
+    metric, of, over = p.get("metric", "fwd_bwd"), _column(p.require("of")), p.get("over")
+    keep = shape_filter(p.get("where"))
+    values = []
+    for shape, rows in shapes.items():
+        if not keep(shape):
+            continue
+        num = column_value(rows, of, metric)
+        den = column_value(rows, _column(over), metric) if over else (1.0, "")
+        if num is None or den is None:
+            raise RenderError(f"shape {shape}: no row for column {p.get('of')!r} or {over!r}")
+        values.append(num[0] / den[0] - (1.0 if p.get("overhead") == "yes" else 0.0))
+    if not values:
+        raise RenderError(f"where={p.get('where')!r} selects no shape")
+    stat, spec, suffix = p.get("stat", "range"), p.get("fmt", ".3g"), p.get("suffix", "")
+    show = lambda v: fmt_number(v, spec) + suffix
+    if stat == "range":
+        return show(min(values)) + p.get("sep", "-") + show(max(values))
+    if stat == "one" and len(values) != 1:
+        raise RenderError(f"stat=one: where={p.get('where')!r} selects {len(values)} shapes")
+    return show({"min": min, "max": max, "one": min}[stat](values))
+
+
+@renderer("block_grid")
+def render_block_grid(p: Params) -> str:
+    """The measured grid of ``file``: ``Sq 64-4096, Skv 16K-256K``."""
+    shapes = list(block_shapes(p.file()))
+    sq, skv = [s[3] for s in shapes], [s[4] for s in shapes]
+    return f"Sq {min(sq)}-{max(sq)}, Skv {_kilo(min(skv))}-{_kilo(max(skv))}"
+
+
+# --- training (tools/train_summary.py) ------------------------------------------------------------
+
+TRAIN_COLUMNS = (  # header, summary field, format
+    ("step", "step_s", lambda v: f"{v:.3g} s"),
+    ("visual tokens/s", "visual_tokens_per_s", lambda v: f"{v / 1e3:.1f}K"),
+    ("text tokens/s", "text_tokens_per_s", lambda v: f"{v:.0f}"),
+    ("TFLOP/s (model)", "tflops_per_device", lambda v: f"{v:.0f}"),
+    ("MFU (989 peak)", "mfu", lambda v: f"{v:.1%}"),
+    ("cross-attention share", "xattn_time_share", lambda v: f"{v:.1%}"),
+    ("max memory", "max_mem_gib", lambda v: f"{v:.1f} GiB"),
+)
+
+
+@renderer("train_table")
+def render_train_table(p: Params) -> str:
+    """One row per ``FILE="label"`` parameter: a run's steady-state medians."""
+    lines = ["| block backend | " + " | ".join(h for h, _, _ in TRAIN_COLUMNS) + " |"]
+    lines.append("|" + "---|" * (len(TRAIN_COLUMNS) + 1))
+    for name, label in p.items():
+        summary = p.load(name)["summary"]
+        missing = [f for _, f, _ in TRAIN_COLUMNS if f not in summary]
+        if missing:
+            raise RenderError(f"{name}: summary has no {', '.join(missing)}")
+        lines.append(f"| {label} | " + " | ".join(show(summary[f]) for _, f, show in TRAIN_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+@renderer("train_comparison")
+def render_train_comparison(p: Params) -> str:
+    """Run ``fast`` against run ``slow`` (named by ``slow_label``): step times, speedup, MFU, cross-attention share."""
+    fast, slow = p.file("fast")["summary"], p.file("slow")["summary"]
+    label = p.get("slow_label")
+    return (
+        f"{fast['step_s']:.3g} s instead of {slow['step_s']:.3g} s{f' {label}' if label else ''} "
+        f"({slow['step_s'] / fast['step_s']:.2f}x; MFU {fast['mfu']:.1%} vs {slow['mfu']:.1%}; "
+        f"cross-attention's share of the step {fast['xattn_time_share']:.1%} vs {slow['xattn_time_share']:.1%})"
+    )
+
+
+# --- correctness (tools/gpu_check.py, the GPU tests) ----------------------------------------------
+
+
+def _mask_kind(record: dict) -> str:
+    # files written before gpu_check named mask kinds recorded a bool: random ids, or none
+    if "mask" in record:
+        return record["mask"]
+    return "random" if record["masks"] else "none"
+
+
+def _judged_errors(record: dict) -> list[float]:
+    skip = set(record.get("unjudged", ()))
+    return [v for k, v in record["errors"].items() if "blind" not in k and k not in skip]
+
+
+@renderer("gpu_check_cases")
+def render_gpu_check_cases(p: Params) -> str:
+    """What the checks of ``file`` cover: strategies, backends, dtypes, heads, head dims, masks."""
+    records = p.file()["results"]
+    blocks = [r for r in records if r.get("check", "block") == "block"]
+    layers = [r for r in records if r.get("check") == "layer"]
+    heads = sorted({(r["hq"], r["hkv"]) for r in blocks}, reverse=True)
+    text = (
+        f"{len(blocks)} block cases (strategies {', '.join(sorted({r['strategy'] for r in blocks}))}; "
+        f"backends {', '.join(sorted({r['backend'] for r in blocks}))}; "
+        f"{', '.join(sorted({r['dtype'] for r in blocks}))}; Hq/Hkv {', '.join(f'{a}/{b}' for a, b in heads)}; "
+        f"d {', '.join(str(d) for d in sorted({r['head_dim'] for r in blocks}))}; "
+        f"masks {', '.join(sorted({_mask_kind(r) for r in blocks}))})"
+    )
+    if layers:
+        text += (
+            f" and {len(layers)} megatron layer cases (backends {', '.join(sorted({r['backend'] for r in layers}))}; "
+            f"{', '.join(sorted({r['dtype'] for r in layers}))})"
+        )
+    return text
+
+
+@renderer("gpu_check_errors")
+def render_gpu_check_errors(p: Params) -> str:
+    """Pass count, and per check kind and dtype the worst judged relative error and its tolerance."""
+    records = p.file()["results"]
+    passed = sum(r["passed"] for r in records)
+    verdict = "all within tolerance" if passed == len(records) else f"{passed} of {len(records)} within tolerance"
+    parts = []
+    for kind in ("block", "layer"):
+        mine = [r for r in records if r.get("check", "block") == kind]
+        for dtype in sorted({r["dtype"] for r in mine}):
+            of_dtype = [r for r in mine if r["dtype"] == dtype]
+            worst = max(e for r in of_dtype for e in _judged_errors(r))
+            tol = max(r["tolerance"] for r in of_dtype)
+            parts.append(f"{kind} {dtype} {fmt_number(worst, 'sci')} (tolerance {fmt_number(tol, 'sci1')})")
+    return f"{verdict}; worst relative errors: {', '.join(parts)}"
+
+
+@renderer("gpu_tests")
+def render_gpu_tests(p: Params) -> str:
+    """``N tests pass`` (and how many were skipped or failed) from the GPU test stage's file."""
+    counts = p.file()["counts"]
+    text = f"{counts['passed']} tests pass"
+    for key in ("failed", "errors", "skipped"):
+        if counts.get(key):
+            text += f", {counts[key]} {'skipped' if key == 'skipped' else key}"
+    return text
+
+
+# --- megatron block memory (tools/xattn_memory.py) -------------------------------------------------
+
+
+def _memory_row(memory: list[dict], visual: int, layers: int, recompute: bool) -> dict:
+    rows = [m for m in memory if (m["visual"], m["layers"], m["recompute"]) == (visual, layers, recompute)]
+    if len(rows) != 1:
+        raise RenderError(f"memory: {len(rows)} rows for visual {visual}, layers {layers}, recompute {recompute}")
+    return rows[0]
+
+
+@renderer("xattn_memory_table")
+def render_xattn_memory_table(p: Params) -> str:
+    """Kept-after-forward and peak memory, recompute on and off, per visual length and layer count."""
+    memory = p.file()["memory"]
+    lines = [
+        "| visual tokens | layers | kept after forward, recompute on | off | peak fwd+bwd, on | off |",
+        "|---|---|---|---|---|---|",
+    ]
+    for visual, layers in dict.fromkeys((m["visual"], m["layers"]) for m in memory):
+        on, off = (_memory_row(memory, visual, layers, r) for r in (True, False))
+        gib = lambda n: f"{n / 2**30:.2f} GiB"
+        lines.append(
+            f"| {visual} | {layers} | {gib(on['kept_after_forward'])} | {gib(off['kept_after_forward'])} | "
+            f"{gib(on['peak'])} | {gib(off['peak'])} |"
+        )
+    return "\n".join(lines)
+
+
+@renderer("xattn_per_layer")
+def render_xattn_per_layer(p: Params) -> str:
+    """Activations kept per extra layer at ``visual`` tokens: ``kind=kept`` with recompute, or
+    ``kind=extra``, what turning it off adds per layer (slopes between the two largest layer counts)."""
+    memory, visual = p.file()["memory"], int(p.require("visual"))
+    counts = sorted({m["layers"] for m in memory if m["visual"] == visual})[-2:]
+
+    def slope(recompute: bool) -> float:
+        a, b = (_memory_row(memory, visual, n, recompute)["kept_after_forward"] for n in counts)
+        return (b - a) / (counts[1] - counts[0])
+
+    kind = p.require("kind")
+    value = slope(True) if kind == "kept" else slope(False) - slope(True)
+    return f"{value / 2**30:.2f} GiB"
+
+
+# --- the simulator (tools/simulate_xattn.py --output) ----------------------------------------------
+
+
+def wrap_command(command: str, width: int = 100) -> str:
+    """A long shell command as continued lines (`` \\`` and an indent), a flag with its value."""
+    groups: list[str] = []
+    for word in shlex.split(command):
+        quoted = shlex.quote(word)
+        if groups and groups[-1].startswith("--") and " " not in groups[-1] and not word.startswith("-"):
+            groups[-1] += " " + quoted
+        else:
+            groups.append(quoted)
+    lines, line = [], "$"
+    for group in groups:
+        if len(line) + 1 + len(group) > width - 2 and line != "$":
+            lines.append(line + " \\")
+            line = "     "
+        line += " " + group
+    return "\n".join([*lines, line])
+
+
+@renderer("simulator_output")
+def render_simulator_output(p: Params) -> str:
+    """The simulator's command and what it printed, as a code block."""
+    data = p.file()
+    return "```\n" + wrap_command(data["meta"]["command"]) + "\n" + "\n".join(data["report"]) + "\n```"
+
+
+# --- documents --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Region:
+    doc: Path
+    line: int  # of the start marker
+    spec: str
+    body: str
+    marker: int  # offset of the start marker
+    start: int  # offsets of the body
+    end: int
+
+
+def _fenced(text: str) -> list[tuple[int, int]]:
+    """Offsets of the fenced code blocks (examples of regions there are not regions)."""
+    spans, start, offset = [], None, 0
+    for line in text.splitlines(keepends=True):
+        if line.lstrip().startswith("```"):
+            if start is None:
+                start = offset
+            else:
+                spans.append((start, offset + len(line)))
+                start = None
+        offset += len(line)
+    return spans
+
+
+def regions(doc: Path, text: str) -> Iterator[Region]:
+    fences = _fenced(text)
+    for found in REGION.finditer(text):
+        if any(a <= found.start() < b for a, b in fences):
+            continue
+        line = text.count("\n", 0, found.start()) + 1
+        body = (found.start("body"), found.end("body"))
+        yield Region(doc, line, found.group("spec"), found.group("body"), found.start(), *body)
+
+
+def render_region(region: Region, text: str) -> tuple[str, list[str]]:
+    """The region's new body and the results files it read."""
+    where = f"{region.doc.relative_to(REPO) if region.doc.is_relative_to(REPO) else region.doc}:{region.line}"
+    try:
+        name, *words = shlex.split(region.spec)
+        if name not in RENDERERS:
+            raise RenderError(f"no renderer {name!r} (there are: {', '.join(sorted(RENDERERS))})")
+        params = Params(words)
+        out = RENDERERS[name](params)
+        if params.unused():
+            raise RenderError(f"unused parameters {', '.join(params.unused())} for {name}")
+    except (RenderError, KeyError, ValueError) as err:
+        raise RenderError(f"{where}: region '{region.spec}': {err}") from None
+    if region.body.startswith("\n"):
+        # a block: the markers stand on their own lines, blank lines keep them out of tables and lists
+        return f"\n\n{out}\n\n", params.files
+    if not text[text.rfind("\n", 0, region.marker) + 1 : region.marker].strip():
+        raise RenderError(f"{where}: region '{region.spec}' is inline and must not start a line (markdown reads HTML)")
+    if "\n" in out:
+        raise RenderError(f"{where}: region '{region.spec}': {name} renders several lines; make it a block")
+    return out, params.files
+
+
+def render_doc(doc: Path) -> tuple[str, list[str]]:
+    """The document with every region rendered, and one message per region that changed."""
+    text = doc.read_text()
+    pieces, changes, last = [], [], 0
+    for region in regions(doc, text):
+        body, files = render_region(region, text)
+        pieces += [text[last : region.start], body]
+        last = region.end
+        if body != region.body:
+            shown = doc.relative_to(REPO) if doc.is_relative_to(REPO) else doc
+            diff = difflib.unified_diff(
+                region.body.strip("\n").splitlines(), body.strip("\n").splitlines(), "doc", "results", lineterm=""
+            )
+            changes.append(
+                f"{shown}:{region.line}: region '{region.spec}' disagrees with {', '.join(dict.fromkeys(files))}:\n"
+                + "\n".join(diff)
+            )
+    pieces.append(text[last:])
+    return "".join(pieces), changes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("docs", nargs="*", type=Path, help="markdown files (default: README.md, docs/*.md)")
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 where a region disagrees")
+    args = parser.parse_args(argv)
+    docs = [d.resolve() for d in args.docs] or default_docs()
+    all_changes = []
+    try:
+        for doc in docs:
+            text, changes = render_doc(doc)
+            all_changes += changes
+            if changes and not args.check:
+                doc.write_text(text)
+    except RenderError as err:
+        print(f"render_results: {err}", file=sys.stderr)
+        return 2
+    for change in all_changes:
+        print(change + "\n")
+    if args.check and all_changes:
+        print(f"{len(all_changes)} region(s) disagree with their results files: python tools/render_results.py")
+        return 1
+    count = sum(len(list(regions(d, d.read_text()))) for d in docs)
+    print(f"{count} regions in {len(docs)} documents {'agree' if args.check else 'rendered'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
