@@ -266,10 +266,12 @@ def test_fused_dense_runs_match_float64_reference(mask):
     _check(Shape(2, 300, 32, 8, 9000, 128, mask), torch.bfloat16, seed=3, backend=TorchFusedBackend())
 
 
+CUDA_LONG_KEYS = [(d, mask, torch.bfloat16) for d in (64, 128, 256) for mask in ("none", "images", "video")]
+CUDA_LONG_KEYS += [(80, "images", torch.float16), (128, "interleaved", torch.float16)]
+
+
 @pytest.mark.skipif(not CUDA, reason="bf16 and realistic shapes need the GPU")
-@pytest.mark.parametrize("d", [64, 80, 128, 256])
-@pytest.mark.parametrize("mask", ["none", "images", "video"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d, mask, dtype", CUDA_LONG_KEYS, ids=str)
 def test_cuda_kernels_long_keys(d, mask, dtype):
     _check(Shape(2, 67, 32, 8, 20011, d, mask), dtype, seed=d)
 
