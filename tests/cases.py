@@ -199,13 +199,20 @@ def run_fuzz(rank: int, world_size: int, seed: int, count: int) -> list[tuple[Ca
 
 
 def counted_bytes(case: Case, rank: int, world_size: int, group=None):
-    """Run ``case`` once forward and backward, counting bytes: ``(fwd CommStats, bwd CommStats, CallShape)``."""
-    from lvx_megatron.ops import count_communication
+    """Run ``case`` once forward and backward, counting bytes, with the mask planned beforehand as
+    models do: ``(plan CommStats, fwd CommStats, bwd CommStats, CallShape)``."""
+    from lvx_megatron.ops import MaskPlan, count_communication
     from lvx_megatron.ops.cost_model import CallShape
+    from lvx_megatron.ops.groups import HierarchicalGroups
 
     prob = make_problem(case, world_size)
     q_lens, kv_lens, dtype = prob["q_lens"], prob["kv_lens"], case.dtype
     q, k, v, kwargs = _sharded_call(case, prob, rank, group, q_lens, kv_lens)
+    q_mask, ids = kwargs.pop("q_image_mask"), kwargs.pop("kv_image_ids")
+    with count_communication() as plan:
+        if ids is not None:
+            flat = group.parent if isinstance(group, HierarchicalGroups) else group
+            kwargs["mask_plan"] = MaskPlan.build(q_mask, ids, flat, num_queries=q.shape[1])
     with count_communication() as fwd:
         out = distributed_cross_attention(q, k, v, **kwargs)
     with count_communication() as bwd:
@@ -219,16 +226,14 @@ def counted_bytes(case: Case, rank: int, world_size: int, group=None):
         head_dim=case.head_dim,
         elem_bytes=torch.finfo(dtype).bits // 8,
         acc_bytes=8 if dtype == torch.float64 else 4,
-        num_ids=case.num_ids if case.masks == "images" else 0,
-        has_kv_ids=case.masks != "none",
         head_chunks=case.head_chunks,
     )
-    return fwd, bwd, shape
+    return plan, fwd, bwd, shape
 
 
 def measured_and_predicted_bytes(rank: int, world_size: int, seed: int) -> list[tuple[Case, tuple, tuple]]:
-    """Worker: per strategy and mask kind, (counted fwd, bwd bytes) and the cost model's prediction."""
-    from lvx_megatron.ops.cost_model import predicted_bytes
+    """Worker: per strategy and mask kind, counted (plan, fwd, bwd) bytes and the cost model's prediction."""
+    from lvx_megatron.ops.cost_model import predicted_bytes, predicted_plan_bytes
 
     cases = [
         Case(strategy, 8, 2, masks, dtype, seed=seed + i, num_ids=3)
@@ -243,8 +248,13 @@ def measured_and_predicted_bytes(rank: int, world_size: int, seed: int) -> list[
     ]
     rows = []
     for case in cases:
-        fwd, bwd, shape = counted_bytes(case, rank, world_size)
-        rows.append((case, (fwd.bytes_sent, bwd.bytes_sent), predicted_bytes(case.strategy, shape, rank)))
+        plan, fwd, bwd, shape = counted_bytes(case, rank, world_size)
+        num_ids = case.num_ids if case.masks == "images" else 0
+        plan_bytes = (
+            0 if case.masks == "none" else predicted_plan_bytes(shape.q_lens, shape.kv_lens, case.batch, num_ids, rank)
+        )
+        predicted = (plan_bytes, *predicted_bytes(case.strategy, shape, rank))
+        rows.append((case, (plan.bytes_sent, fwd.bytes_sent, bwd.bytes_sent), predicted))
     return rows
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lvx_megatron.ops import TorchReferenceBackend, dense_cross_attention
-from lvx_megatron.ops.masks import block_mask
+from lvx_megatron.ops.masks import BlockMask, block_mask
 from lvx_megatron.ops.merge import merge_partials
 
 
@@ -27,7 +27,7 @@ def test_reference_backend_forward_and_backward(hkv, masked):
         ids = q_mask = None
     scale = 0.3
     backend = TorchReferenceBackend()
-    mask = block_mask(q_mask, ids, q.shape[1])
+    mask = None if ids is None else BlockMask(q_mask, ids, q.shape[1])
     o, lse = backend.forward(q, k, v, mask, scale)
 
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -48,10 +48,10 @@ def test_reference_backend_forward_and_backward(hkv, masked):
 def test_split_and_merge_equals_full_attention():
     q, k, v, ids, q_mask = _inputs(7, skv=20)
     backend = TorchReferenceBackend()
-    full, full_lse = backend.forward(q, k, v, block_mask(q_mask, ids, q.shape[1]), 0.25)
+    full, full_lse = backend.forward(q, k, v, BlockMask(q_mask, ids, q.shape[1]), 0.25)
     o, lse = None, None
     for part in (slice(0, 0), slice(0, 3), slice(3, 12), slice(12, 20)):
-        po, plse = backend.forward(q, k[:, part], v[:, part], block_mask(q_mask, ids[:, part], q.shape[1]), 0.25)
+        po, plse = backend.forward(q, k[:, part], v[:, part], BlockMask(q_mask, ids[:, part], q.shape[1]), 0.25)
         o, lse = (po, plse) if o is None else merge_partials(o, lse, po, plse)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(full_lse))
     assert torch.allclose(o, full, rtol=0, atol=1e-12)
@@ -74,4 +74,3 @@ def test_block_mask_semantics():
     mask = block_mask(q_mask, ids, 3)
     assert mask.tolist() == [[[True, True, False, False, False], [False, False, True, False, True], [False] * 5]]
     assert block_mask(None, ids, 2).tolist() == [[[True, True, True, False, True]] * 2]
-    assert block_mask(None, None, 2) is None

@@ -33,9 +33,7 @@ def test_predicted_bytes_equal_the_bytes_sent(world_size):
 
 
 def _shape(text: int, visual: int, n: int, q_heads: int = 32, kv_heads: int = 8, **fields) -> CallShape:
-    return CallShape(
-        uniform_lengths(text, n), uniform_lengths(visual, n), 1, q_heads, kv_heads, 128, num_ids=8, **fields
-    )
+    return CallShape(uniform_lengths(text, n), uniform_lengths(visual, n), 1, q_heads, kv_heads, 128, **fields)
 
 
 @pytest.mark.parametrize(

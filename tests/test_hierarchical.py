@@ -205,7 +205,7 @@ def _level_bytes(rank: int, world_size: int, ranks_per_node: int, groups: Hierar
         Case("hierarchical", 8, 2, "images", torch.float32, seed=77, num_ids=3),
         Case("hierarchical", 4, 1, "padding", torch.float64, seed=78),
     ):
-        fwd, bwd, shape = counted_bytes(case, rank, world_size, groups)
+        _, fwd, bwd, shape = counted_bytes(case, rank, world_size, groups)
         counted = {
             level: tuple(sum(n for name, n in st.by_name.items() if name.startswith(f"{level}.")) for st in (fwd, bwd))
             for level in ("inner", "outer")

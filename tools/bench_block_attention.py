@@ -1,25 +1,37 @@
-"""Block-attention benchmark on the query ring's per-step shape: small query block, large local KV.
+"""Block-attention benchmark on the query ring's per-step shape, with the masks the models make.
 
-Prints one table: per shape and variant, forward and forward+backward time (median of CUDA-event
-timings) and TFLOP/s, counting ``4 * B * Hq * Sq * Skv * d`` flops forward and 3.5x that for
-forward+backward; then a summary per shape: our Triton kernel against the best torch kernel, and
-the dense bf16 matmul rate measured in the same run. Variants:
+One shape is one small query block against a large local KV shard (B=1). Every shape is timed
+with each mask side by side in the same run (forward and forward+backward; calls issued back to
+back as a training step issues them, median of CUDA-event timings), counting ``4 * Hq * d`` flops
+per visible (query, key) pair forward and 3.5x that for forward+backward, so a mask that hides
+keys is not credited with their work:
 
-- ``triton``: our Triton kernels (:class:`~lvx_megatron.ops.TritonBackend`), unmasked;
-- ``triton/masked``, ``triton/masked skip``: the same given the compact image-id mask (every key
-  visible, so the numbers compare with the unmasked rows), without and with the empty-tile test;
-- ``fused/auto``, ``fused/flash``, ``fused/cudnn``, ``fused/efficient``: torch's fused kernels with
-  GQA heads packed into rows, with their own kernel choice or one kernel for both directions;
-- ``fused/masked``: torch's fused kernels given a dense mask (memory-efficient kernel with a bias);
-- ``sdpa/flash``, ``sdpa/cudnn``, ``sdpa/efficient``: torch's public SDPA with ``enable_gqa``
-  (or K/V expanded where the kernel needs it);
-- ``auto``: the per-shape selection (``backend="auto"``);
-- ``query_ring n=1``: ``distributed_cross_attention`` on one rank (the ring's own overhead).
+- ``none``: no mask (the special case, for comparison);
+- ``all``: the image mask with every text token seeing every one of 8 images (video: every text
+  token sees every frame), no padding;
+- ``video``: 8 frames of 4 tile slots, the last slot of each padding (``-1``), every text token
+  sees every frame;
+- ``interleaved``: 8 images of 4 real tiles; the first half of the text sees the first 4 images,
+  the second half all 8 (75% of the work visible);
+- ``tiles``: 8 images of 4 tile slots with 1, 2, 3, 1, 2, 3, 1, 2 real tiles, every text token
+  sees every image.
 
-``--sweep`` instead times the Triton kernels over a grid of tile sizes and split waves per shape
-(how the defaults in ``lvx_megatron/ops/backends/triton_backend.py`` were chosen).
+Variants: ``triton`` (our kernels, the mask's tile lists), ``fused`` (torch's fused kernels; masked
+blocks as dense runs), ``auto`` (the per-call selection of ``backend="auto"``), ``op`` (the whole
+``distributed_cross_attention`` on one rank with a prebuilt ``MaskPlan``, what a model layer runs),
+``flex`` (FlexAttention, compiled, ``enable_gqa``, a ``mask_mod`` reading the image ids; with
+``--flex-masks`` only on some masks, it compiles per shape and mask: compile seconds are recorded),
+and, unmasked only, ``sdpa/cudnn`` and ``sdpa/flash`` (torch's public SDPA with ``enable_gqa``).
+``flash-attn-4`` is timed (unmasked) when it imports.
 
-    python tools/bench_block_attention.py --output benchmarks/results/block_attention_h100.json
+The summary prints, per shape, the rates of ``auto`` per mask as a fraction of unmasked ``auto``,
+the interleaved/all time ratio, the whole op against ``auto`` and ``auto`` against FlexAttention.
+
+    python tools/bench_block_attention.py --output benchmarks/results/block_attention_h200.json
+
+``--sweep`` instead times the Triton kernels over a grid of tile sizes and split waves per shape,
+on unmasked blocks and with the ``all`` mask (how the defaults in
+``lvx_megatron/ops/backends/triton_backend.py`` are chosen).
 """
 
 import argparse
@@ -27,201 +39,352 @@ import itertools
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from results_file import write_results
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lvx_megatron.ops import TorchFusedBackend, TritonBackend, distributed_cross_attention, get_backend
+from lvx_megatron.ops import MaskPlan, TorchFusedBackend, TritonBackend, distributed_cross_attention, get_backend
 from lvx_megatron.ops.backends.triton_backend import KernelConfig
 from lvx_megatron.ops.masks import BlockMask
 from lvx_megatron.ops.problem import output_delta
 
-TORCH_UNMASKED = (
-    "fused/auto", "fused/flash", "fused/cudnn", "fused/efficient", "sdpa/flash", "sdpa/cudnn", "sdpa/efficient",
-)  # fmt: skip
+MASKS = ("none", "all", "video", "interleaved", "tiles")
+IMAGES, SLOTS = 8, 4
+REAL_TILES = (1, 2, 3, 1, 2, 3, 1, 2)  # the "tiles" mask: real tiles of each 4-slot image
 
 
-def _time_ms(fn, max_iters: int, budget_s: float = 0.5) -> float:
-    """Median CUDA-event time of ``fn``; long-running calls get fewer iterations (at least 3)."""
+def _time_ms(fn, max_iters: int, budget_s: float, samples: int = 5) -> float:
+    """Time per call of ``fn`` issued back to back, as a training step issues its layers (the host
+    runs ahead of the device; per-call host work shows only where it exceeds the device's):
+    the median over ``samples`` CUDA-event timings of ``reps`` consecutive calls."""
     fn()  # compile / warm up
     torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
     torch.cuda.synchronize()
     once = time.perf_counter() - start
-    iters = max(3, min(max_iters, int(budget_s / max(once, 1e-6))))
+    reps = max(1, min(max_iters, int(budget_s / samples / max(once, 1e-6))))
     times = []
-    for _ in range(iters):
+    for _ in range(samples):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
-        fn()
+        for _ in range(reps):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
+        times.append(begin.elapsed_time(end) / reps)
     return statistics.median(times)
 
 
-def _backend_fns(be, q, k, v, mask, scale, dout):
-    o, lse = be.forward(q, k, v, mask, scale)
+def make_mask(kind: str, sq: int, skv: int, device: torch.device) -> BlockMask | None:
+    """One of :data:`MASKS` for a block of ``sq`` text tokens and ``skv`` visual tokens (B = 1)."""
+    if kind == "none":
+        return None
+    slot = -(-skv // (IMAGES * SLOTS))
+    tile = torch.arange(skv, device=device) // slot  # tile slot of each key
+    image, within = tile // SLOTS, tile % SLOTS
+    q_mask = torch.ones(1, sq, IMAGES * SLOTS, dtype=torch.bool, device=device)
+    ids = tile.clone()
+    if kind == "video":
+        ids[within == SLOTS - 1] = -1
+    elif kind == "tiles":
+        real = torch.tensor(REAL_TILES, device=device)[image]
+        ids[within >= real] = -1
+    elif kind == "interleaved":
+        q_mask[:, : sq // 2, IMAGES // 2 * SLOTS :] = False
+    return BlockMask(q_mask, ids.view(1, -1), sq)
+
+
+def visible_pairs(mask: BlockMask | None, sq: int, skv: int) -> int:
+    """(query, key) pairs the mask lets attend (every pair without a mask)."""
+    if mask is None:
+        return sq * skv
+    return sum((r1 - r0) * sum(c1 - c0 for c0, c1 in keys) for runs in mask.dense_runs() for r0, r1, keys in runs)
+
+
+def _backend_fns(backend, q, k, v, mask, scale, dout):
+    o, lse = backend.forward(q, k, v, mask, scale)
     delta = output_delta(dout, o)
 
     def fwd():
-        be.forward(q, k, v, mask, scale)
+        backend.forward(q, k, v, mask, scale)
 
     def fwd_bwd():
-        be.forward(q, k, v, mask, scale)
-        be.backward(dout, q, k, v, lse, delta, mask, scale)
+        backend.forward(q, k, v, mask, scale)
+        backend.backward(dout, q, k, v, lse, delta, mask, scale)
 
     return fwd, fwd_bwd
 
 
-def _variants(q, k, v, scale):
-    """name -> (forward fn, forward+backward fn)."""
-    dout = torch.randn_like(q)
-    all_visible = BlockMask(None, torch.zeros(k.shape[0], k.shape[1], dtype=torch.int64, device=k.device), q.shape[1])
-    out = {
-        "triton": _backend_fns(TritonBackend(), q, k, v, None, scale, dout),
-        "triton/masked": _backend_fns(TritonBackend(), q, k, v, all_visible, scale, dout),
-        "triton/masked skip": _backend_fns(TritonBackend(skip_empty_tiles=True), q, k, v, all_visible, scale, dout),
-        "auto": _backend_fns(get_backend("auto", q.device, q.dtype), q, k, v, None, scale, dout),
-    }
-    for kernel in ("auto", "flash", "cudnn", "efficient"):
-        out[f"fused/{kernel}"] = _backend_fns(TorchFusedBackend(kernel), q, k, v, None, scale, dout)
-    out["fused/masked"] = _backend_fns(TorchFusedBackend(), q, k, v, all_visible, scale, dout)
+def _op_fns(q, k, v, mask, scale, dout):
+    """The whole op on one rank with the mask planned once, as a model layer calls it."""
+    plan = None if mask is None else MaskPlan.build(mask.q_image_mask, mask.kv_image_ids)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
 
-    g = q.shape[2] // k.shape[2]
-    qh = q.transpose(1, 2).detach().requires_grad_()
-    kh = k.transpose(1, 2).detach().requires_grad_()
-    vh = v.transpose(1, 2).detach().requires_grad_()
-    doh = dout.transpose(1, 2)
-    for name, backend in (
-        ("flash", SDPBackend.FLASH_ATTENTION),
-        ("cudnn", SDPBackend.CUDNN_ATTENTION),
-        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-    ):
-        expand = name != "flash" and g > 1
-
-        def call(backend=backend, expand=expand):
-            with sdpa_kernel(backend):
-                if expand:
-                    return F.scaled_dot_product_attention(
-                        qh, kh.repeat_interleave(g, 1), vh.repeat_interleave(g, 1), scale=scale
-                    )
-                return F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=g > 1)
-
-        def fwd(call=call):
-            with torch.no_grad():
-                call()
-
-        def fwd_bwd(call=call):
-            torch.autograd.grad(call(), (qh, kh, vh), doh)
-
-        out[f"sdpa/{name}"] = (fwd, fwd_bwd)
-
-    ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
-
-    def ring_fwd():
+    def fwd():
         with torch.no_grad():
-            distributed_cross_attention(ql, kl, vl, softmax_scale=scale)
+            distributed_cross_attention(*leaves, softmax_scale=scale, mask_plan=plan)
 
-    def ring_fwd_bwd():
-        torch.autograd.grad(distributed_cross_attention(ql, kl, vl, softmax_scale=scale), (ql, kl, vl), dout)
+    def fwd_bwd():
+        out = distributed_cross_attention(*leaves, softmax_scale=scale, mask_plan=plan)
+        torch.autograd.grad(out, leaves, dout)
 
-    out["query_ring n=1"] = (ring_fwd, ring_fwd_bwd)
+    return fwd, fwd_bwd
+
+
+def _sdpa_fns(q, k, v, scale, dout, backend):
+    from torch.nn.attention import sdpa_kernel
+
+    qh, kh, vh = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
+    doh = dout.transpose(1, 2)
+
+    def call():
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True)
+
+    def fwd():
+        with torch.no_grad():
+            call()
+
+    def fwd_bwd():
+        torch.autograd.grad(call(), (qh, kh, vh), doh)
+
+    return fwd, fwd_bwd
+
+
+_FLEX = {}
+
+
+def _flex_fns(q, k, v, mask, scale, dout):
+    """FlexAttention compiled for this shape and mask; returns the functions and the compile seconds."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _FLEX:
+        torch._dynamo.config.recompile_limit = 10_000  # the default (8) silently falls back to eager
+        torch._dynamo.config.accumulated_recompile_limit = 10_000
+        _FLEX["fn"] = torch.compile(flex_attention)
+    sq, skv = q.shape[1], k.shape[1]
+    block_mask = None
+    if mask is not None:
+        ids = mask.kv_image_ids[0].to(torch.int32)
+        visible = mask.q_image_mask[0]
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            image = ids[kv_idx]
+            return (image >= 0) & visible[q_idx, image.clamp(min=0)]
+
+        block_mask = create_block_mask(mask_mod, 1, None, sq, skv, device=q.device, _compile=True)
+    # Its short-query (decoding) path fails to compile with a block mask in torch 2.11.
+    options = {"FORCE_USE_FLEX_ATTENTION": True} if sq < 128 else None
+    qh, kh, vh = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
+    doh = dout.transpose(1, 2)
+
+    def call():
+        return _FLEX["fn"](qh, kh, vh, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=options)
+
+    def fwd():
+        with torch.no_grad():
+            call()
+
+    def fwd_bwd():
+        torch.autograd.grad(call(), (qh, kh, vh), doh)
+
+    start = time.perf_counter()
+    fwd()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    return (fwd, fwd_bwd), time.perf_counter() - start
+
+
+def _fa4_fns(q, k, v, scale, dout):
+    """flash-attn-4 (CuTe DSL) when it imports, else None."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError:
+        return None
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    def fwd():
+        with torch.no_grad():
+            flash_attn_func(*leaves, softmax_scale=scale)
+
+    def fwd_bwd():
+        out = flash_attn_func(*leaves, softmax_scale=scale)
+        torch.autograd.grad(out[0] if isinstance(out, tuple) else out, leaves, dout)
+
+    return fwd, fwd_bwd
+
+
+def _variants(q, k, v, mask, scale, dout, with_flex: bool) -> dict:
+    """name -> (forward fn, forward+backward fn) for one mask; ``flex`` also gives compile seconds."""
+    from torch.nn.attention import SDPBackend
+
+    out = {
+        "triton": _backend_fns(TritonBackend(), q, k, v, mask, scale, dout),
+        "fused": _backend_fns(TorchFusedBackend(), q, k, v, mask, scale, dout),
+        "auto": _backend_fns(get_backend("auto", q.device, q.dtype), q, k, v, mask, scale, dout),
+        "op": _op_fns(q, k, v, mask, scale, dout),
+    }
+    if mask is None:
+        out["sdpa/cudnn"] = _sdpa_fns(q, k, v, scale, dout, SDPBackend.CUDNN_ATTENTION)
+        out["sdpa/flash"] = _sdpa_fns(q, k, v, scale, dout, SDPBackend.FLASH_ATTENTION)
+        fa4 = _fa4_fns(q, k, v, scale, dout)
+        if fa4 is not None:
+            out["flash-attn-4"] = fa4
+    if with_flex:
+        out["flex"] = _flex_fns(q, k, v, mask, scale, dout)
     return out
 
 
 SWEEP_FORWARD = [KernelConfig(m, n, w, s) for m, n, w, s in [
-    (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 4, 4), (128, 128, 8, 3),
+    (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3),
 ]]  # fmt: skip
 SWEEP_DKDV = [KernelConfig(m, n, w, s) for m, n, w, s in [
-    (64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 4, 3), (32, 128, 4, 5), (64, 128, 8, 2), (64, 128, 8, 3),
-    (32, 64, 4, 3), (128, 64, 8, 2), (64, 128, 4, 2),
+    (64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (128, 64, 8, 2),
 ]]  # fmt: skip
 SWEEP_DQ = [KernelConfig(m, n, w, s) for m, n, w, s in [
-    (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 4, 3),
+    (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2),
 ]]  # fmt: skip
 
 
-def _sweep(q, k, v, scale, iters: int) -> list[dict]:
+def _sweep(q, k, v, mask, scale, iters: int, budget_s: float) -> list[dict]:
     """Time each Triton kernel over a grid of tiles (the split-KV ones also over waves 1, 2, 4)."""
     dout = torch.randn_like(q)
-    o, lse = TritonBackend().forward(q, k, v, None, scale)
+    o, lse = TritonBackend().forward(q, k, v, mask, scale)
     delta = output_delta(dout, o)
-    grid = [("forward", TritonBackend(forward_tiles=c, waves=w), c, w) for c in SWEEP_FORWARD for w in (1.0, 2.0, 4.0)]
+    waves = (1.0, 2.0, 4.0)
+    grid = [("forward", TritonBackend(forward_tiles=replace(c, waves=w)), c, w) for c in SWEEP_FORWARD for w in waves]
     grid += [("dkdv", TritonBackend(dkdv_tiles=c), c, None) for c in SWEEP_DKDV]
-    grid += [("dq", TritonBackend(dq_tiles=c, waves=w), c, w) for c in SWEEP_DQ for w in (1.0, 2.0, 4.0)]
+    grid += [("dq", TritonBackend(dq_tiles=replace(c, waves=w)), c, w) for c in SWEEP_DQ for w in waves]
     rows = []
     for kernel, be, cfg, waves in grid:
         if kernel == "forward":
-            fn = lambda be=be: be.forward(q, k, v, None, scale)
+            fn = lambda be=be: be.forward(q, k, v, mask, scale)
         else:  # the other backward kernel runs with its default tiles; the difference is this one's
-            fn = lambda be=be: be.backward(dout, q, k, v, lse, delta, None, scale)
-        rows.append(dict(kernel=kernel, config=cfg.__dict__, waves=waves, ms=_time_ms(fn, iters)))
+            fn = lambda be=be: be.backward(dout, q, k, v, lse, delta, mask, scale)
+        config = {name: value for name, value in cfg.__dict__.items() if name != "waves"}
+        rows.append(dict(kernel=kernel, config=config, waves=waves, ms=_time_ms(fn, iters, budget_s)))
     return rows
 
 
 def _matmul_tflops(dtype: torch.dtype, n: int = 8192) -> float:
     a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
-    return 2 * n**3 / _time_ms(lambda: a @ b, 20) / 1e9
+    return 2 * n**3 / _time_ms(lambda: a @ b, 20, 0.5) / 1e9
 
 
-def _summary(rows: list[dict], matmul: float) -> list[dict]:
-    """Per shape: ours against the best torch kernel, forward and forward+backward."""
+def _rate(rows: dict, variant: str, mask: str, metric: str) -> float | None:
+    row = rows.get((variant, mask))
+    return None if row is None or "error" in row else row[f"{metric}_tflops"]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per shape: each mask's ``auto`` rate over unmasked ``auto`` (fwd+bwd), the interleaved/all
+    time ratio, the op over ``auto`` and ``auto`` over FlexAttention, per mask."""
     out = []
     key = lambda r: (r["hq"], r["hkv"], r["sq"], r["skv"])
-    for shape, group in itertools.groupby(sorted((r for r in rows if "error" not in r), key=key), key=key):
-        by_name = {r["variant"]: r for r in group}
-        if "triton" not in by_name:
-            continue
+    for shape, group in itertools.groupby(sorted(rows, key=key), key=key):
+        by = {(r["variant"], r["mask"]): r for r in group}
         entry = dict(zip(("hq", "hkv", "sq", "skv"), shape, strict=True))
-        for metric in ("fwd", "fwd_bwd"):
-            torch_rows = [by_name[n] for n in TORCH_UNMASKED if n in by_name]
-            best = max(torch_rows, key=lambda r: r[f"{metric}_tflops"])
-            ours = by_name["triton"][f"{metric}_tflops"]
-            entry[metric] = dict(
-                triton_tflops=ours,
-                best_torch_tflops=best[f"{metric}_tflops"],
-                best_torch=best["variant"],
-                ratio=ours / best[f"{metric}_tflops"],
-                auto_tflops=by_name["auto"][f"{metric}_tflops"] if "auto" in by_name else None,
-                triton_masked_tflops=by_name.get("triton/masked", {}).get(f"{metric}_tflops"),
-                fused_masked_tflops=by_name.get("fused/masked", {}).get(f"{metric}_tflops"),
-                matmul_fraction=ours / matmul,
+        unmasked = _rate(by, "auto", "none", "fwd_bwd")
+        best_torch = max(
+            (r for v in ("sdpa/cudnn", "sdpa/flash", "fused") if (r := _rate(by, v, "none", "fwd_bwd"))), default=None
+        )
+        entry["unmasked_auto_tflops"], entry["best_torch_unmasked_tflops"] = unmasked, best_torch
+        entry["masks"] = {}
+        for mask in MASKS[1:]:
+            auto, op, flex = (_rate(by, v, mask, "fwd_bwd") for v in ("auto", "op", "flex"))
+            if auto is None:
+                continue
+            entry["masks"][mask] = dict(
+                auto_tflops=auto,
+                triton_tflops=_rate(by, "triton", mask, "fwd_bwd"),
+                fused_tflops=_rate(by, "fused", mask, "fwd_bwd"),
+                over_unmasked=auto / unmasked if unmasked else None,
+                op_over_auto=op / auto if op else None,
+                over_flex=auto / flex if flex else None,
             )
-        if "query_ring n=1" in by_name and "auto" in by_name:  # the ring runs the same backend selection
-            entry["query_ring_over_kernel"] = by_name["query_ring n=1"]["fwd_bwd_ms"] / by_name["auto"]["fwd_bwd_ms"]
+        if ("auto", "interleaved") in by and ("auto", "all") in by:
+            entry["interleaved_over_all_time"] = (
+                by["auto", "interleaved"]["fwd_bwd_ms"] / by["auto", "all"]["fwd_bwd_ms"]
+            )
         out.append(entry)
     return out
 
 
 def _print_summary(summary: list[dict], matmul: float) -> None:
-    print(f"\ndense bf16 matmul 8192^3: {matmul:.0f} TFLOP/s (same run)")
-    print(
-        f"{'Hq/Hkv':>7}{'Sq':>6}{'Skv':>8}  {'fwd ours':>9}{'best torch':>11}{'ratio':>7}"
-        f"  {'f+b ours':>9}{'best torch':>11}{'ratio':>7}  {'best torch f+b kernel':<18}{'ring/auto':>10}"
-    )
+    print(f"\ndense bf16 matmul 8192^3: {matmul:.0f} TFLOP/s (same run); fwd+bwd TFLOP/s of visible work")
+    print(f"{'Hq/Hkv':>7}{'Sq':>6}{'Skv':>8}  {'mask':<12}{'auto':>6}{'triton':>7}{'fused':>7}"
+          f"{'/unmasked':>10}{'op/auto':>8}{'/flex':>7}")  # fmt: skip
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)
     for e in summary:
-        f, fb = e["fwd"], e["fwd_bwd"]
-        ring = e.get("query_ring_over_kernel")
+        head = f"{e['hq']:>4}/{e['hkv']:<2}{e['sq']:>6}{e['skv']:>8}"
         print(
-            f"{e['hq']:>4}/{e['hkv']:<2}{e['sq']:>6}{e['skv']:>8}"
-            f"  {f['triton_tflops']:>9.0f}{f['best_torch_tflops']:>11.0f}"
-            f"{f['ratio']:>7.2f}  {fb['triton_tflops']:>9.0f}{fb['best_torch_tflops']:>11.0f}{fb['ratio']:>7.2f}"
-            f"  {fb['best_torch']:<18}{(f'{ring:.3f}' if ring else '-'):>10}"
+            f"{head}  {'none':<12}{fmt(e['unmasked_auto_tflops'], '6.0f')}"
+            f"  best torch {fmt(e['best_torch_unmasked_tflops'], '.0f')}"
         )
+        for mask, m in e["masks"].items():
+            print(
+                f"{head}  {mask:<12}{fmt(m['auto_tflops'], '6.0f')}{fmt(m['triton_tflops'], '7.0f')}"
+                f"{fmt(m['fused_tflops'], '7.0f')}{fmt(m['over_unmasked'], '10.2f')}{fmt(m['op_over_auto'], '8.2f')}"
+                f"{fmt(m['over_flex'], '7.2f')}"
+            )
+        if "interleaved_over_all_time" in e:
+            print(f"{head}  interleaved time / all time: {e['interleaved_over_all_time']:.2f}")
+
+
+def _run_shape(args, hq, hkv, sq, skv, dtype, wanted) -> list[dict]:
+    torch.manual_seed(0)
+    q = torch.randn(1, sq, hq, args.head_dim, device="cuda", dtype=dtype)
+    k = torch.randn(1, skv, hkv, args.head_dim, device="cuda", dtype=dtype)
+    v = torch.randn(1, skv, hkv, args.head_dim, device="cuda", dtype=dtype)
+    dout = torch.randn_like(q)
+    scale = args.head_dim**-0.5
+    rows = []
+    for mask_name in args.masks.split(","):
+        mask = make_mask(mask_name, sq, skv, q.device)
+        pairs = visible_pairs(mask, sq, skv)
+        flops = 4 * hq * args.head_dim * pairs
+        with_flex = mask_name in args.flex_masks.split(",")
+        for name, fns in _variants(q, k, v, mask, scale, dout, with_flex).items():
+            if wanted is not None and name not in wanted:
+                continue
+            base = dict(hq=hq, hkv=hkv, sq=sq, skv=skv, mask=mask_name, variant=name, visible=pairs / (sq * skv))
+            if name == "flex":
+                fns, base["compile_s"] = fns
+            try:
+                t_f, t_fb = (_time_ms(fn, args.iters, args.budget) for fn in fns)
+            except (RuntimeError, ValueError) as err:  # a kernel that does not take this shape
+                if "CUDA error" in str(err) or "out of memory" in str(err):
+                    raise  # the context is lost; later numbers would be meaningless
+                rows.append({**base, "error": str(err).splitlines()[0][:200]})
+                print(
+                    f"{hq:>4}/{hkv:<2}{sq:>6}{skv:>8}  {mask_name:<12}{name:<13} unsupported: {rows[-1]['error'][:60]}"
+                )
+                continue
+            row = {**base, "fwd_ms": t_f, "fwd_bwd_ms": t_fb}
+            row.update(fwd_tflops=flops / t_f / 1e9, fwd_bwd_tflops=3.5 * flops / t_fb / 1e9)
+            rows.append(row)
+            print(
+                f"{hq:>4}/{hkv:<2}{sq:>6}{skv:>8}  {mask_name:<12}{name:<13}{t_f:>9.3f}{row['fwd_tflops']:>8.0f}"
+                f"{t_fb:>9.3f}{row['fwd_bwd_tflops']:>8.0f}"
+                + (f"  compile {base['compile_s']:.0f} s" if name == "flex" else ""),
+                flush=True,
+            )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--heads", default="32/8,32/32", help="comma-separated Hq/Hkv pairs")
+    parser.add_argument("--shapes", default="32/8:64:65536,32/8:256:65536,32/8:1024:65536,32/8:4096:65536,"
+                        "32/8:64:262144,32/8:1024:262144,16/8:256:32800",
+                        help="comma-separated Hq/Hkv:Sq:Skv")  # fmt: skip
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--sq", default="64,128,256,1024,4096", help="comma-separated query block lengths")
-    parser.add_argument("--skv", default="16384,65536,262144", help="comma-separated local KV lengths")
+    parser.add_argument("--masks", default=",".join(MASKS), help=f"comma-separated subset of {MASKS}")
+    parser.add_argument("--flex-masks", default="all,interleaved", help="masks FlexAttention is timed on")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     parser.add_argument("--iters", type=int, default=20, help="most timed iterations per measurement")
+    parser.add_argument("--budget", type=float, default=0.3, help="seconds of timed iterations per measurement")
     parser.add_argument("--variants", help="comma-separated subset of variants (default: all)")
     parser.add_argument("--sweep", action="store_true", help="time the Triton kernels over tile sizes instead")
     parser.add_argument("--output", help="JSON results file")
@@ -230,52 +393,36 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_block_attention needs a CUDA device", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
-    heads = [tuple(int(x) for x in pair.split("/")) for pair in args.heads.split(",")]
     wanted = None if args.variants is None else set(args.variants.split(","))
+    shapes = []
+    for spec in args.shapes.split(","):
+        heads, sq, skv = spec.split(":")
+        hq, hkv = (int(x) for x in heads.split("/"))
+        shapes.append((hq, hkv, int(sq), int(skv)))
     rows: list[dict] = []
-    if not args.sweep:
-        header = f"{'variant':<16}{'fwd ms':>9}{'fwd TF/s':>10}{'f+b ms':>9}{'f+b TF/s':>10}"
-        print(f"{'Hq/Hkv':>7}{'Sq':>6}{'Skv':>8}  {header}", flush=True)
-    for (hq, hkv), sq, skv in itertools.product(heads, map(int, args.sq.split(",")), map(int, args.skv.split(","))):
-        torch.manual_seed(0)
-        q = torch.randn(1, sq, hq, args.head_dim, device="cuda", dtype=dtype)
-        k = torch.randn(1, skv, hkv, args.head_dim, device="cuda", dtype=dtype)
-        v = torch.randn(1, skv, hkv, args.head_dim, device="cuda", dtype=dtype)
-        flops = 4 * hq * sq * skv * args.head_dim
+    for hq, hkv, sq, skv in shapes:
         if args.sweep:
-            for row in _sweep(q, k, v, args.head_dim**-0.5, args.iters):
-                factor = 1.0 if row["kernel"] == "forward" else 2.5  # backward rows time both kernels
-                row.update(hq=hq, hkv=hkv, sq=sq, skv=skv, tflops=factor * flops / row["ms"] / 1e9)
-                rows.append(row)
-                print(f"{hq:>4}/{hkv:<2}{sq:>6}{skv:>8}  {row['kernel']:<9}{row['config']!s:<72}"
-                      f" waves={row['waves']}  {row['ms']:.3f} ms  {row['tflops']:.0f} TF/s", flush=True)  # fmt: skip
-            continue
-        for name, (fwd, fwd_bwd) in _variants(q, k, v, args.head_dim**-0.5).items():
-            if wanted is not None and name not in wanted:
-                continue
-            try:
-                t_f = _time_ms(fwd, args.iters)
-                t_fb = _time_ms(fwd_bwd, args.iters)
-            except (RuntimeError, ValueError) as err:  # a kernel that does not take this shape
-                if "CUDA error" in str(err) or "out of memory" in str(err):
-                    raise  # the context is lost; later numbers would be meaningless
-                print(f"{hq:>4}/{hkv:<2}{sq:>6}{skv:>8}  {name:<16} unsupported: {str(err).splitlines()[0][:60]}")
-                rows.append(dict(hq=hq, hkv=hkv, sq=sq, skv=skv, variant=name, error=str(err).splitlines()[0]))
-                continue
-            row = dict(
-                hq=hq, hkv=hkv, sq=sq, skv=skv, variant=name, fwd_ms=t_f, fwd_bwd_ms=t_fb,
-                fwd_tflops=flops / t_f / 1e9, fwd_bwd_tflops=3.5 * flops / t_fb / 1e9,
-            )  # fmt: skip
-            rows.append(row)
-            print(
-                f"{hq:>4}/{hkv:<2}{sq:>6}{skv:>8}  {name:<16}{t_f:>9.3f}{row['fwd_tflops']:>10.1f}"
-                f"{t_fb:>9.3f}{row['fwd_bwd_tflops']:>10.1f}",
-                flush=True,
-            )
-        del q, k, v
+            torch.manual_seed(0)
+            q = torch.randn(1, sq, hq, args.head_dim, device="cuda", dtype=dtype)
+            k, v = (torch.randn(1, skv, hkv, args.head_dim, device="cuda", dtype=dtype) for _ in range(2))
+            flops = 4 * hq * sq * skv * args.head_dim
+            for mask_name in ("none", "all"):
+                for row in _sweep(
+                    q, k, v, make_mask(mask_name, sq, skv, q.device), args.head_dim**-0.5, args.iters, args.budget
+                ):
+                    factor = 1.0 if row["kernel"] == "forward" else 2.5  # backward rows time both kernels
+                    row.update(hq=hq, hkv=hkv, sq=sq, skv=skv, mask=mask_name, tflops=factor * flops / row["ms"] / 1e9)
+                    rows.append(row)
+                    print(
+                        f"{hq:>4}/{hkv:<2}{sq:>6}{skv:>8} {mask_name:<5} {row['kernel']:<8}{row['config']!s:<72}"
+                        f" waves={row['waves']}  {row['ms']:.3f} ms  {row['tflops']:.0f} TF/s",
+                        flush=True,
+                    )
+        else:
+            rows += _run_shape(args, hq, hkv, sq, skv, dtype, wanted)
         torch.cuda.empty_cache()
     matmul = _matmul_tflops(dtype)
-    summary = [] if args.sweep else _summary(rows, matmul)
+    summary = [] if args.sweep else summarize(rows)
     if summary:
         _print_summary(summary, matmul)
     if args.output:
@@ -283,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": args.dtype,
             "head_dim": args.head_dim,
             "batch": 1,
-            "flops": "fwd 4*B*Hq*Sq*Skv*d, fwd+bwd 3.5x (sweep backward: 2.5x)",
+            "flops": "4*Hq*d per visible (query, key) pair forward, fwd+bwd 3.5x (sweep backward: 2.5x)",
+            "masks": "see the docstring of tools/bench_block_attention.py (none, all, video, interleaved, tiles)",
             "matmul_tflops": matmul,
         }
         write_results(args.output, "bench_block_attention.py", argv, extra, results=rows, summary=summary)

@@ -58,8 +58,6 @@ def call_shape(cfg, text: int, visual: int, gpus: int) -> CallShape:
         q_heads=t.num_attention_heads,
         kv_heads=t.num_query_groups or t.num_attention_heads,
         head_dim=t.hidden_size // t.num_attention_heads,
-        num_ids=cfg.data.max_images,
-        has_kv_ids=True,
     )
 
 

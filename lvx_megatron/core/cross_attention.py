@@ -24,6 +24,7 @@ from ..ops.auto import choose_for_call, default_link
 from ..ops.cost_model import Link, Topology
 from ..ops.groups import HierarchicalGroups, hierarchical_groups
 from ..ops.link_probe import probe_link
+from ..ops.mask_plan import MaskPlan
 from ..ops.problem import CrossAttentionProblem
 from .config import CrossAttentionTransformerConfig
 from .masks import CrossAttentionMask
@@ -95,22 +96,22 @@ class _RecomputedKVCrossAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, x, k, v, q_mask_rows, kv_ids, problem: CrossAttentionProblem, strategy: Strategy, project_kv):
-        out, lse = strategy.forward(q, k, v, q_mask_rows, kv_ids, problem)
+    def forward(ctx, q, x, k, v, problem: CrossAttentionProblem, strategy: Strategy, project_kv):
+        out, lse = strategy.forward(q, k, v, problem)
         ctx.problem, ctx.strategy, ctx.project_kv = problem, strategy, project_kv
-        ctx.save_for_backward(q, x, out, lse, q_mask_rows, kv_ids)
+        ctx.save_for_backward(q, x, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, x, out, lse, q_mask_rows, kv_ids = ctx.saved_tensors
+        q, x, out, lse = ctx.saved_tensors
         x_leaf = x.detach().requires_grad_(ctx.needs_input_grad[1])
         with torch.enable_grad():
             k, v = ctx.project_kv(x_leaf)
-        dq, dk, dv = ctx.strategy.backward(dout, q, k.detach(), v.detach(), out, lse, q_mask_rows, kv_ids, ctx.problem)
+        dq, dk, dv = ctx.strategy.backward(dout, q, k.detach(), v.detach(), out, lse, ctx.problem)
         if k.requires_grad or v.requires_grad:  # False only when X and the projection are all frozen
             torch.autograd.backward((k, v), (dk, dv))
-        return dq, x_leaf.grad, None, None, None, None, None, None, None
+        return dq, x_leaf.grad, None, None, None, None, None
 
 
 class ContextParallelCrossAttention(MegatronModule):
@@ -227,9 +228,10 @@ class ContextParallelCrossAttention(MegatronModule):
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = q.transpose(0, 1)
-        mask = context_mask or CrossAttentionMask()
+        # Models plan the mask once per micro-batch; a mask built by hand is planned here.
+        plan = (context_mask or CrossAttentionMask()).planned(self.pg_collection.cp, q.shape[1]).plan
         if self.strategy == "auto":
-            self._choose_strategy(q, context, mask)
+            self._choose_strategy(q, context, plan)
         group = self.pg_collection.cp
         if self.strategy == "hierarchical":
             group = _two_level_groups(group, self.config.cross_attention_ranks_per_node)
@@ -237,8 +239,7 @@ class ContextParallelCrossAttention(MegatronModule):
             group=group,
             strategy=self.strategy,
             softmax_scale=self.config.softmax_scale,
-            q_image_mask=mask.q_image_mask,
-            kv_image_ids=mask.kv_image_ids,
+            mask_plan=plan,
             backend=self.config.cross_attention_backend,
         )
         if self.config.recompute_visual_kv:
@@ -249,16 +250,11 @@ class ContextParallelCrossAttention(MegatronModule):
         out = out.transpose(0, 1).reshape(s, b, self.heads_per_rank * self.head_dim)
         return self.linear_proj(out)
 
-    def _choose_strategy(self, q: Tensor, context: Tensor, mask: CrossAttentionMask) -> None:
+    def _choose_strategy(self, q: Tensor, context: Tensor, plan: MaskPlan | None) -> None:
         """Replace ``"auto"`` by the cost model's fastest strategy for this call's shapes, and log it."""
         kv_shape = (q.shape[0], context.shape[0], self.groups_per_rank, self.head_dim)
         self.strategy, predictions = choose_for_call(
-            q,
-            kv_shape,
-            group=self.pg_collection.cp,
-            q_image_mask=mask.q_image_mask,
-            kv_image_ids=mask.kv_image_ids,
-            link=self._links(),
+            q, kv_shape, group=self.pg_collection.cp, mask_plan=plan, link=self._links()
         )
         if torch.distributed.is_initialized() and torch.distributed.get_rank() == 0:
             times = ", ".join(f"{n} {p.total_s * 1e3:.3g}" for n, p in predictions.items())
@@ -283,15 +279,6 @@ class ContextParallelCrossAttention(MegatronModule):
     def _recomputed_attention(self, q: Tensor, x: Tensor, kwargs: dict) -> Tensor:
         with torch.no_grad():
             k, v = self.project_kv(x)
-        call = prepare_call(q, k, v, **kwargs)
-        return _RecomputedKVCrossAttention.apply(
-            q,
-            x,
-            k,
-            v,
-            call.q_mask_rows,
-            call.kv_ids,
-            call.problem,
-            resolve_strategy(self.strategy, kwargs["group"]),
-            self.project_kv,
-        )
+        problem = prepare_call(q, k, v, **kwargs)
+        strategy = resolve_strategy(self.strategy, kwargs["group"])
+        return _RecomputedKVCrossAttention.apply(q, x, k, v, problem, strategy, self.project_kv)

@@ -241,7 +241,8 @@ class VisionLanguageModel(MegatronModule):
             aspect_ratio_mask=aspect_ratio_mask[:, mine],
             image_positions=image_positions,
         )
-        mask = self.cross_attention_mask(cross_attention_mask, batch, text)
+        # One plan per micro-batch, shared by every cross-attention layer, forward and backward.
+        mask = self.cross_attention_mask(cross_attention_mask, batch, text).planned(cp, text[1] - text[0])
         if self.pre_process:
             hidden = self.embedding(input_ids=tokens[:, text[0] : text[1]], position_ids=None)
             x = self.encode_images(batch)

@@ -1,6 +1,6 @@
 """Exact distributed cross-attention (torch only; never imports megatron)."""
 
-from .api import STRATEGIES, PreparedCall, Strategy, distributed_cross_attention, prepare_call
+from .api import STRATEGIES, Strategy, distributed_cross_attention, prepare_call
 from .backends import (
     BACKENDS,
     BlockAttentionBackend,
@@ -10,14 +10,17 @@ from .backends import (
     get_backend,
 )
 from .comm_stats import CommStats, count_communication
+from .mask_plan import MaskPlan
+from .masks import BlockMask
 from .reference import dense_cross_attention
 
 __all__ = [
     "BACKENDS",
     "STRATEGIES",
     "BlockAttentionBackend",
+    "BlockMask",
     "CommStats",
-    "PreparedCall",
+    "MaskPlan",
     "Strategy",
     "TorchFusedBackend",
     "TorchReferenceBackend",

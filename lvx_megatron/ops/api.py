@@ -3,7 +3,6 @@
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -16,6 +15,7 @@ from .hierarchical import hierarchical_backward, hierarchical_forward
 from .kv_allgather import kv_allgather_backward, kv_allgather_forward
 from .kv_ring import kv_ring_backward, kv_ring_forward
 from .layout import exchange_layout
+from .mask_plan import MaskPlan
 from .problem import CrossAttentionProblem
 from .q_allgather import q_allgather_backward, q_allgather_forward
 from .query_ring import query_ring_backward, query_ring_forward
@@ -25,8 +25,8 @@ from .query_ring import query_ring_backward, query_ring_forward
 class Strategy:
     """A distributed strategy as a pair of plain functions (no autograd inside).
 
-    ``forward(q, k, v, q_mask_rows, kv_ids, problem) -> (out, lse)`` and
-    ``backward(dout, q, k, v, out, lse, q_mask_rows, kv_ids, problem) -> (dq, dk, dv)``.
+    ``forward(q, k, v, problem) -> (out, lse)`` and
+    ``backward(dout, q, k, v, out, lse, problem) -> (dq, dk, dv)``; the mask is ``problem.mask(...)``.
     """
 
     name: str
@@ -46,15 +46,7 @@ TWO_LEVEL_STRATEGIES = {"hierarchical": Strategy("hierarchical", hierarchical_fo
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_inputs(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    q_image_mask: Tensor | None,
-    kv_image_ids: Tensor | None,
-    strategy: str,
-    head_chunks: int | None,
-) -> None:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, strategy: str, head_chunks: int | None) -> None:
     """Raise ValueError naming the offending argument."""
     if strategy not in STRATEGIES and strategy not in TWO_LEVEL_STRATEGIES:
         raise ValueError(
@@ -84,43 +76,55 @@ def _check_inputs(
     hq, hkv = q.shape[2], k.shape[2]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"the query heads of q ({hq}) must be a multiple of the key/value heads of k ({hkv})")
+
+
+def _check_mask_shapes(q: Tensor, k: Tensor, q_image_mask: Tensor | None, kv_image_ids: Tensor | None) -> None:
+    """Raise ValueError when the raw mask tensors do not fit ``q`` and ``k`` (this rank)."""
     b, sq, skv = q.shape[0], q.shape[1], k.shape[1]
     if q_image_mask is not None:
         if kv_image_ids is None:
             raise ValueError("q_image_mask needs kv_image_ids (the image id of each visual token)")
-        if q_image_mask.dtype != torch.bool or q_image_mask.dim() != 3 or tuple(q_image_mask.shape[:2]) != (b, sq):
-            raise ValueError(
-                f"q_image_mask must be a bool tensor [B={b}, Sq_local={sq}, N_ids], "
-                f"got {q_image_mask.dtype} {tuple(q_image_mask.shape)}"
+        if (
+            not isinstance(q_image_mask, Tensor)
+            or q_image_mask.dtype != torch.bool
+            or q_image_mask.dim() != 3
+            or tuple(q_image_mask.shape[:2]) != (b, sq)
+        ):
+            got = (
+                f"{q_image_mask.dtype} {tuple(q_image_mask.shape)}"
+                if isinstance(q_image_mask, Tensor)
+                else type(q_image_mask).__name__
             )
+            raise ValueError(f"q_image_mask must be a bool tensor [B={b}, Sq_local={sq}, N_ids], got {got}")
         if q_image_mask.device != q.device:
             raise ValueError(f"q_image_mask must be on {q.device}, got {q_image_mask.device}")
     if kv_image_ids is not None:
         if (
-            kv_image_ids.dtype.is_floating_point
+            not isinstance(kv_image_ids, Tensor)
+            or kv_image_ids.dtype.is_floating_point
             or kv_image_ids.dtype == torch.bool
             or tuple(kv_image_ids.shape) != (b, skv)
         ):
-            raise ValueError(
-                f"kv_image_ids must be an integer tensor [B={b}, Skv_local={skv}], "
-                f"got {kv_image_ids.dtype} {tuple(kv_image_ids.shape)}"
+            got = (
+                f"{kv_image_ids.dtype} {tuple(kv_image_ids.shape)}"
+                if isinstance(kv_image_ids, Tensor)
+                else type(kv_image_ids).__name__
             )
+            raise ValueError(f"kv_image_ids must be an integer tensor [B={b}, Skv_local={skv}], got {got}")
         if kv_image_ids.device != k.device:
             raise ValueError(f"kv_image_ids must be on {k.device}, got {kv_image_ids.device}")
-        if kv_image_ids.numel():
-            lo, hi = int(kv_image_ids.min()), int(kv_image_ids.max())
-            limit = q_image_mask.shape[-1] if q_image_mask is not None else None
-            if lo < -1 or (limit is not None and hi >= limit):
-                bound = f"[-1, {limit - 1}]" if limit is not None else ">= -1"
-                raise ValueError(f"kv_image_ids values must be in {bound} (-1 = padding), got min {lo}, max {hi}")
 
 
-class PreparedCall(NamedTuple):
-    """Everything a strategy needs besides ``q``, ``k``, ``v``."""
-
-    problem: CrossAttentionProblem
-    q_mask_rows: Tensor | None
-    kv_ids: Tensor | None
+def _check_plan(plan: MaskPlan, q: Tensor, world_size: int) -> None:
+    """Raise ValueError when ``plan`` cannot belong to this call (the same answer on every rank)."""
+    if not isinstance(plan, MaskPlan):
+        raise ValueError(f"mask_plan must be a MaskPlan (lvx_megatron.ops.MaskPlan.build), got {type(plan).__name__}")
+    if plan.layout.world_size != world_size:
+        raise ValueError(f"mask_plan was built over {plan.layout.world_size} ranks, the group has {world_size}")
+    if plan.batch != q.shape[0]:
+        raise ValueError(f"mask_plan holds a batch of {plan.batch}, q has {q.shape[0]}")
+    if plan.kv_image_ids.device != q.device:
+        raise ValueError(f"mask_plan must be on {q.device}, got {plan.kv_image_ids.device}")
 
 
 def resolve_strategy(strategy: str, group: dist.ProcessGroup | HierarchicalGroups | None) -> Strategy:
@@ -146,15 +150,18 @@ def prepare_call(
     softmax_scale: float | None = None,
     q_image_mask: Tensor | None = None,
     kv_image_ids: Tensor | None = None,
+    mask_plan: MaskPlan | None = None,
     backend: str | BlockAttentionBackend = "auto",
     head_chunks: int | None = None,
-) -> PreparedCall:
-    """Validate the arguments of :func:`distributed_cross_attention` and exchange shard lengths.
+) -> CrossAttentionProblem:
+    """Validate the arguments of :func:`distributed_cross_attention`; the problem its strategy runs.
 
-    ``k``/``v`` only need the right shape, dtype and device here (callers that compute them
-    later, e.g. under recompute, may pass empty tensors of that shape).
+    With ``mask_plan`` the shard layout comes from the plan and the cross-rank check of the call's
+    shapes runs once per plan and shape, so a layer's call costs no host synchronisation. ``k``/``v``
+    only need the right shape, dtype and device here (callers that compute them later, e.g. under
+    recompute, may pass empty tensors of that shape).
     """
-    _check_inputs(q, k, v, q_image_mask, kv_image_ids, strategy, head_chunks)
+    _check_inputs(q, k, v, strategy, head_chunks)
     groups = group if isinstance(group, HierarchicalGroups) else None
     resolve_strategy(strategy, group)  # raises for a two-level strategy without HierarchicalGroups
     if groups is not None:
@@ -165,46 +172,63 @@ def prepare_call(
     if group is not None and not distributed:
         raise ValueError("group was given but torch.distributed is not initialised")
     world_size = dist.get_world_size(group) if distributed else 1
+    rank = dist.get_rank(group) if distributed else 0
     if groups is not None:
-        check_hierarchical_groups(groups, dist.get_rank(group), world_size)
-    layout = exchange_layout(q, k, q_image_mask, kv_image_ids, group, world_size, head_chunks)
+        check_hierarchical_groups(groups, rank, world_size)
+    if mask_plan is not None and (q_image_mask is not None or kv_image_ids is not None):
+        raise ValueError("give either mask_plan or q_image_mask/kv_image_ids, not both")
+    _check_mask_shapes(q, k, q_image_mask, kv_image_ids)
+    if kv_image_ids is not None:
+        mask_plan = MaskPlan.build(q_image_mask, kv_image_ids, group, num_queries=q.shape[1])
+    if mask_plan is None:
+        layout = exchange_layout(q, k, group, world_size, head_chunks)
+    else:
+        _check_plan(mask_plan, q, world_size)
+        layout = mask_plan.layout
+        if (q.shape[1], k.shape[1]) != (layout.q_lens[rank], layout.kv_lens[rank]):
+            raise ValueError(
+                f"mask_plan does not fit this call: it holds Sq_local {layout.q_lens[rank]} and Skv_local "
+                f"{layout.kv_lens[rank]} for rank {rank}, q and k have {q.shape[1]} and {k.shape[1]}"
+            )
+        signature = (q.shape[2], q.shape[3], k.shape[2], q.dtype, head_chunks)
+        if signature not in mask_plan.verified_calls:
+            exchange_layout(q, k, group, world_size, head_chunks)  # heads, dims, dtype agree on every rank
+            mask_plan.verified_calls.add(signature)
     gathered_q_bytes = q.shape[0] * sum(layout.q_lens) * q.shape[2] * q.shape[3] * q.element_size()
-    problem = CrossAttentionProblem(
+    ranks = tuple(slice(r, r + 1) for r in range(world_size))
+    return CrossAttentionProblem(
         group=group if distributed else None,
-        rank=dist.get_rank(group) if distributed else 0,
+        rank=rank,
         layout=layout,
         batch=q.shape[0],
         q_heads=q.shape[2],
         kv_heads=k.shape[2],
         head_dim=q.shape[3],
-        num_ids=q_image_mask.shape[-1] if q_image_mask is not None else 0,
         dtype=q.dtype,
         scale=q.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale),
         backend=get_backend(backend, q.device, q.dtype),
         head_chunks=head_chunk_count(head_chunks, k.shape[2], gathered_q_bytes),
-    )
-    return PreparedCall(
-        problem,
-        None if q_image_mask is None else q_image_mask.to(torch.uint8),
-        None if kv_image_ids is None else kv_image_ids.to(torch.int64),
+        plan=mask_plan,
+        q_blocks=ranks,
+        kv_blocks=ranks,
     )
 
 
 class DistributedCrossAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of a :class:`Strategy`: saves ``q, k, v, out, lse`` and the masks."""
+    """Autograd wrapper of a :class:`Strategy`: saves ``q, k, v, out, lse`` (the mask is in the problem)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_mask_rows, kv_ids, problem: CrossAttentionProblem, strategy: Strategy):
-        out, lse = strategy.forward(q, k, v, q_mask_rows, kv_ids, problem)
+    def forward(ctx, q, k, v, problem: CrossAttentionProblem, strategy: Strategy):
+        out, lse = strategy.forward(q, k, v, problem)
         ctx.problem, ctx.strategy = problem, strategy
-        ctx.save_for_backward(q, k, v, out, lse, q_mask_rows, kv_ids)
+        ctx.save_for_backward(q, k, v, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, q_mask_rows, kv_ids = ctx.saved_tensors
-        dq, dk, dv = ctx.strategy.backward(dout, q, k, v, out, lse, q_mask_rows, kv_ids, ctx.problem)
-        return dq, dk, dv, None, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.strategy.backward(dout, q, k, v, out, lse, ctx.problem)
+        return dq, dk, dv, None, None
 
 
 def distributed_cross_attention(
@@ -217,6 +241,7 @@ def distributed_cross_attention(
     softmax_scale: float | None = None,
     q_image_mask: Tensor | None = None,
     kv_image_ids: Tensor | None = None,
+    mask_plan: MaskPlan | None = None,
     backend: str | BlockAttentionBackend = "auto",
     head_chunks: int | None = None,
 ) -> Tensor:
@@ -237,8 +262,12 @@ def distributed_cross_attention(
         softmax_scale: defaults to ``D ** -0.5``.
         q_image_mask: ``[B, Sq_local, N_ids]`` bool, which image ids each text token may see.
         kv_image_ids: ``[B, Skv_local]`` int, image (or tile) id of each visual token, ``-1`` for
-            padding (never attended).
-        backend: block-attention backend: ``"auto"``, ``"torch"``, ``"fused"`` or an instance.
+            padding (never attended). Given these, the call gathers every rank's mask itself
+            (a collective and a host synchronisation per call); models call
+            :meth:`~.mask_plan.MaskPlan.build` once per micro-batch and pass ``mask_plan`` instead.
+        mask_plan: the mask of this micro-batch over ``group`` (instead of ``q_image_mask`` and
+            ``kv_image_ids``), reused by every layer.
+        backend: block-attention backend: ``"auto"``, ``"torch"``, ``"fused"``, ``"triton"`` or an instance.
         head_chunks: ``"q_allgather"`` only: pipeline its collectives over this many chunks of
             whole K/V-head groups (at most ``Hkv``; 1: no chunking; None: by size, see
             :mod:`.head_chunks`). The same on every rank.
@@ -247,7 +276,7 @@ def distributed_cross_attention(
         ``[B, Sq_local, Hq, D]``: this rank's rows of the exact attention of the full Q against
         the full K/V. Rows that see no visual token are exactly zero, with zero gradients.
     """
-    call = prepare_call(
+    problem = prepare_call(
         q,
         k,
         v,
@@ -256,9 +285,8 @@ def distributed_cross_attention(
         softmax_scale=softmax_scale,
         q_image_mask=q_image_mask,
         kv_image_ids=kv_image_ids,
+        mask_plan=mask_plan,
         backend=backend,
         head_chunks=head_chunks,
     )
-    return DistributedCrossAttentionFunction.apply(
-        q, k, v, call.q_mask_rows, call.kv_ids, call.problem, resolve_strategy(strategy, group)
-    )
+    return DistributedCrossAttentionFunction.apply(q, k, v, problem, resolve_strategy(strategy, group))

@@ -7,6 +7,7 @@ from torch import Tensor
 from .api import prepare_call
 from .cost_model import CallShape, ComputeModel, Link, Prediction, Topology, choose_strategy
 from .groups import HierarchicalGroups
+from .mask_plan import MaskPlan
 from .rate_table import compute_model, load_rate_table
 
 # The CPU path has no table: one core's fp32 attention rate (forward, forward+backward FLOP/s),
@@ -35,8 +36,7 @@ def choose_for_call(
     kv_shape: tuple[int, int, int, int],
     *,
     group: dist.ProcessGroup | HierarchicalGroups | None = None,
-    q_image_mask: Tensor | None = None,
-    kv_image_ids: Tensor | None = None,
+    mask_plan: MaskPlan | None = None,
     link: Link | Topology | None = None,
     compute: ComputeModel | None = None,
     head_chunks: int | None = None,
@@ -48,10 +48,7 @@ def choose_for_call(
     makes ``"hierarchical"`` a candidate. ``head_chunks`` as in ``distributed_cross_attention``.
     """
     k = q.new_empty(()).expand(kv_shape)  # only the shape travels
-    call = prepare_call(
-        q, k, k, group=group, q_image_mask=q_image_mask, kv_image_ids=kv_image_ids, head_chunks=head_chunks
-    )
-    p = call.problem
+    p = prepare_call(q, k, k, group=group, mask_plan=mask_plan, head_chunks=head_chunks)
     shape = CallShape(
         q_lens=tuple(p.layout.q_lens),
         kv_lens=tuple(p.layout.kv_lens),
@@ -61,11 +58,9 @@ def choose_for_call(
         head_dim=p.head_dim,
         elem_bytes=q.element_size(),
         acc_bytes=torch.empty((), dtype=p.acc_dtype).element_size(),
-        num_ids=p.num_ids,
-        has_kv_ids=kv_image_ids is not None,
         head_chunks=p.head_chunks,
     )
-    masked = q_image_mask is not None or kv_image_ids is not None
+    masked = mask_plan is not None
     if link is None:
         link = default_link(group.parent if isinstance(group, HierarchicalGroups) else group)
     return choose_strategy(shape, link, compute or default_compute_model(q.device, masked))

@@ -33,8 +33,6 @@ class CallShape:
     head_dim: int
     elem_bytes: int = 2  # bf16
     acc_bytes: int = 4  # fp32 accumulators (8 for fp64 inputs)
-    num_ids: int = 0  # image ids of the mask (0: no mask)
-    has_kv_ids: bool = False
     head_chunks: int | None = None  # q_allgather's requested chunks (None: by size, as the ops choose)
 
     @property
@@ -230,6 +228,14 @@ def predicted_level_bytes(s: CallShape, rank: int, ranks_per_node: int) -> dict[
     }
 
 
+def predicted_plan_bytes(q_lens: tuple[int, ...], kv_lens: tuple[int, ...], batch: int, num_ids: int, rank: int) -> int:
+    """Bytes ``rank`` sends building a :class:`~.mask_plan.MaskPlan` (once per micro-batch, not per
+    call): its uint8 mask rows (``num_ids`` per text token; 0 without ``q_image_mask``) and int32
+    image ids go to every other rank."""
+    n = len(q_lens)
+    return (n - 1) * batch * (q_lens[rank] * num_ids + kv_lens[rank] * 4)
+
+
 def predicted_bytes(strategy: str, s: CallShape, rank: int, ranks_per_node: int | None = None) -> tuple[int, int]:
     """``(forward, backward)`` bytes sent by ``rank`` (exactly what ``count_communication`` counts).
 
@@ -244,31 +250,27 @@ def predicted_bytes(strategy: str, s: CallShape, rank: int, ranks_per_node: int 
     n, e, a = s.world_size, s.elem_bytes, s.acc_bytes
     if n == 1:
         return 0, 0
-    mask = [s.batch * rows * s.num_ids for rows in s.q_lens]  # uint8 visibility rows
-    ids = [s.batch * rows * 8 if s.has_kv_ids else 0 for rows in s.kv_lens]
     if strategy == "query_ring":
-        fwd_payload = [_q_bytes(s, rows, e) + m for rows, m in zip(s.q_lens, mask, strict=True)]
+        fwd_payload = [_q_bytes(s, rows, e) for rows in s.q_lens]
         fwd_carry = [_q_bytes(s, rows, a) + _stat_bytes(s, rows) for rows in s.q_lens]
-        bwd_payload = [
-            2 * _q_bytes(s, rows, e) + 2 * _stat_bytes(s, rows) + m for rows, m in zip(s.q_lens, mask, strict=True)
-        ]
+        bwd_payload = [2 * _q_bytes(s, rows, e) + 2 * _stat_bytes(s, rows) for rows in s.q_lens]
         bwd_carry = [_q_bytes(s, rows, a) for rows in s.q_lens]
         return _ring_bytes(fwd_payload, fwd_carry, rank), _ring_bytes(bwd_payload, bwd_carry, rank)
     if strategy == "kv_ring":
-        payload = [2 * _kv_bytes(s, rows, e) + i for rows, i in zip(s.kv_lens, ids, strict=True)]
+        payload = [2 * _kv_bytes(s, rows, e) for rows in s.kv_lens]
         carry = [2 * _kv_bytes(s, rows, a) for rows in s.kv_lens]
         return _ring_bytes(payload, [0] * n, rank), _ring_bytes(payload, carry, rank)
     own_q, own_kv = s.q_lens[rank], s.kv_lens[rank]
     if strategy == "q_allgather":
-        gather_q = (n - 1) * (_q_bytes(s, own_q, e) + mask[rank])
+        gather_q = (n - 1) * _q_bytes(s, own_q, e)
         # One LSE all-reduce per head chunk, each counted with integer division.
         lse_all_reduce = sum(
             2 * (2 * (n - 1) * s.batch * sum(s.q_lens) * heads * a) // n for heads in s.q_allgather_chunks()
         )
         scatter = (n - 1) * _q_bytes(s, max(s.q_lens), a)
-        gather_bwd = (n - 1) * (2 * _q_bytes(s, own_q, e) + 2 * _stat_bytes(s, own_q) + mask[rank])
+        gather_bwd = (n - 1) * (2 * _q_bytes(s, own_q, e) + 2 * _stat_bytes(s, own_q))
         return gather_q + lse_all_reduce + scatter, gather_bwd + scatter
-    gather = (n - 1) * (2 * _kv_bytes(s, own_kv, e) + ids[rank])  # kv_allgather
+    gather = (n - 1) * 2 * _kv_bytes(s, own_kv, e)  # kv_allgather
     return gather, gather + (n - 1) * 2 * _kv_bytes(s, max(s.kv_lens), a)
 
 
@@ -286,15 +288,14 @@ def _pipelined_seconds(gathers: list[float], computes: list[float], scatters: li
 def _q_allgather_seconds(s: CallShape, link: Link, compute: ComputeModel, rank: int) -> tuple[float, float]:
     n, e, a = s.world_size, s.elem_bytes, s.acc_bytes
     own_q, total_q, skv = s.q_lens[rank], sum(s.q_lens), max(s.kv_lens)
-    mask = s.batch * own_q * s.num_ids
     msgs = n - 1  # ring steps of one collective
     times = []
     for backward in (False, True):
         gathers, computes, scatters = [], [], []
-        for c, heads in enumerate(s.q_allgather_chunks()):
+        for heads in s.q_allgather_chunks():
             part = heads / s.q_heads
             travelling = (2 * _q_bytes(s, own_q, e) + 2 * _stat_bytes(s, own_q)) if backward else _q_bytes(s, own_q, e)
-            gathered = (n - 1) * (part * travelling + (mask if c == 0 else 0))
+            gathered = (n - 1) * part * travelling
             gathers.append(link.seconds(gathered, (4 if backward else 1) * msgs))
             work = part * compute.seconds(s, total_q, skv, backward)
             if not backward:  # the LSE all-reduces wait: they are not overlapped

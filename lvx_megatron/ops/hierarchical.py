@@ -3,14 +3,14 @@
 Rank ``(node a, local i)`` of a :class:`~.groups.HierarchicalGroups` owns text rows ``Q_(a,i)`` and
 the visual shard ``KV_(a,i)``. Forward:
 
-1. all-gather the node's queries (and mask rows) over the inner group: ``Q_a``;
+1. all-gather the node's queries over the inner group: ``Q_a``;
 2. query ring over the outer group (the ranks ``(b, i)`` for every node ``b``) with payload ``Q_b``
    against the local ``KV_(a,i)``: rank ``(a, i)`` ends with the partial ``(O, LSE)`` of ``Q_a``
    against column ``i`` (the shards ``KV_(b,i)`` of every node);
 3. inside the node, the global LSE of the columns and a reduce-scatter of the rescaled partial
    ``O`` (fp32) to the owners, as ``q_allgather`` does over one group.
 
-Backward mirrors it: all-gather ``Q, dO, LSE, D`` (and mask rows) inside the node, the query ring's
+Backward mirrors it: all-gather ``Q, dO, LSE, D`` inside the node, the query ring's
 backward across nodes (``dK``/``dV`` stay local, ``dQ_a`` of column ``i`` travels around the outer
 ring), then a reduce-scatter of ``dQ`` inside the node.
 
@@ -42,7 +42,14 @@ def _outer_problem(p: CrossAttentionProblem, g: HierarchicalGroups) -> CrossAtte
     L, i = g.ranks_per_node, g.local_rank
     q_lens = tuple(sum(p.layout.q_lens[b * L : (b + 1) * L]) for b in range(g.num_nodes))
     kv_lens = tuple(p.layout.kv_lens[b * L + i] for b in range(g.num_nodes))
-    return dataclasses.replace(p, group=g.outer, rank=g.node, layout=ShardLayout(q_lens, kv_lens))
+    return dataclasses.replace(
+        p,
+        group=g.outer,
+        rank=g.node,
+        layout=ShardLayout(q_lens, kv_lens),
+        q_blocks=tuple(slice(b * L, (b + 1) * L) for b in range(g.num_nodes)),
+        kv_blocks=tuple(slice(b * L + i, b * L + i + 1) for b in range(g.num_nodes)),
+    )
 
 
 def _counted_as(prefix: str, stats) -> None:
@@ -54,22 +61,14 @@ def _counted_as(prefix: str, stats) -> None:
 
 
 def hierarchical_forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    q_mask_rows: Tensor | None,
-    kv_ids: Tensor | None,
-    p: CrossAttentionProblem,
-    *,
-    groups: HierarchicalGroups,
+    q: Tensor, k: Tensor, v: Tensor, p: CrossAttentionProblem, *, groups: HierarchicalGroups
 ) -> tuple[Tensor, Tensor]:
     """Return this rank's ``(out, lse)`` (``p`` describes the flat, node-major parent group)."""
     g, acc, local = groups, p.acc_dtype, groups.local_rank
     lens = _node_lens(p, g)
     q_node = all_gather_rows(q, lens, g.inner, "inner.q")
-    rows = None if q_mask_rows is None else all_gather_rows(q_mask_rows, lens, g.inner, "inner.q_mask")
     with count_communication() as ring_stats:
-        o, lse = query_ring_forward(q_node, k, v, rows, kv_ids, _outer_problem(p, g))
+        o, lse = query_ring_forward(q_node, k, v, _outer_problem(p, g))
     _counted_as("outer", ring_stats)
     o_own, lse_own = combine_partials(o, lse, lens, local, g.inner, acc, prefix="inner.")
     return o_own.to(q.dtype), lse_own
@@ -82,8 +81,6 @@ def hierarchical_backward(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
-    q_mask_rows: Tensor | None,
-    kv_ids: Tensor | None,
     p: CrossAttentionProblem,
     *,
     groups: HierarchicalGroups,
@@ -94,10 +91,9 @@ def hierarchical_backward(
     gather = lambda t, name: all_gather_rows(t, lens, g.inner, f"inner.{name}")
     q_node, do_node = gather(q, "q"), gather(dout.to(q.dtype), "dout")
     lse_node, delta_node = gather(lse, "lse"), gather(output_delta(dout, out), "delta")
-    rows = None if q_mask_rows is None else gather(q_mask_rows, "q_mask")
     with count_communication() as ring_stats:
         dq_node, dk, dv = query_ring_backward(
-            do_node, q_node, k, v, None, lse_node, rows, kv_ids, _outer_problem(p, g), delta=delta_node
+            do_node, q_node, k, v, None, lse_node, _outer_problem(p, g), delta=delta_node
         )
     _counted_as("outer", ring_stats)
     dq = reduce_scatter_rows(dq_node.to(acc), lens, local, g.inner, "inner.dq")

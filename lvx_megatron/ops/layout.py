@@ -14,10 +14,7 @@ _FIELDS = (
     "Hq",
     "Hkv",
     "head_dim",
-    "N_ids",
     "dtype",
-    "has_q_image_mask",
-    "has_kv_image_ids",
     "head_chunks",
 )
 _MUST_MATCH = _FIELDS[2:]
@@ -45,20 +42,14 @@ def _readable(name: str, value: int) -> object:
 
 
 def exchange_layout(
-    q: Tensor,
-    k: Tensor,
-    q_image_mask: Tensor | None,
-    kv_image_ids: Tensor | None,
-    group: dist.ProcessGroup | None,
-    world_size: int,
-    head_chunks: int | None = None,
+    q: Tensor, k: Tensor, group: dist.ProcessGroup | None, world_size: int, head_chunks: int | None = None
 ) -> ShardLayout:
     """All-gather every rank's shard lengths and check that the rest of the shapes agree.
 
-    Raises ValueError on every rank (so none is left waiting) when batch, heads, head dim,
-    number of image ids, dtype, mask presence or the requested ``head_chunks`` differ between ranks.
+    Raises ValueError on every rank (so none is left waiting) when batch, heads, head dim, dtype or
+    the requested ``head_chunks`` differ between ranks (the mask's own fields are checked by
+    :meth:`~.mask_plan.MaskPlan.build`).
     """
-    n_ids = q_image_mask.shape[-1] if q_image_mask is not None else -1
     mine = [
         q.shape[1],
         k.shape[1],
@@ -66,10 +57,7 @@ def exchange_layout(
         q.shape[2],
         k.shape[2],
         q.shape[3],
-        n_ids,
         _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1,
-        int(q_image_mask is not None),
-        int(kv_image_ids is not None),
         -1 if head_chunks is None else head_chunks,
     ]
     if world_size == 1:

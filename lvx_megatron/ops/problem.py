@@ -8,9 +8,12 @@ from torch import Tensor
 
 from .backends import BlockAttentionBackend
 from .layout import ShardLayout
+from .mask_plan import MaskPlan
 from .masks import BlockMask
 from .merge import accumulation_dtype
 from .ring import TensorSpec
+
+ALL = None  # a block index meaning "every block of the problem"
 
 
 @dataclass(frozen=True)
@@ -24,21 +27,27 @@ class CrossAttentionProblem:
     q_heads: int
     kv_heads: int
     head_dim: int
-    num_ids: int
     dtype: torch.dtype
     scale: float
     backend: BlockAttentionBackend
     head_chunks: int = 1  # q_allgather: chunks of whole K/V-head groups its collectives are pipelined over
+    plan: MaskPlan | None = None  # None: no mask
+    # The ranks of the plan whose text (visual) shards make up block j of this problem: rank j in a
+    # flat problem, node j's ranks (rank j * L + i) in the hierarchical strategy's ring across nodes.
+    q_blocks: tuple[slice, ...] = ()
+    kv_blocks: tuple[slice, ...] = ()
 
     @property
     def acc_dtype(self) -> torch.dtype:
         return accumulation_dtype(self.dtype)
 
-    def mask(self, q_mask_rows: Tensor | None, kv_ids: Tensor | None, num_queries: int) -> BlockMask | None:
-        """The compact mask of one block pair (``q_mask_rows`` travel as uint8), or None."""
-        if kv_ids is None:
+    def mask(self, q_block: int | None, kv_block: int | None) -> BlockMask | None:
+        """The mask of query block ``q_block`` against key block ``kv_block`` (:data:`ALL`: every
+        block, in order), or None without a mask."""
+        if self.plan is None:
             return None
-        return BlockMask(None if q_mask_rows is None else q_mask_rows.bool(), kv_ids, num_queries)
+        span = lambda blocks, j: slice(blocks[0].start, blocks[-1].stop) if j is ALL else blocks[j]
+        return self.plan.block(span(self.q_blocks, q_block), span(self.kv_blocks, kv_block))
 
     def q_spec(self, j: int, dtype: torch.dtype | None = None) -> TensorSpec:
         """``[B, Sq_j, Hq, D]``."""
@@ -48,17 +57,9 @@ class CrossAttentionProblem:
         """``[B, Sq_j, Hq]`` in the accumulation dtype (LSE, delta)."""
         return TensorSpec((self.batch, self.layout.q_lens[j], self.q_heads), self.acc_dtype)
 
-    def q_mask_spec(self, j: int) -> TensorSpec:
-        """``[B, Sq_j, N_ids]`` uint8 visibility rows."""
-        return TensorSpec((self.batch, self.layout.q_lens[j], self.num_ids), torch.uint8)
-
     def kv_spec(self, j: int, dtype: torch.dtype | None = None) -> TensorSpec:
         """``[B, Skv_j, Hkv, D]``."""
         return TensorSpec((self.batch, self.layout.kv_lens[j], self.kv_heads, self.head_dim), dtype or self.dtype)
-
-    def kv_ids_spec(self, j: int) -> TensorSpec:
-        """``[B, Skv_j]`` int64 image ids."""
-        return TensorSpec((self.batch, self.layout.kv_lens[j]), torch.int64)
 
 
 def output_delta(dout: Tensor, out: Tensor) -> Tensor:

@@ -1,18 +1,18 @@
 """Query all-gather: every rank attends all text queries to its local visual shard.
 
-Forward: all-gather ``Q`` (and mask rows), partial ``(O, LSE)`` of all queries against the local
+Forward: all-gather ``Q``, partial ``(O, LSE)`` of all queries against the local
 K/V, the global LSE from two small all-reduces (max, then sum of ``exp``), each partial ``O``
 rescaled by ``exp(LSE_local - LSE_global)`` and reduce-scattered back to the owners.
-Backward: all-gather ``Q, dO, LSE, D`` (and mask rows), local ``dQ_all, dK, dV`` with the global
+Backward: all-gather ``Q, dO, LSE, D``, local ``dQ_all, dK, dV`` with the global
 statistics, reduce-scatter of ``dQ``. Same volume as the query ring in a few collectives.
 
 Heads are independent, so both passes run in ``p.head_chunks`` chunks of whole K/V-head groups
 (GQA packing stays valid): the all-gather of chunk ``c + 1`` is in flight while chunk ``c``
 computes, and the reduce-scatter of chunk ``c`` while the next chunks compute. Only the small
-LSE all-reduces wait. One chunk is the plain, unpipelined algorithm.
+LSE all-reduces wait. One chunk is the plain, unpipelined algorithm. The mask rows never travel:
+every rank's plan holds them.
 """
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -20,9 +20,8 @@ from torch import Tensor
 
 from .collectives import Pending, all_reduce_lse, post_all_gather_rows, post_reduce_scatter_rows
 from .head_chunks import head_chunk_bounds
-from .masks import BlockMask
 from .merge import safe_lse
-from .problem import CrossAttentionProblem, output_delta
+from .problem import ALL, CrossAttentionProblem, output_delta
 
 
 def post_combine_partials(
@@ -57,14 +56,6 @@ def _head_slices(p: CrossAttentionProblem) -> list[tuple[slice, slice]]:
     return [(slice(a * g, b * g), slice(a, b)) for a, b in head_chunk_bounds(p.kv_heads, p.head_chunks)]
 
 
-def _gathered_mask(
-    q_mask_rows: Tensor | None, kv_ids: Tensor | None, lens: list[int], p: CrossAttentionProblem
-) -> Callable[[], BlockMask | None]:
-    """Post the all-gather of the mask rows now; the returned function builds the mask when first needed."""
-    rows = None if q_mask_rows is None else post_all_gather_rows(q_mask_rows, lens, p.group, "q_mask")
-    return functools.cache(lambda: p.mask(None if rows is None else rows.wait(), kv_ids, sum(lens)))
-
-
 def _pipeline(
     num_chunks: int, post_inputs: Callable[[int], list[Pending]], work: Callable[[int, list[Tensor]], Pending]
 ) -> list:
@@ -88,19 +79,17 @@ def _cat_heads(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
-def q_allgather_forward(
-    q: Tensor, k: Tensor, v: Tensor, q_mask_rows: Tensor | None, kv_ids: Tensor | None, p: CrossAttentionProblem
-) -> tuple[Tensor, Tensor]:
+def q_allgather_forward(q: Tensor, k: Tensor, v: Tensor, p: CrossAttentionProblem) -> tuple[Tensor, Tensor]:
     """Return this rank's ``(out, lse)``."""
     lens, acc, rank, slices = list(p.layout.q_lens), p.acc_dtype, p.rank, _head_slices(p)
-    mask = _gathered_mask(q_mask_rows, kv_ids, lens, p)
+    mask = p.mask(ALL, p.rank)
 
     def post_inputs(c: int) -> list[Pending]:
         return [post_all_gather_rows(q[:, :, slices[c][0]], lens, p.group, "q")]
 
     def work(c: int, inputs: list[Tensor]) -> Pending:
         kv_heads = slices[c][1]
-        o, lse = p.backend.forward(inputs[0], k[:, :, kv_heads], v[:, :, kv_heads], mask(), p.scale)
+        o, lse = p.backend.forward(inputs[0], k[:, :, kv_heads], v[:, :, kv_heads], mask, p.scale)
         return post_combine_partials(o, lse, lens, rank, p.group, acc)
 
     parts = _pipeline(len(slices), post_inputs, work)
@@ -108,19 +97,11 @@ def q_allgather_forward(
 
 
 def q_allgather_backward(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    q_mask_rows: Tensor | None,
-    kv_ids: Tensor | None,
-    p: CrossAttentionProblem,
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, p: CrossAttentionProblem
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Return ``(dq, dk, dv)``."""
     lens, acc, rank, slices = list(p.layout.q_lens), p.acc_dtype, p.rank, _head_slices(p)
-    mask = _gathered_mask(q_mask_rows, kv_ids, lens, p)
+    mask = p.mask(ALL, p.rank)
     travelling = (("q", q), ("dout", dout.to(q.dtype)), ("lse", lse), ("delta", output_delta(dout, out)))
     dkv: list[tuple[Tensor, Tensor]] = []
 
@@ -132,7 +113,7 @@ def q_allgather_backward(
         q_all, do_all, lse_all, delta_all = inputs
         kv_heads = slices[c][1]
         dq_all, dk, dv = p.backend.backward(
-            do_all, q_all, k[:, :, kv_heads], v[:, :, kv_heads], lse_all, delta_all, mask(), p.scale
+            do_all, q_all, k[:, :, kv_heads], v[:, :, kv_heads], lse_all, delta_all, mask, p.scale
         )
         dkv.append((dk, dv))
         return post_reduce_scatter_rows(dq_all.to(acc), lens, rank, p.group, "dq")

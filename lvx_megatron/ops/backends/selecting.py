@@ -1,15 +1,17 @@
 """``backend="auto"`` on CUDA: per call, the faster of our Triton kernels and torch's fused kernels.
 
-The rule comes from the block-attention benchmark (``tools/bench_block_attention.py``); how
-much faster each side is, measured, is in the README's GPU results (rendered from the benchmark's
-results file), not here:
+The rule comes from the block-attention benchmark (``tools/bench_block_attention.py``; its
+measurements are summarised in docs/ops.md):
 
-- masked blocks (every block of a Llama-3.2-Vision model) run on the Triton kernels, which beat
-  torch's only masked GQA path (the memory-efficient kernel with a dense bias) at every shape;
-- unmasked backward passes of short GQA query blocks (at most 256 packed rows per key/value head:
-  64 tokens of a 4-head group) run on the Triton kernels, which beat the best torch kernel there;
-- everything else (unmasked forwards, taller blocks) runs on torch's kernels (cuDNN/flash), and
-  fp32 too (ours would run fp32 matmuls without tensor cores).
+- short query blocks (at most :data:`TRITON_MAX_PACKED_ROWS` packed rows per key/value head,
+  e.g. 128 tokens of a 4-head group) run on the Triton kernels, masked or not (unmasked ones only
+  with GQA: without it torch's flash kernel is as fast);
+- taller blocks run on torch's fused kernels (cuDNN/flash): unmasked as they are, masked as their
+  dense runs (:meth:`~lvx_megatron.ops.masks.BlockMask.dense_runs`) when there are few
+  (:data:`MAX_DENSE_RUNS`) and each is tall (:data:`MIN_DENSE_RUN_ROWS` packed rows); other masks
+  stay on the Triton kernels, whose cost follows the visible tiles;
+- fp32 and head dims above 256 run on torch's kernels (ours would run fp32 matmuls without tensor
+  cores).
 """
 
 import torch
@@ -20,10 +22,13 @@ from .base import BlockAttentionBackend
 from .fused import TorchFusedBackend
 from .triton_backend import TritonBackend, triton_unavailable_reason
 
-# Unmasked backward passes of GQA blocks with at most this many packed rows per key/value head
-# (Sq x Hq / Hkv) go to the Triton kernels; taller blocks, and blocks without GQA, run as fast or
-# faster on torch's fused kernels.
-TRITON_MAX_PACKED_ROWS_BACKWARD = 256
+# Packed rows per key/value head (Sq x Hq / Hkv) up to which our kernels beat torch's.
+TRITON_MAX_PACKED_ROWS = 512
+# A masked tall block runs on torch's kernels as at most this many dense runs, each at least this
+# tall (every run is a launch, a packing copy of its rows and, for several key ranges, a gather
+# of their K/V; short runs leave cuDNN's tiles idle).
+MAX_DENSE_RUNS = 4
+MIN_DENSE_RUN_ROWS = 1024
 
 
 class ShapeSelectingBackend(BlockAttentionBackend):
@@ -35,23 +40,22 @@ class ShapeSelectingBackend(BlockAttentionBackend):
         self.triton = TritonBackend()
         self.fused = TorchFusedBackend()
 
-    def choose(
-        self, q: Tensor, kv_heads: int, mask: Tensor | BlockMask | None, backward: bool
-    ) -> BlockAttentionBackend:
+    def choose(self, q: Tensor, kv_heads: int, mask: BlockMask | None, backward: bool) -> BlockAttentionBackend:
         """The backend of one forward (or backward) call."""
         if q.dtype not in (torch.float16, torch.bfloat16) or triton_unavailable_reason(q.device) is not None:
             return self.fused
         if q.shape[-1] > 256:
             return self.fused
-        if mask is not None:
-            return self.triton
         group = q.shape[2] // kv_heads
-        short = group > 1 and group * q.shape[1] <= TRITON_MAX_PACKED_ROWS_BACKWARD
-        return self.triton if backward and short else self.fused
+        if group * q.shape[1] <= TRITON_MAX_PACKED_ROWS:
+            return self.triton if mask is not None or group > 1 else self.fused
+        if mask is None:
+            return self.fused
+        runs = [run for sample in mask.dense_runs() for run in sample]
+        tall = all((end - first) * group >= MIN_DENSE_RUN_ROWS for first, end, _ in runs)
+        return self.fused if tall and max(map(len, mask.dense_runs())) <= MAX_DENSE_RUNS else self.triton
 
-    def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BlockMask | None, scale: float
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | None, scale: float) -> tuple[Tensor, Tensor]:
         return self.choose(q, k.shape[2], mask, backward=False).forward(q, k, v, mask, scale)
 
     def backward(
@@ -62,7 +66,7 @@ class ShapeSelectingBackend(BlockAttentionBackend):
         v: Tensor,
         lse: Tensor,
         delta: Tensor,
-        mask: Tensor | BlockMask | None,
+        mask: BlockMask | None,
         scale: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         return self.choose(q, k.shape[2], mask, backward=True).backward(dout, q, k, v, lse, delta, mask, scale)

@@ -1,5 +1,6 @@
 """Block attention on our Triton kernels (:mod:`.triton_kernels`): split-KV forward, GQA packed rows,
-the compact image-id mask read in the kernel.
+masked calls walking the tile lists of their :class:`~lvx_megatron.ops.masks.BlockMask` (or, when the
+mask only hides some rows from everything, the unmasked kernels on the other rows).
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, set
 before Triton is first imported), which is how CI checks the kernels' logic without a GPU.
@@ -38,12 +39,14 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes and launch parameters of one kernel."""
+    """Tile sizes and launch parameters of one kernel; ``waves``: the split-KV kernels' target
+    thread blocks per SM (the ``dK``/``dV`` kernel does not split)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    waves: float = 2.0
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -62,12 +65,14 @@ def _wide(head_dim: int, dtype: torch.dtype) -> bool:
 def forward_config(rows: int, head_dim: int, dtype: torch.dtype) -> KernelConfig:
     """Tiles of the forward kernel for ``rows`` packed query rows per key/value head.
 
-    Chosen on an H100 (bf16, d=128) with ``tools/bench_block_attention.py --sweep``: 128-row tiles,
-    8 warps and 4 stages for short query blocks, 64-row tiles and 4 warps for tall ones.
+    From ``tools/bench_block_attention.py --sweep`` (bf16, d=128; docs/ops.md names the results
+    file): 128-row tiles, 8 warps, 4 stages and two waves of splits for short query blocks; 64-row
+    tiles, 4 warps and one wave for tall ones (with more rows per K/V head there is enough work
+    without splitting the keys further).
     """
     if _wide(head_dim, dtype):
         return KernelConfig(64, 32, 4, 2)
-    return KernelConfig(128, 64, 8, 4) if rows <= 512 else KernelConfig(64, 64, 4, 3)
+    return KernelConfig(128, 64, 8, 4) if rows <= 512 else KernelConfig(64, 64, 4, 3, waves=1.0)
 
 
 def dkdv_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
@@ -99,31 +104,37 @@ def _rows_view(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def pack_image_bits(q_image_mask: Tensor) -> Tensor:
-    """``[B, Sq, N]`` bool -> ``[B, Sq, ceil(N / 32)]`` int32 bitsets (bit ``i % 32`` of word ``i // 32``)."""
-    b, sq, n = q_image_mask.shape
-    words = max(_cdiv(n, 32), 1)
-    padded = q_image_mask.new_zeros(b, sq, words * 32)
-    padded[..., :n] = q_image_mask
-    weights = torch.ones(32, dtype=torch.int64, device=q_image_mask.device) << torch.arange(
-        32, device=q_image_mask.device
-    )
-    packed = (padded.view(b, sq, words, 32).to(torch.int64) * weights).sum(-1)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-
-
-def _mask_arguments(mask: Tensor | BlockMask | None, q: Tensor) -> tuple[int, int, list]:
-    """``(MASK_MODE, NUM_WORDS, [MASK, QBITS, KV_IDS, stride_mb, stride_mq, stride_bb, stride_bq, stride_ib])``."""
+def _mask_arguments(
+    mask: BlockMask | None, q: Tensor, group: int, block_m: int, block_n: int, by_keys: bool
+) -> tuple[int, int, list, list]:
+    """``(MASK_MODE, NUM_WORDS, pointers, strides)`` of a call: pointers ``QBITS, KV_IDS, FULL_CNT,
+    RUN_CNT, RUN_START, RUN_LEN, RUN_POS, PART_CNT, PART_IDX``, strides ``stride_bb, stride_bq,
+    stride_ib, stride_cb, stride_xb, stride_xt``; the tile lists are those of this kernel's tiles."""
     if mask is None:
-        return 0, 1, [q, q, q, 0, 0, 0, 0, 0]
-    if isinstance(mask, Tensor):
-        dense = _rows_view(mask.view(torch.uint8) if mask.dtype == torch.bool else mask.to(torch.uint8))
-        return 1, 1, [dense, q, q, dense.stride(0), dense.stride(1), 0, 0, 0]
-    ids = mask.kv_image_ids.to(torch.int32).contiguous()
+        return 0, 1, [q] * 9, [0] * 6
+    ids = mask.key_ids()
+    t = mask.tiles(group, block_m, block_n, by_keys)
+    lists = [t.full_count, t.run_count, t.run_start, t.run_length, t.run_position, t.partial_count, t.partial_index]
+    list_strides = [t.full_count.stride(0), t.partial_index.stride(0), t.partial_index.stride(1)]
     if mask.q_image_mask is None:
-        return 3, 1, [q, q, ids, 0, 0, 0, 0, ids.stride(0)]
-    bits = pack_image_bits(mask.q_image_mask.bool())
-    return 2, bits.shape[-1], [q, bits, ids, 0, 0, bits.stride(0), bits.stride(1), ids.stride(0)]
+        return 3, 1, [q, ids, *lists], [0, 0, ids.stride(0), *list_strides]
+    bits = mask.image_bits()
+    return 2, bits.shape[-1], [bits, ids, *lists], [bits.stride(0), bits.stride(1), ids.stride(0), *list_strides]
+
+
+def seeing_rows(mask: BlockMask | None) -> tuple[int, int] | None:
+    """``(first, end)`` when the only masking is text rows outside that run seeing nothing (every
+    sample: one dense run over all keys, the same rows), else None. Such a block runs the unmasked
+    kernels on its seeing rows: no tile lists at all (the models' video masks: every token after
+    the first frame's sees every frame)."""
+    if mask is None:
+        return None
+    skv = mask.kv_image_ids.shape[1]
+    runs = mask.dense_runs()
+    first = runs[0] if runs else []
+    if len(first) != 1 or first[0][2] != ((0, skv),) or any(r != first for r in runs[1:]):
+        return None
+    return first[0][0], first[0][1]
 
 
 class TritonBackend(BlockAttentionBackend):
@@ -132,11 +143,6 @@ class TritonBackend(BlockAttentionBackend):
     Args:
         forward_tiles, dkdv_tiles, dq_tiles: override the tile choice of each kernel (benchmark
             sweeps); by default chosen per shape.
-        waves: target thread blocks per SM of the split-KV kernels (forward and ``dQ``).
-        skip_empty_tiles: with a mask, test each key tile and skip those no query row sees. A win
-            when most keys are hidden (heavy tile padding, many images per text); off by default
-            because the test keeps the key loads out of the software pipeline, which makes dense
-            masks slower (measured: docs/ops.md, from the block-attention benchmark's results).
     """
 
     name = "triton"
@@ -146,14 +152,10 @@ class TritonBackend(BlockAttentionBackend):
         forward_tiles: KernelConfig | None = None,
         dkdv_tiles: KernelConfig | None = None,
         dq_tiles: KernelConfig | None = None,
-        waves: float = 2.0,
-        skip_empty_tiles: bool = False,
     ) -> None:
         self.forward_tiles = forward_tiles
         self.dkdv_tiles = dkdv_tiles
         self.dq_tiles = dq_tiles
-        self.waves = waves
-        self.skip_empty_tiles = skip_empty_tiles
 
     @staticmethod
     def _check(q: Tensor) -> None:
@@ -165,12 +167,21 @@ class TritonBackend(BlockAttentionBackend):
         if q.shape[-1] > 256:
             raise ValueError(f"the Triton backend takes head dims up to 256, got {q.shape[-1]}")
 
-    def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BlockMask | None, scale: float
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | None, scale: float) -> tuple[Tensor, Tensor]:
+        self._check(q)
+        rows = seeing_rows(mask)
+        if rows is None:
+            return self._forward(q, k, v, mask, scale)
+        if rows == (0, q.shape[1]):
+            return self._forward(q, k, v, None, scale)
+        o = torch.zeros_like(q)
+        lse = q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+        o[:, rows[0] : rows[1]], lse[:, rows[0] : rows[1]] = self._forward(q[:, rows[0] : rows[1]], k, v, None, scale)
+        return o, lse
+
+    def _forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | None, scale: float) -> tuple[Tensor, Tensor]:
         from .triton_kernels import _combine_kernel, _fwd_kernel
 
-        self._check(q)
         b, sq, hq, d = q.shape
         skv, hkv = k.shape[1], k.shape[2]
         if sq == 0 or skv == 0 or b == 0:
@@ -182,8 +193,8 @@ class TritonBackend(BlockAttentionBackend):
         g, rows = hq // hkv, hq // hkv * sq
         tiles = self.forward_tiles or forward_config(rows, d, q.dtype)
         row_blocks = _cdiv(rows, tiles.block_m)
-        splits, split_len = _split(row_blocks * b * hkv, skv, q.device, self.waves)
-        mode, words, mask_args = _mask_arguments(mask, q)
+        splits, split_len = _split(row_blocks * b * hkv, skv, q.device, tiles.waves)
+        mode, words, mask_ptrs, mask_strides = _mask_arguments(mask, q, g, tiles.block_m, tiles.block_n, False)
         direct = splits == 1
         if direct:
             o_out, lse_out = o, lse
@@ -194,12 +205,11 @@ class TritonBackend(BlockAttentionBackend):
             out_strides = [o_out.stride(0), o_out.stride(1), o_out.stride(2), lse_out.stride(0), lse_out.stride(1), 0]
         block_d = max(16, _pow2(d))
         _fwd_kernel[(row_blocks, splits, b * hkv)](
-            q, k, v, *mask_args[:3], o_out, lse_out, scale, sq, skv, split_len,
+            q, k, v, *mask_ptrs, o_out, lse_out, scale, sq, skv, split_len, splits,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *mask_args[3:], *out_strides,
+            v.stride(0), v.stride(1), v.stride(2), *mask_strides, *out_strides,
             HKV=hkv, G=g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-            MASK_MODE=mode, NUM_WORDS=words, SKIP=self.skip_empty_tiles and mode != 0, DIRECT=direct,
-            IEEE=q.dtype == torch.float32,
+            MASK_MODE=mode, NUM_WORDS=words, DIRECT=direct, IEEE=q.dtype == torch.float32,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
         if not direct:
@@ -220,13 +230,36 @@ class TritonBackend(BlockAttentionBackend):
         v: Tensor,
         lse: Tensor,
         delta: Tensor,
-        mask: Tensor | BlockMask | None,
+        mask: BlockMask | None,
         scale: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``dq`` comes back in fp32 (it is accumulated atomically); ``dk``/``dv`` in the input dtype."""
+        self._check(q)
+        rows = seeing_rows(mask)
+        if rows is None:
+            return self._backward(dout, q, k, v, lse, delta, mask, scale)
+        r0, r1 = rows
+        if rows == (0, q.shape[1]):
+            return self._backward(dout, q, k, v, lse, delta, None, scale)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dq[:, r0:r1], dk, dv = self._backward(
+            dout[:, r0:r1], q[:, r0:r1], k, v, lse[:, r0:r1], delta[:, r0:r1], None, scale
+        )
+        return dq, dk, dv
+
+    def _backward(
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        lse: Tensor,
+        delta: Tensor,
+        mask: BlockMask | None,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         from .triton_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel
 
-        self._check(q)
         b, sq, hq, d = q.shape
         skv, hkv = k.shape[1], k.shape[2]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -238,29 +271,28 @@ class TritonBackend(BlockAttentionBackend):
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         g, rows = hq // hkv, hq // hkv * sq
-        mode, words, mask_args = _mask_arguments(mask, q)
         shared = [
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
             lse.stride(0), lse.stride(1), lse.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
-            *mask_args[3:],
         ]  # fmt: skip
-        constants = dict(HKV=hkv, G=g, HEAD_DIM=d, BLOCK_D=max(16, _pow2(d)), MASK_MODE=mode, NUM_WORDS=words)
-        constants.update(SKIP=self.skip_empty_tiles and mode != 0, IEEE=q.dtype == torch.float32)
+        constants = dict(HKV=hkv, G=g, HEAD_DIM=d, BLOCK_D=max(16, _pow2(d)), IEEE=q.dtype == torch.float32)
         tiles = self.dkdv_tiles or dkdv_config(d, q.dtype)
+        mode, words, mask_ptrs, mask_strides = _mask_arguments(mask, q, g, tiles.block_m, tiles.block_n, True)
         _bwd_dkdv_kernel[(_cdiv(skv, tiles.block_n), b * hkv)](
-            q, k, v, dout, lse, delta, *mask_args[:3], dk, dv, scale, sq, skv,
-            *shared, dk.stride(0), dk.stride(1), dk.stride(2),
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-            **constants,
+            q, k, v, dout, lse, delta, *mask_ptrs, dk, dv, scale, sq, skv,
+            *shared, *mask_strides, dk.stride(0), dk.stride(1), dk.stride(2),
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, MASK_MODE=mode, NUM_WORDS=words,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **constants,
         )  # fmt: skip
         tiles = self.dq_tiles or dq_config(d, q.dtype)
         row_blocks = _cdiv(rows, tiles.block_m)
-        splits, split_len = _split(row_blocks * b * hkv, skv, q.device, self.waves)
+        splits, split_len = _split(row_blocks * b * hkv, skv, q.device, tiles.waves)
+        mode, words, mask_ptrs, mask_strides = _mask_arguments(mask, q, g, tiles.block_m, tiles.block_n, False)
         _bwd_dq_kernel[(row_blocks, splits, b * hkv)](
-            q, k, v, dout, lse, delta, *mask_args[:3], dq, scale, sq, skv, split_len,
-            *shared, dq.stride(0), dq.stride(1), dq.stride(2),
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-            **constants,
+            q, k, v, dout, lse, delta, *mask_ptrs, dq, scale, sq, skv, split_len, splits,
+            *shared, *mask_strides, dq.stride(0), dq.stride(1), dq.stride(2),
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, MASK_MODE=mode, NUM_WORDS=words,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **constants,
         )  # fmt: skip
         return dq, dk, dv

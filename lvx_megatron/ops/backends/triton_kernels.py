@@ -11,20 +11,24 @@ blocks. Each split writes a partial ``(O, LSE)`` in fp32 and a combine kernel me
 LSE weights; with one split the forward writes the final result directly.
 
 Backward: two kernels. ``dK``/``dV``: the grid is (KV blocks, batch x K/V heads), each program keeps
-its key block's sums in registers (fp32) and walks all packed query rows. ``dQ``: split-KV like
-the forward, each program sums its rows' ``dQ`` over one KV split in registers and adds it once
-into an fp32 buffer (adding per key tile from the ``dK``/``dV`` kernel instead costs one atomic
-per ``BLOCK_N`` flops and ran at a sixth of the speed on an H100). ``P`` is rebuilt from the
-*global* LSE and ``dS = P * (dP - D)`` uses the global ``D = rowsum(dO * O)``, so each KV shard's
-gradients are exact parts of the full gradients.
+its key block's sums in registers (fp32) and walks the packed query rows. ``dQ``: split-KV like
+the forward, each program sums its rows' ``dQ`` over its share of the keys in registers and adds
+it once into an fp32 buffer (adding per key tile from the ``dK``/``dV`` kernel instead costs one
+atomic per ``BLOCK_N`` flops and ran at a sixth of the speed on an H100). ``P`` is rebuilt from
+the *global* LSE and ``dS = P * (dP - D)`` uses the global ``D = rowsum(dO * O)``, so each KV
+shard's gradients are exact parts of the full gradients.
 
-Masks. ``MASK_MODE`` 0: none (bounds only). 1: a dense ``[B, Sq, Skv]`` bool tensor. 2: the compact
-form of the ops API: an int32 image id per key (``-1`` padding) and per query token a bitset of
-visible ids (``W`` int32 words). 3: ids only (every row sees every non-padding key). Visual ids come
-in long runs (one image tile is 1601 tokens), so a key tile usually holds one id: its visibility is
-then one bit per row, and tiles that no row of the block can see (padding, images the text may not
-see) are skipped without any matmul. Rows that see no key get ``O = 0``, ``LSE = -inf`` and zero
-gradients; all accumulation is fp32.
+Masks (``MASK_MODE`` 0: none; 2: image bitsets per query token and an int32 image id per key;
+3: ids only, every row sees every non-padding key). A masked call walks the tile lists of its
+:class:`~lvx_megatron.ops.masks.BlockMask` (:meth:`~lvx_megatron.ops.masks.BlockMask.tiles`):
+per row tile (forward, ``dQ``) or per key tile (``dK``/``dV``) the runs of consecutive *full*
+tiles, each walked by the plain unmasked inner loop, and the indices of the *partial* ones, which
+apply the per-row bits; empty tiles are in neither and never loaded. Split-KV programs take equal
+shares of the full and of the partial tiles.
+In partial tiles, keys a row does not see are selected away (``where``, never ``0 *``), and the
+K/V rows entering a product are sanitised, so NaN or Inf in padding or hidden images cannot reach
+any row that does not see them (a row that sees a non-finite value gets NaN). Rows that see no
+key get ``O = 0``, ``LSE = -inf`` and zero gradients; all accumulation is fp32.
 """
 
 import triton
@@ -94,7 +98,6 @@ def _pair(r, c, T: tl.constexpr):
 
 @triton.jit
 def _visibility(
-    MASK,
     QBITS,
     KV_IDS,
     b,
@@ -102,35 +105,20 @@ def _visibility(
     cols,
     row_ok,
     col_ok,
-    stride_mb,
-    stride_mq,
     stride_bb,
     stride_bq,
     stride_ib,
     MASK_MODE: tl.constexpr,
     NUM_WORDS: tl.constexpr,
-    SKIP: tl.constexpr,
     T: tl.constexpr,
 ):
-    """``(visible, live)``: which (row, key) pairs attend (``[BLOCK_M, BLOCK_N]``, or ``[BLOCK_N, BLOCK_M]``
-    with ``T``), and whether any does.
-
-    With ``SKIP`` a tile that no row sees (``live`` False) is skipped by the caller; without it
-    ``live`` is the constant True, so the key loads stay outside any branch and pipeline.
-    """
+    """Which (row, key) pairs of a partial tile attend: ``[BLOCK_M, BLOCK_N]``, or ``[BLOCK_N, BLOCK_M]`` with ``T``."""
     rr, cc = _pair(row_ok, col_ok, T)
     base = rr & cc
-    if MASK_MODE == 0:
-        visible = base
-    elif MASK_MODE == 1:
-        qq, kk = _pair(qi, cols, T)
-        m = tl.load(MASK + b * stride_mb + qq * stride_mq + kk, mask=base, other=0)
-        visible = base & (m != 0)
-    elif MASK_MODE == 3:
-        ids = tl.load(KV_IDS + b * stride_ib + cols, mask=col_ok, other=-1)
+    ids = tl.load(KV_IDS + b * stride_ib + cols, mask=col_ok, other=-1)
+    if MASK_MODE == 3:
         visible = base & _pair(row_ok, ids >= 0, T)[1]
     else:
-        ids = tl.load(KV_IDS + b * stride_ib + cols, mask=col_ok, other=-1)
         lo = tl.min(tl.where(col_ok, ids, 2147483647))
         hi = tl.max(ids)
         if (lo == hi) & (lo >= 0):
@@ -144,10 +132,86 @@ def _visibility(
                 ww, ii = _pair(word, ids, T)
                 seen = seen | (((ii >> 5) == w) & (((ww >> (ii & 31)) & 1) != 0))
             visible = base & _pair(row_ok, ids >= 0, T)[1] & seen
-    if SKIP:
-        return visible, tl.max(tl.max(visible.to(tl.int32), 1), 0) > 0
+    return visible
+
+
+@triton.jit
+def _finite(x):
+    return (x == x) & (tl.abs(x) != float("inf"))
+
+
+@triton.jit
+def _share(count, part, parts):
+    """``[lo, hi)``: the entries of a list of ``count`` that program ``part`` of ``parts`` takes."""
+    per = tl.cdiv(count, parts)
+    lo = part * per
+    return lo, tl.minimum(lo + per, count)
+
+
+@triton.jit
+def _run_span(RUN_START, RUN_LEN, RUN_POS, at, lo, hi):
+    """``[first, last)``: the tiles of the full-tile run at ``at`` that fall in positions ``[lo, hi)``."""
+    position = tl.load(RUN_POS + at)
+    offset = tl.load(RUN_START + at) - position  # tile = position + offset inside the run
+    return tl.maximum(lo, position) + offset, tl.minimum(hi, position + tl.load(RUN_LEN + at)) + offset
+
+
+@triton.jit
+def _fwd_tile(
+    acc,
+    m_i,
+    l_i,
+    bad,
+    q,
+    K,
+    V,
+    QBITS,
+    KV_IDS,
+    b,
+    hk,
+    qi,
+    row_ok,
+    cols,
+    col_ok,
+    offs_d,
+    d_ok,
+    qk_scale,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bb,
+    stride_bq,
+    stride_ib,
+    MASK_MODE: tl.constexpr,
+    NUM_WORDS: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One key tile of the forward's online softmax; ``bad`` marks rows that saw a non-finite value."""
+    if PARTIAL:
+        visible = _visibility(
+            QBITS, KV_IDS, b, qi, cols, row_ok, col_ok, stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, False
+        )
     else:
-        return visible, True
+        visible = row_ok[:, None] & col_ok[None, :]
+    k = _load_keys(K, b, hk, cols, offs_d, stride_kb, stride_ks, stride_kh, col_ok, d_ok)
+    s = tl.where(visible, _mm(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_keys(V, b, hk, cols, offs_d, stride_vb, stride_vs, stride_vh, col_ok, d_ok)
+    if PARTIAL:
+        v_ok = _finite(v)
+        key_bad = tl.max((~v_ok).to(tl.int32), 1) > 0
+        bad = bad | (tl.max((visible & key_bad[None, :]).to(tl.int32), 1) > 0)
+        v = tl.where(v_ok, v, 0.0)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
+    return acc, m_new, l_i, bad
 
 
 @triton.jit
@@ -155,15 +219,22 @@ def _fwd_kernel(
     Q,
     K,
     V,
-    MASK,
     QBITS,
     KV_IDS,
+    FULL_CNT,
+    RUN_CNT,
+    RUN_START,
+    RUN_LEN,
+    RUN_POS,
+    PART_CNT,
+    PART_IDX,
     O_OUT,
     LSE_OUT,
     sm_scale,
     SQ,
     SKV,
     split_len,
+    num_splits,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -173,11 +244,12 @@ def _fwd_kernel(
     stride_vb,
     stride_vs,
     stride_vh,
-    stride_mb,
-    stride_mq,
     stride_bb,
     stride_bq,
     stride_ib,
+    stride_cb,
+    stride_xb,
+    stride_xt,
     # partial outputs [B * Hkv, splits, rows, D] / [B * Hkv, splits, rows] (fp32), or, with
     # DIRECT, the final O [B, Sq, Hq, D] and LSE [B, Sq, Hq]
     stride_ob,
@@ -194,7 +266,6 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,
     MASK_MODE: tl.constexpr,
     NUM_WORDS: tl.constexpr,
-    SKIP: tl.constexpr,
     DIRECT: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -212,29 +283,41 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    start = pid_s * split_len
-    end = tl.minimum(start + split_len, SKV)
-    for n0 in range(start, end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < end
-        visible, live = _visibility(
-            MASK, QBITS, KV_IDS, b, qi, cols, row_ok, col_ok,
-            stride_mb, stride_mq, stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, SKIP, False,
-        )  # fmt: skip
-        if live:
-            k = _load_keys(K, b, hk, cols, offs_d, stride_kb, stride_ks, stride_kh, col_ok, d_ok)
-            s = tl.where(visible, _mm(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_keys(V, b, hk, cols, offs_d, stride_vb, stride_vs, stride_vh, col_ok, d_ok)
-            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
-            m_i = m_new
+    bad = tl.zeros([BLOCK_M], dtype=tl.int1)
+    if MASK_MODE == 0:
+        start = pid_s * split_len
+        end = tl.minimum(start + split_len, SKV)
+        for n0 in range(start, end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            acc, m_i, l_i, bad = _fwd_tile(
+                acc, m_i, l_i, bad, q, K, V, QBITS, KV_IDS, b, hk, qi, row_ok, cols, cols < end, offs_d, d_ok,
+                qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, False, IEEE,
+            )  # fmt: skip
+    else:
+        lists = b * stride_xb + pid_m * stride_xt
+        lo, hi = _share(tl.load(FULL_CNT + b * stride_cb + pid_m), pid_s, num_splits)
+        for r in range(0, tl.load(RUN_CNT + b * stride_cb + pid_m)):
+            first, last = _run_span(RUN_START, RUN_LEN, RUN_POS, lists + r, lo, hi)
+            for n0 in range(first * BLOCK_N, last * BLOCK_N, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                acc, m_i, l_i, bad = _fwd_tile(
+                    acc, m_i, l_i, bad, q, K, V, QBITS, KV_IDS, b, hk, qi, row_ok, cols, cols < SKV, offs_d, d_ok,
+                    qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                    stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, False, IEEE,
+                )  # fmt: skip
+        lo, hi = _share(tl.load(PART_CNT + b * stride_cb + pid_m), pid_s, num_splits)
+        for i in range(lo, hi):
+            cols = tl.load(PART_IDX + lists + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc, m_i, l_i, bad = _fwd_tile(
+                acc, m_i, l_i, bad, q, K, V, QBITS, KV_IDS, b, hk, qi, row_ok, cols, cols < SKV, offs_d, d_ok,
+                qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, True, IEEE,
+            )  # fmt: skip
 
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    o = tl.where(bad[:, None], float("nan"), o)
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     if DIRECT:
         o_ptrs = O_OUT + b * stride_ob + qi[:, None] * stride_os + head[:, None] * stride_oh + offs_d[None, :]
@@ -304,6 +387,78 @@ def _combine_kernel(
 
 
 @triton.jit
+def _dkdv_tile(
+    dk,
+    dv,
+    k,
+    v,
+    Q,
+    DO,
+    LSE,
+    DELTA,
+    QBITS,
+    KV_IDS,
+    b,
+    hk,
+    m0,
+    SQ,
+    cols,
+    col_ok,
+    offs_d,
+    d_ok,
+    qk_scale,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_dob,
+    stride_dos,
+    stride_doh,
+    stride_lb,
+    stride_ls,
+    stride_lh,
+    stride_db,
+    stride_ds,
+    stride_dh,
+    stride_bb,
+    stride_bq,
+    stride_ib,
+    G: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    MASK_MODE: tl.constexpr,
+    NUM_WORDS: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One row tile's contribution to a key tile's ``dK``, ``dV``.
+
+    The tile is computed transposed ([keys, rows]) so that P^T and dS^T feed the dK/dV matmuls
+    straight from registers, with no transpose of a register tile.
+    """
+    _, row_ok, qi, head = _packed_rows(m0, SQ, hk, G, BLOCK_M)
+    if PARTIAL:
+        visible_t = _visibility(
+            QBITS, KV_IDS, b, qi, cols, row_ok, col_ok, stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, True
+        )
+    else:
+        visible_t = col_ok[:, None] & row_ok[None, :]
+    q_t = tl.load(
+        Q + b * stride_qb + qi[None, :] * stride_qs + head[None, :] * stride_qh + offs_d[:, None],
+        mask=row_ok[None, :] & d_ok[:, None],
+        other=0.0,
+    )
+    do = _load_rows(DO, b, qi, head, offs_d, stride_dob, stride_dos, stride_doh, row_ok, d_ok)
+    lse = _load_stat(LSE, b, qi, head, stride_lb, stride_ls, stride_lh, row_ok, float("-inf"))
+    delta = _load_stat(DELTA, b, qi, head, stride_db, stride_ds, stride_dh, row_ok, 0.0)
+    p_t = tl.where(visible_t, tl.exp2(_mm(k, q_t, IEEE) * qk_scale - _lse_log2(lse)[None, :]), 0.0)
+    dv += _mm(p_t.to(do.dtype), do, IEEE)
+    ds_t = p_t * (_mm(v, tl.trans(do), IEEE) - delta[None, :])
+    if PARTIAL:  # a hidden key's non-finite V must not become 0 * NaN
+        ds_t = tl.where(visible_t, ds_t, 0.0)
+    dk += _mm(ds_t.to(q_t.dtype), tl.trans(q_t), IEEE)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q,
     K,
@@ -311,9 +466,15 @@ def _bwd_dkdv_kernel(
     DO,
     LSE,
     DELTA,
-    MASK,
     QBITS,
     KV_IDS,
+    FULL_CNT,
+    RUN_CNT,
+    RUN_START,
+    RUN_LEN,
+    RUN_POS,
+    PART_CNT,
+    PART_IDX,
     DK,
     DV,
     sm_scale,
@@ -337,11 +498,12 @@ def _bwd_dkdv_kernel(
     stride_db,
     stride_ds,
     stride_dh,
-    stride_mb,
-    stride_mq,
     stride_bb,
     stride_bq,
     stride_ib,
+    stride_cb,
+    stride_xb,
+    stride_xt,
     stride_dkb,
     stride_dks,
     stride_dkh,
@@ -353,10 +515,9 @@ def _bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     MASK_MODE: tl.constexpr,
     NUM_WORDS: tl.constexpr,
-    SKIP: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """``dK``, ``dV`` of one key block: walk every packed query row, keep the sums in registers."""
+    """``dK``, ``dV`` of one key block: walk the packed query rows, keep the sums in registers."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -370,32 +531,89 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
-    for m0 in range(0, SQ * G, BLOCK_M):
-        _, row_ok, qi, head = _packed_rows(m0, SQ, hk, G, BLOCK_M)
-        # The tile is computed transposed ([keys, rows]) so that P^T and dS^T feed the dK/dV
-        # matmuls straight from registers, with no transpose of a register tile.
-        visible_t, live = _visibility(
-            MASK, QBITS, KV_IDS, b, qi, cols, row_ok, col_ok,
-            stride_mb, stride_mq, stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, SKIP, True,
-        )  # fmt: skip
-        if live:
-            q_t = tl.load(
-                Q + b * stride_qb + qi[None, :] * stride_qs + head[None, :] * stride_qh + offs_d[:, None],
-                mask=row_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )
-            do = _load_rows(DO, b, qi, head, offs_d, stride_dob, stride_dos, stride_doh, row_ok, d_ok)
-            lse = _load_stat(LSE, b, qi, head, stride_lb, stride_ls, stride_lh, row_ok, float("-inf"))
-            delta = _load_stat(DELTA, b, qi, head, stride_db, stride_ds, stride_dh, row_ok, 0.0)
-            lse2 = _lse_log2(lse)
-            p_t = tl.where(visible_t, tl.exp2(_mm(k, q_t, IEEE) * qk_scale - lse2[None, :]), 0.0)
-            dv += _mm(p_t.to(do.dtype), do, IEEE)
-            ds_t = p_t * (_mm(v, tl.trans(do), IEEE) - delta[None, :])
-            dk += _mm(ds_t.to(q_t.dtype), tl.trans(q_t), IEEE)
+    if MASK_MODE == 0:
+        for m0 in range(0, SQ * G, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, Q, DO, LSE, DELTA, QBITS, KV_IDS, b, hk, m0, SQ, cols, col_ok, offs_d, d_ok, qk_scale,
+                stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_lb, stride_ls, stride_lh,
+                stride_db, stride_ds, stride_dh, stride_bb, stride_bq, stride_ib,
+                G, BLOCK_M, MASK_MODE, NUM_WORDS, False, IEEE,
+            )  # fmt: skip
+    else:
+        lists = b * stride_xb + pid_n * stride_xt
+        for r in range(0, tl.load(RUN_CNT + b * stride_cb + pid_n)):
+            first = tl.load(RUN_START + lists + r)
+            for m0 in range(first * BLOCK_M, (first + tl.load(RUN_LEN + lists + r)) * BLOCK_M, BLOCK_M):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, Q, DO, LSE, DELTA, QBITS, KV_IDS, b, hk, m0, SQ, cols, col_ok, offs_d, d_ok,
+                    qk_scale, stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+                    stride_lb, stride_ls, stride_lh,
+                    stride_db, stride_ds, stride_dh, stride_bb, stride_bq, stride_ib,
+                    G, BLOCK_M, MASK_MODE, NUM_WORDS, False, IEEE,
+                )  # fmt: skip
+        for i in range(0, tl.load(PART_CNT + b * stride_cb + pid_n)):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, Q, DO, LSE, DELTA, QBITS, KV_IDS, b, hk, tl.load(PART_IDX + lists + i) * BLOCK_M, SQ,
+                cols, col_ok, offs_d, d_ok, qk_scale,
+                stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_lb, stride_ls, stride_lh,
+                stride_db, stride_ds, stride_dh, stride_bb, stride_bq, stride_ib,
+                G, BLOCK_M, MASK_MODE, NUM_WORDS, True, IEEE,
+            )  # fmt: skip
     out = b * stride_dkb + cols[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :]
     kv_mask = col_ok[:, None] & d_ok[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tile(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    K,
+    V,
+    QBITS,
+    KV_IDS,
+    b,
+    hk,
+    qi,
+    row_ok,
+    cols,
+    col_ok,
+    offs_d,
+    d_ok,
+    qk_scale,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bb,
+    stride_bq,
+    stride_ib,
+    MASK_MODE: tl.constexpr,
+    NUM_WORDS: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One key tile's contribution to a row tile's ``dQ``."""
+    if PARTIAL:
+        visible = _visibility(
+            QBITS, KV_IDS, b, qi, cols, row_ok, col_ok, stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, False
+        )
+    else:
+        visible = row_ok[:, None] & col_ok[None, :]
+    k = _load_keys(K, b, hk, cols, offs_d, stride_kb, stride_ks, stride_kh, col_ok, d_ok)
+    v = _load_keys(V, b, hk, cols, offs_d, stride_vb, stride_vs, stride_vh, col_ok, d_ok)
+    p = _probs(q, k, lse, visible, qk_scale, IEEE)
+    ds = p * (_mm(do, tl.trans(v), IEEE) - delta[:, None])
+    if PARTIAL:  # hidden keys: no 0 * NaN from their V (in dS) or their K (in the product)
+        ds = tl.where(visible, ds, 0.0)
+        k = tl.where(_finite(k), k, 0.0)
+    return dq + _mm(ds.to(k.dtype), k, IEEE)
 
 
 @triton.jit
@@ -406,14 +624,21 @@ def _bwd_dq_kernel(
     DO,
     LSE,
     DELTA,
-    MASK,
     QBITS,
     KV_IDS,
+    FULL_CNT,
+    RUN_CNT,
+    RUN_START,
+    RUN_LEN,
+    RUN_POS,
+    PART_CNT,
+    PART_IDX,
     DQ,
     sm_scale,
     SQ,
     SKV,
     split_len,
+    num_splits,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -432,11 +657,12 @@ def _bwd_dq_kernel(
     stride_db,
     stride_ds,
     stride_dh,
-    stride_mb,
-    stride_mq,
     stride_bb,
     stride_bq,
     stride_ib,
+    stride_cb,
+    stride_xb,
+    stride_xt,
     stride_dqb,
     stride_dqs,
     stride_dqh,
@@ -448,11 +674,10 @@ def _bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     MASK_MODE: tl.constexpr,
     NUM_WORDS: tl.constexpr,
-    SKIP: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """``dQ`` of one row block over one KV split (split-KV like the forward), summed in registers
-    and added once per program (relaxed fp32 atomics: one add per split, not per key tile)."""
+    """``dQ`` of one row block over one share of the keys (split-KV like the forward), summed in
+    registers and added once per program (relaxed fp32 atomics: one add per split, not per key tile)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -467,20 +692,35 @@ def _bwd_dq_kernel(
     delta = _load_stat(DELTA, b, qi, head, stride_db, stride_ds, stride_dh, row_ok, 0.0)
     qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    start = pid_s * split_len
-    end = tl.minimum(start + split_len, SKV)
-    for n0 in range(start, end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < end
-        visible, live = _visibility(
-            MASK, QBITS, KV_IDS, b, qi, cols, row_ok, col_ok,
-            stride_mb, stride_mq, stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, SKIP, False,
-        )  # fmt: skip
-        if live:
-            k = _load_keys(K, b, hk, cols, offs_d, stride_kb, stride_ks, stride_kh, col_ok, d_ok)
-            v = _load_keys(V, b, hk, cols, offs_d, stride_vb, stride_vs, stride_vh, col_ok, d_ok)
-            p = _probs(q, k, lse, visible, qk_scale, IEEE)
-            ds = p * (_mm(do, tl.trans(v), IEEE) - delta[:, None])
-            dq += _mm(ds.to(k.dtype), k, IEEE)
+    if MASK_MODE == 0:
+        start = pid_s * split_len
+        end = tl.minimum(start + split_len, SKV)
+        for n0 in range(start, end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            dq = _dq_tile(
+                dq, q, do, lse, delta, K, V, QBITS, KV_IDS, b, hk, qi, row_ok, cols, cols < end, offs_d, d_ok,
+                qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, False, IEEE,
+            )  # fmt: skip
+    else:
+        lists = b * stride_xb + pid_m * stride_xt
+        lo, hi = _share(tl.load(FULL_CNT + b * stride_cb + pid_m), pid_s, num_splits)
+        for r in range(0, tl.load(RUN_CNT + b * stride_cb + pid_m)):
+            first, last = _run_span(RUN_START, RUN_LEN, RUN_POS, lists + r, lo, hi)
+            for n0 in range(first * BLOCK_N, last * BLOCK_N, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                dq = _dq_tile(
+                    dq, q, do, lse, delta, K, V, QBITS, KV_IDS, b, hk, qi, row_ok, cols, cols < SKV, offs_d, d_ok,
+                    qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                    stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, False, IEEE,
+                )  # fmt: skip
+        lo, hi = _share(tl.load(PART_CNT + b * stride_cb + pid_m), pid_s, num_splits)
+        for i in range(lo, hi):
+            cols = tl.load(PART_IDX + lists + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            dq = _dq_tile(
+                dq, q, do, lse, delta, K, V, QBITS, KV_IDS, b, hk, qi, row_ok, cols, cols < SKV, offs_d, d_ok,
+                qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, True, IEEE,
+            )  # fmt: skip
     dq_ptrs = DQ + b * stride_dqb + qi[:, None] * stride_dqs + head[:, None] * stride_dqh + offs_d[None, :]
     tl.atomic_add(dq_ptrs, dq * sm_scale, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
