@@ -61,8 +61,8 @@ class TorchReferenceBackend(BlockAttentionBackend):
         else:
             p = torch.where(visible[:, None, None], p, 0.0)
             o = torch.einsum("bhgqk,bkhd->bqhgd", p, _sanitised(v, s.dtype))
-            # rows that see a non-finite value must not look finite
-            sees_bad = torch.einsum("bqk,bkh->bqh", visible.to(s.dtype), (~_finite_rows(v)).to(s.dtype)) > 0
+            # rows that see a non-finite value must not look finite (a boolean reduction, no matmul)
+            sees_bad = (visible.unsqueeze(-1) & ~_finite_rows(v).unsqueeze(1)).any(2)
             o = o.masked_fill(sees_bad[..., None, None], float("nan"))
         return o.reshape(b, sq, hq, d), lse.permute(0, 3, 1, 2).reshape(b, sq, hq)
 
