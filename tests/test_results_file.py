@@ -132,3 +132,10 @@ def test_missing_or_unreadable_git_state_is_unknown_not_an_error(tmp_path, no_gi
 )
 def test_device_slug_names_results_files(name, slug):
     assert results_file.device_slug(name) == slug
+
+
+def test_a_given_source_commit_overrides_the_copy_s_own_git(monkeypatch, tmp_path):
+    """A copied tree's .git can be stale; the commit the copier names wins, and dirtiness is unknown."""
+    monkeypatch.setenv(results_file.SOURCE_COMMIT_ENV, "a" * 40)
+    state = results_file.git_state(tmp_path)
+    assert state == {"commit": "a" * 40, "dirty": "unknown", "changed": "unknown", "source": "$LVX_SOURCE_COMMIT"}

@@ -64,7 +64,7 @@ def make_table(results: dict, source: str, variant: str = "auto") -> dict:
     table_meta.update(
         benchmark_command=meta.get("command"),
         source=source,
-        source_git_commit=meta.get("git_commit"),
+        source_git_commit=(meta.get("git") or {}).get("commit"),
         variant=variant,
         none_rows=f"variant {variant!r}, mask 'none'",
         image_rows=image_rows,

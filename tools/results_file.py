@@ -93,12 +93,24 @@ def commit_from_files(repo: Path) -> str:
     return "unknown"
 
 
+# The commit of the tree being measured, given by whoever copied the tree to the machine: the GPU
+# machine's copy can carry a stale ``.git`` (seen: the session's starting commit, with every later
+# change "dirty"), so its own git state would name the wrong code.
+SOURCE_COMMIT_ENV = "LVX_SOURCE_COMMIT"
+
+
 def git_state(repo: Path = REPO) -> dict:
     """``commit``, ``dirty`` and the ``changed`` paths (untracked ones included) of ``repo``.
+
+    With ``$LVX_SOURCE_COMMIT`` set the commit is that one (``source`` says so), and whether the
+    copy differs from it is "unknown": set it to ``git rev-parse HEAD`` of a clean tree.
 
     Without a working git (not installed, or no repository) the commit is read from the files of
     ``.git`` and ``dirty`` is "unknown": telling changed files from committed ones needs git.
     """
+    given = os.environ.get(SOURCE_COMMIT_ENV)
+    if given:
+        return {"commit": given, "dirty": "unknown", "changed": "unknown", "source": f"${SOURCE_COMMIT_ENV}"}
     try:
         status = _git(repo, "status", "--porcelain=v1", "--untracked-files=normal")
     except (OSError, subprocess.SubprocessError):
