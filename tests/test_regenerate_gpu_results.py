@@ -91,3 +91,14 @@ def test_a_stage_that_runs_too_long_is_stopped_with_the_processes_it_started(tmp
     with pytest.raises(regen.StageError, match="timed out"):
         ctx.run([sys.executable, "-c", code])
     assert time.monotonic() - began < 60
+
+
+def test_a_stopped_stage_is_interrupted_first_so_pytest_can_still_write_its_report(tmp_path):
+    args = regen.parse_args([str(tmp_path), "--only", "check"])
+    ctx = regen.Context(args, [], "cpu", dict(os.environ))
+    ctx.stage, ctx.deadline = "check", time.monotonic() + 2
+    marker = tmp_path / "interrupted"
+    code = f"import time\ntry:\n    time.sleep(300)\nexcept KeyboardInterrupt:\n    open({str(marker)!r}, 'w').close()"
+    with pytest.raises(regen.StageError, match="timed out"):
+        ctx.run([sys.executable, "-c", code])
+    assert marker.is_file()

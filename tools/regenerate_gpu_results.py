@@ -118,16 +118,20 @@ class Context:
 
 
 def stop_session(proc: subprocess.Popen) -> None:
-    """SIGTERM the command's session (its process group), then SIGKILL whatever of it is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    """SIGINT the command's session (its process group), then SIGTERM, then SIGKILL what is left.
+
+    SIGINT first: pytest then still writes its junit report of the tests that finished (and a
+    Python tool its partial output), which SIGTERM would lose.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:  # the whole group has ended
             return
-        with contextlib.suppress(subprocess.TimeoutExpired):  # then SIGKILL
+        with contextlib.suppress(subprocess.TimeoutExpired):  # then the next signal
             proc.wait(timeout=10)
-        if sig == signal.SIGTERM:
-            time.sleep(1)  # the command's own children may still be handling the SIGTERM
+        if sig != signal.SIGKILL:
+            time.sleep(1)  # the command's own children may still be handling the signal
 
 
 def junit_counts(path: Path) -> tuple[dict[str, int], list[dict]]:

@@ -211,18 +211,23 @@ def block_shapes(data: dict) -> dict[tuple, list[dict]]:
     return shapes
 
 
-def column_value(rows: list[dict], column: Column, metric: str) -> tuple[float, str] | None:
-    """(TFLOP/s, variant) of the fastest matching row for ``metric`` (fwd or fwd_bwd); None if none."""
+def column_value(rows: list[dict], column: Column, metric: str, quantity: str = "tflops") -> tuple[float, str] | None:
+    """(value, variant) of the fastest matching row for ``metric`` (fwd or fwd_bwd): its TFLOP/s, or
+    with ``quantity="ms"`` its time; None if none."""
     found = [r for r in rows if r["variant"] in column.variants and r.get("mask", "none") == column.mask]
     if not found:
         return None
     best = max(found, key=lambda r: r[f"{metric}_tflops"])
-    return best[f"{metric}_tflops"], best["variant"]
+    return best[f"{metric}_{quantity}"], best["variant"]
 
 
 def _column(name: str) -> Column:
+    """A column of BLOCK_COLUMNS, or ``variant@mask``: one variant of the benchmark on one mask."""
+    if "@" in name:
+        variant, mask = name.split("@", 1)
+        return Column(name, (variant,), mask=mask)
     if name not in BLOCK_COLUMNS:
-        raise RenderError(f"no block column {name!r} (BLOCK_COLUMNS has {', '.join(BLOCK_COLUMNS)})")
+        raise RenderError(f"no block column {name!r} (BLOCK_COLUMNS has {', '.join(BLOCK_COLUMNS)}, or variant@mask)")
     return BLOCK_COLUMNS[name]
 
 
@@ -279,19 +284,23 @@ def shape_filter(where: str | None) -> Callable[[tuple], bool]:
 def render_block_span(p: Params) -> str:
     """A column's rate (``of``; over column ``over``: their ratio) across the shapes ``where`` selects.
 
-    ``metric`` fwd or fwd_bwd; ``stat`` range (``lo{sep}hi``), min, max, or one (exactly one
+    Columns are names of BLOCK_COLUMNS or ``variant@mask``; ``quantity=ms`` takes times instead of
+    rates; ``metric`` fwd or fwd_bwd; ``stat`` range (``lo{sep}hi``), min, max, or one (exactly one
     shape); ``overhead=yes`` subtracts 1 (a ratio as an overhead); ``fmt`` and ``suffix`` format each
     number.
     """
     shapes = block_shapes(p.file())
     metric, of, over = p.get("metric", "fwd_bwd"), _column(p.require("of")), p.get("over")
+    quantity = p.get("quantity", "tflops")
+    if quantity not in ("tflops", "ms"):
+        raise RenderError(f"quantity must be tflops or ms, got {quantity!r}")
     keep = shape_filter(p.get("where"))
     values = []
     for shape, rows in shapes.items():
         if not keep(shape):
             continue
-        num = column_value(rows, of, metric)
-        den = column_value(rows, _column(over), metric) if over else (1.0, "")
+        num = column_value(rows, of, metric, quantity)
+        den = column_value(rows, _column(over), metric, quantity) if over else (1.0, "")
         if num is None or den is None:
             raise RenderError(f"shape {shape}: no row for column {p.get('of')!r} or {over!r}")
         values.append(num[0] / den[0] - (1.0 if p.get("overhead") == "yes" else 0.0))
@@ -304,6 +313,53 @@ def render_block_span(p: Params) -> str:
     if stat == "one" and len(values) != 1:
         raise RenderError(f"stat=one: where={p.get('where')!r} selects {len(values)} shapes")
     return show({"min": min, "max": max, "one": min}[stat](values))
+
+
+MASK_TABLE_VARIANTS = ("triton", "fused", "op", "flex")  # forward+backward beside auto's fwd / f+b
+
+
+@renderer("mask_table")
+def render_mask_table(p: Params) -> str:
+    """Per shape and mask of ``file`` (tools/bench_block_attention.py with ``mask`` rows): the share
+    of visible work, ``auto``'s forward / forward+backward TFLOP/s, the other variants'
+    forward+backward, and ``auto`` over unmasked ``auto``, the op over ``auto``, ``auto`` over FlexAttention."""
+    headers = [
+        "Hq/Hkv",
+        "Sq",
+        "Skv",
+        "mask",
+        "visible",
+        "auto",
+        *MASK_TABLE_VARIANTS,
+        "/ unmasked",
+        "op / auto",
+        "/ flex",
+    ]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    masks = list(dict.fromkeys(r["mask"] for r in p.file()["results"] if "mask" in r))
+    if not masks:
+        raise RenderError("the file has no rows with a mask field (an old-format benchmark)")
+    for shape, rows in block_shapes(p.file()).items():
+        hq, hkv, _, sq, skv = shape
+        unmasked = column_value(rows, _column("auto@none"), "fwd_bwd")
+        for mask in masks:
+            value = lambda variant, metric="fwd_bwd", rows=rows, mask=mask: column_value(
+                rows, _column(f"{variant}@{mask}"), metric
+            )
+            auto, auto_fwd = value("auto"), value("auto", "fwd")
+            if auto is None:
+                continue
+            visible = next(r["visible"] for r in rows if r.get("mask") == mask)
+            ratio = lambda num, den: f"{num[0] / den[0]:.2f}" if num and den else "-"
+            cells = [f"{hq}/{hkv}", str(sq), _kilo(skv), mask, f"{visible:.0%}", f"{auto_fwd[0]:.0f} / {auto[0]:.0f}"]
+            cells += [f"{v[0]:.0f}" if (v := value(variant)) else "-" for variant in MASK_TABLE_VARIANTS]
+            cells += [
+                ratio(auto, unmasked) if mask != "none" else "1",
+                ratio(value("op"), auto),
+                ratio(auto, value("flex")),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 @renderer("block_grid")
