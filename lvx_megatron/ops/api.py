@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backends import BlockAttentionBackend, get_backend
-from .groups import HierarchicalGroups, check_hierarchical_groups
+from .groups import HierarchicalGroups, check_hierarchical_groups, rank_and_size
 from .head_chunks import head_chunk_count
 from .hierarchical import hierarchical_backward, hierarchical_forward
 from .kv_allgather import kv_allgather_backward, kv_allgather_forward
@@ -168,11 +168,7 @@ def prepare_call(
         group = groups.parent  # the flat, node-major group: shard layout, and other strategies run on it
     if softmax_scale is not None and not softmax_scale > 0:
         raise ValueError(f"softmax_scale must be a positive number, got {softmax_scale}")
-    distributed = dist.is_available() and dist.is_initialized()
-    if group is not None and not distributed:
-        raise ValueError("group was given but torch.distributed is not initialised")
-    world_size = dist.get_world_size(group) if distributed else 1
-    rank = dist.get_rank(group) if distributed else 0
+    distributed, rank, world_size = rank_and_size(group)
     if groups is not None:
         check_hierarchical_groups(groups, rank, world_size)
     if mask_plan is not None and (q_image_mask is not None or kv_image_ids is not None):

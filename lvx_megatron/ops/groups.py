@@ -11,6 +11,18 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 
+def rank_and_size(group: dist.ProcessGroup | None) -> tuple[bool, int, int]:
+    """``(distributed, rank, world_size)`` of this process in ``group`` (None: the default group
+    when ``torch.distributed`` is initialised, else one process); a ``group`` without
+    ``torch.distributed`` initialised is a ValueError."""
+    distributed = dist.is_available() and dist.is_initialized()
+    if group is not None and not distributed:
+        raise ValueError("group was given but torch.distributed is not initialised")
+    if not distributed:
+        return False, 0, 1
+    return True, dist.get_rank(group), dist.get_world_size(group)
+
+
 @dataclass(frozen=True)
 class HierarchicalGroups:
     """This rank's inner (same node) and outer (same local index, across nodes) groups.

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .collectives import all_gather_rows
+from .groups import rank_and_size
 from .layout import ShardLayout
 from .masks import BlockMask
 
@@ -115,11 +116,7 @@ class MaskPlan:
             num_queries = q_image_mask.shape[1]
         elif num_queries is None or num_queries < 0:
             raise ValueError(f"num_queries (this rank's text length) is needed without q_image_mask, got {num_queries}")
-        distributed = dist.is_available() and dist.is_initialized()
-        if group is not None and not distributed:
-            raise ValueError("group was given but torch.distributed is not initialised")
-        world_size = dist.get_world_size(group) if distributed else 1
-        rank = dist.get_rank(group) if distributed else 0
+        _, rank, world_size = rank_and_size(group)
         if kv_image_ids.numel():
             lo, hi = torch.aminmax(kv_image_ids)
             lo, hi = int(lo), int(hi)  # with the exchange below: the one host sync

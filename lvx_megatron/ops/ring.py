@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .comm_stats import record_sent
+from .groups import rank_and_size
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,7 @@ class Ring:
 
     def __init__(self, group: dist.ProcessGroup | None, device: torch.device) -> None:
         self.group = group
-        if dist.is_available() and dist.is_initialized():
-            self.rank = dist.get_rank(group)
-            self.world_size = dist.get_world_size(group)
-        else:
-            if group is not None:
-                raise ValueError("group was given but torch.distributed is not initialised")
-            self.rank, self.world_size = 0, 1
+        _, self.rank, self.world_size = rank_and_size(group)
         self.device = device
         if self.world_size > 1:
             self.next_rank = dist.get_global_rank(group or dist.group.WORLD, (self.rank + 1) % self.world_size)
