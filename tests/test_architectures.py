@@ -211,3 +211,45 @@ def test_every_n_layers_gives_openflamingo_its_block_layers():
     nine_b = load_config(CONFIGS / "openflamingo-9b.yaml")
     assert nine_b.model.text.cross_attention_layers == [3, 7, 11, 15, 19, 23, 27, 31]
     assert load_config(CONFIGS / "openflamingo-3b.yaml").model.text.cross_attention_layers == list(range(24))
+
+
+def plans_per_forward(rank: int, world_size: int) -> dict:
+    """Worker: per architecture, how many mask plans one micro-batch's forward+backward builds, and
+    whether every cross-attention call got the plan (the same object each time)."""
+    from lvx_megatron.core import ContextParallelCrossAttention
+    from lvx_megatron.core.cpu_compat import enable_cpu_compat
+    from lvx_megatron.ops.mask_plan import MaskPlan
+    from lvx_megatron.training.setup import build_model, init_model_parallel
+
+    enable_cpu_compat()
+    built, seen = [], []
+    build, forward = MaskPlan.build.__func__, ContextParallelCrossAttention.forward
+
+    def counting_build(cls, *args, **kwargs):
+        built.append(build(cls, *args, **kwargs))
+        return built[-1]
+
+    def recording_forward(self, hidden_states, context, context_mask=None):
+        seen.append(None if context_mask is None else context_mask.plan)
+        return forward(self, hidden_states, context, context_mask)
+
+    MaskPlan.build = classmethod(counting_build)
+    ContextParallelCrossAttention.forward = recording_forward
+    out = {}
+    for arch, config in MODEL_ARCHITECTURES.items():
+        built.clear()
+        seen.clear()
+        cfg = load_config(config, {"parallel.context_parallel_size": 1})
+        pg = init_model_parallel(cfg)
+        _, model = build_model(cfg, vocab_size=29, pg=pg, device=torch.device("cpu"))
+        _pipeline_loss(model, _batch())
+        out[arch] = (len(built), len(seen), all(plan is built[0] for plan in seen))
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
+    return out
+
+
+def test_every_model_builds_one_mask_plan_per_micro_batch_for_all_its_layers():
+    for arch, (plans, calls, same) in spawn_gloo(1, plans_per_forward)[0].items():
+        assert plans == 1 and calls >= 2 and same, (arch, plans, calls, same)
