@@ -3,7 +3,7 @@
 A region names a renderer and its parameters; what lies between the markers is the renderer's
 output, so every measured number in the docs is traceable to a file and checked against it:
 
-    text <!-- results: value file=train_1b_h100.json key=summary.step_s fmt=.3g -->2.29<!-- /results --> s
+    text <!-- results: value file=train_1b_h200.json key=summary.step_s fmt=.3g -->2.25<!-- /results --> s
     <!-- results: block_table file=block_attention_h100.json -->
     | Hq/Hkv | ... (a table: the start marker ends its line, the end marker starts one)
     <!-- /results -->
