@@ -1,6 +1,5 @@
 """Data pipeline: synthetic video QA, tokenizers, Mllama tiling/masks vs HF, collate, shards, sampler, tools."""
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -35,13 +34,9 @@ from lvx_megatron.data import (
 from lvx_megatron.data.tiling import IMAGE_MEAN, IMAGE_STD, optimal_canvas
 from lvx_megatron.data.video_qa import (
     COLORS,
-    MOTIONS,
+    COUNTS,
     QUESTION_TYPES,
-    SHAPES,
-    centroid_extents,
-    color_centroid,
-    displacement,
-    motion_from_centroids,
+    chance_by_type,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,126 +72,106 @@ def test_answers_balanced_and_chance_accuracy():
         assert set(counts) == set(answers)
         for a in answers:  # uniform within the type
             assert abs(counts[a] / by_type[qtype] - 1 / len(answers)) < 0.06, (qtype, counts)
+        assert chance_by_type()[qtype] == pytest.approx(1 / len(answers))
         # The best frame-blind guess per type: its most frequent answer.
         empirical_chance += counts.most_common(1)[0][1] / 3000
-    assert chance_accuracy() == pytest.approx(0.5 / 4 + 0.3 / 3 + 0.2 / 2) == pytest.approx(0.325)
+    assert chance_accuracy() == pytest.approx((1 / 4 + 1 / 5 + 1 / 2) / 3)
     assert abs(empirical_chance - chance_accuracy()) < 0.03
-    # Questions carry no hint: same question text occurs with every answer of its type.
-    q_answers: dict[str, set] = {}
+    # Questions carry no hint: a question text occurs with every answer of its type.
+    q_answers: dict[str, Counter] = {}
     for p in plans:
-        q_answers.setdefault(p.question, set()).add(p.answer)
-    assert q_answers["which shape moves?"] == set(SHAPES)
-    assert all(len(v) == 4 for q, v in q_answers.items() if q.startswith("how does")), q_answers
+        q_answers.setdefault(p.question, Counter())[p.answer] += 1
+    assert set(q_answers["which colour is in the most frames?"]) == set(COLORS)
+    frequent = [(q, a) for q, a in q_answers.items() if sum(a.values()) >= 20 and not q.startswith("which")]
+    assert len(frequent) >= 15
+    for q, answers in frequent:
+        assert set(answers) == set(COUNTS if q.startswith("in how") else ("yes", "no")), (q, answers)
 
 
-def _centroids(frames, color):
-    return [c for c in (color_centroid(f, color) for f in frames) if c is not None]
+def _colours_in(frame):
+    """Colours (names) that appear in one uint8 [P, P, 3] frame."""
+    return {c for c, rgb in COLORS.items() if np.all(frame == np.array(rgb, dtype=np.uint8), axis=-1).any()}
 
 
-def test_motion_needs_frame_set_not_order():
-    g = _gen(300, frames=8, size=32)
+def _asked_colour(question):
+    return next(w for w in question.replace("?", " ").split() if w in COLORS)
+
+
+def _shown(frames, color):
+    """Frames (indices) in which ``color`` appears."""
+    return {t for t, f in enumerate(frames) if color in _colours_in(f)}
+
+
+@pytest.mark.parametrize("num_frames", [8, 4, 6])
+def test_answers_need_the_set_of_frames_not_their_order(num_frames):
+    """Each answer is recomputable from the frames in any order: the count of frames showing the
+    target, the colour shown in the most frames (by a quarter of them), whether the colour asked about
+    is in any frame."""
+    g = _gen(240, frames=num_frames, size=32)
     rng = np.random.default_rng(0)
-    checked = 0
-    for i in range(300):
+    checked = Counter()
+    for i in range(240):
         plan = g.plan(i)
-        if plan.qtype != "motion":
-            continue
-        frames = g.render(plan)
-        color = plan.question.split()[3]
-        cents = _centroids(frames, color)
-        assert len(cents) == g.num_frames  # the target is drawn last: never occluded
-        # Recomputable from the target's centroids over all frames, in any order ...
-        assert motion_from_centroids(cents) == plan.answer
-        shuffled = frames[rng.permutation(len(frames))]
-        assert motion_from_centroids(_centroids(shuffled, color)) == plan.answer
-        if plan.answer != "still":  # strong motion
-            assert max(centroid_extents(cents)) >= 0.4 * g.frame_size
-        # ... but not from one: a single frame gives one centroid, whose extents are (0, 0).
-        assert motion_from_centroids(cents[:1]) == "still"
-        checked += 1
-    assert checked > 120
+        frames = g.render(plan)[rng.permutation(num_frames)]  # order never matters
+        words = plan.question.split()
+        if plan.qtype == "count":
+            assert len(_shown(frames, words[6])) == g.count_frames(plan.answer)
+        else:
+            shown = {tr.color: len(_shown(frames, tr.color)) for tr in plan.tracks}
+            gap = max(1, num_frames // 4)
+            if plan.qtype == "most":
+                ranked = sorted(shown.values())
+                assert max(shown, key=shown.get) == plan.answer and ranked[-1] - ranked[-2] >= gap
+            else:
+                assert shown.get(_asked_colour(plan.question), 0) == (1 if plan.answer == "yes" else 0)
+            assert len(shown) == 3 and min(shown.values()) >= 1  # three objects either way
+        checked[plan.qtype] += 1
+    assert min(checked.values()) > 50, checked
 
 
-def test_motion_single_frame_position_is_uninformative():
-    """The best frame-blind-plus-one-frame guess: a lookup from (shape, 8x8-patch cell of the target in one
-    random frame) to the most frequent answer, fit on 6000 plans and scored on 3000 others, stays at chance."""
-    g = _gen(9000, frames=8, size=32)
+def test_counts_are_distinct_for_every_frame_count():
+    for frames in (4, 5, 6, 8, 32):
+        counts = [VideoQAGenerator(1, num_frames=frames).count_frames(a) for a in COUNTS]
+        assert counts == sorted(set(counts)) and counts[-1] == frames, (frames, counts)
+
+
+def test_one_frame_does_not_tell_which_colour_is_in_the_most_frames():
+    """The best one-frame answer to ``most`` (one of the colours that frame shows, at random) is right
+    far less often than all frames are (always)."""
+    g = _gen(3000, frames=8, size=32)
     rng = np.random.default_rng(1)
-    rows = []
-    for i in range(9000):
+    right = []
+    for i in range(3000):
         plan = g.plan(i)
-        if plan.qtype != "motion":
+        if plan.qtype != "most":
             continue
-        cx, cy = plan.tracks[-1].center(int(rng.integers(g.num_frames)))
-        rows.append((i < 6000, (plan.tracks[-1].shape, int(cx // 8), int(cy // 8)), plan.answer))
-    table: dict = {}
-    for fit, key, ans in rows:
-        if fit:
-            table.setdefault(key, Counter())[ans] += 1
-    test = [(key, ans) for fit, key, ans in rows if not fit]
-    acc = sum(key in table and table[key].most_common(1)[0][0] == ans for key, ans in test) / len(test)
-    assert len(test) > 1000 and acc < 0.25 + 0.06, acc
+        t = int(rng.integers(g.num_frames))
+        in_frame = [tr.color for tr in plan.tracks if t in tr.shown]
+        right.append(bool(in_frame) and str(rng.choice(in_frame)) == plan.answer)
+    assert len(right) > 800 and np.mean(right) < 0.6, np.mean(right)
 
 
-def _occluded(g, plan):
-    """Whether any object is partly hidden in some frame (its pixels differ from it drawn alone)."""
-    frames = g.render(plan)
-    for tr in plan.tracks:
-        alone = g.render(dataclasses.replace(plan, tracks=(tr,)))
-        color = np.array(COLORS[tr.color], np.uint8)
-        if not np.array_equal(np.all(frames == color, -1), np.all(alone == color, -1)):
-            return True
-    return False
-
-
-def test_moving_and_speed_recomputable_from_frames():
-    g = _gen(300, frames=8, size=32)
-    rng = np.random.default_rng(2)
-    n_speed = n_moving = 0
-    on_top = Counter()
-    for i in range(300):
+def test_one_frame_does_not_tell_whether_a_colour_is_seen():
+    """The best one-frame answer to ``seen`` ("yes" if that frame shows the colour) is right for every
+    "no" but only for 1 in F of the "yes" samples: 0.5 + 0.5 / F, far below what all frames give (1.0)."""
+    g = _gen(3000, frames=4, size=32)
+    rng = np.random.default_rng(1)
+    right = []
+    for i in range(3000):
         plan = g.plan(i)
-        if plan.qtype == "moving":
-            frames = g.render(plan)[rng.permutation(g.num_frames)]  # frame order does not matter
-            assert len({tr.shape for tr in plan.tracks}) == len(plan.tracks) in (2, 3)  # distinct shapes
-            on_top[plan.tracks[-1].shape == plan.answer] += 1
-            if _occluded(g, plan):  # centroids of partly hidden shapes are unreliable
-                continue
-            extent = {tr.shape: max(centroid_extents(_centroids(frames, tr.color))) for tr in plan.tracks}
-            assert max(extent, key=extent.get) == plan.answer
-            assert extent[plan.answer] >= 0.4 * g.frame_size
-            assert sorted(extent.values())[-2] == 0.0  # the others are static
-            n_moving += 1
-        elif plan.qtype == "speed":
-            frames = g.render(plan)
-            words = plan.question.split()
-            c1, c2 = words[2], words[10]
-            pix = [np.all(frames == np.array(COLORS[c], np.uint8), -1).sum((1, 2)) for c in (c1, c2)]
-            if any(min(p[0], p[-1]) < 0.8 * p.max() for p in pix):  # occluded at either end: centroid unreliable
-                continue
-            d1 = displacement(color_centroid(frames[0], c1), color_centroid(frames[-1], c1))
-            d2 = displacement(color_centroid(frames[0], c2), color_centroid(frames[-1], c2))
-            assert ("faster" if d1 > d2 else "slower") == plan.answer
-            n_speed += 1
-    assert n_speed > 20 and n_moving > 15
-    # The mover is not always drawn on top (that would give it away in a single frame where shapes overlap).
-    assert on_top[True] > 10 and on_top[False] > 10
-
-
-def test_few_frames_still_work():
-    g = _gen(60, frames=3, size=32)
-    for i in range(60):
-        plan = g.plan(i)
-        if plan.qtype == "motion":
-            cents = _centroids(g.render(plan), plan.question.split()[3])
-            assert motion_from_centroids(cents) == plan.answer
+        if plan.qtype != "seen":
+            continue
+        t = int(rng.integers(g.num_frames))
+        in_frame = any(tr.color == _asked_colour(plan.question) and t in tr.shown for tr in plan.tracks)
+        right.append(("yes" if in_frame else "no") == plan.answer)
+    assert len(right) > 800 and abs(np.mean(right) - (0.5 + 0.5 / 4)) < 0.05, np.mean(right)
 
 
 def test_generator_errors_name_field():
     with pytest.raises(ValueError, match="split"):
         VideoQAGenerator(4, split="test")
     with pytest.raises(ValueError, match="num_frames"):
-        VideoQAGenerator(4, num_frames=2)
+        VideoQAGenerator(4, num_frames=3)
 
 
 # --- tokenizers ----------------------------------------------------------------------------------------------
@@ -212,7 +187,7 @@ def test_word_tokenizer_roundtrip_and_oov():
     assert len({tok.pad_id, tok.bos_id, tok.eos_id, tok.image_id}) == 4
     assert tok.encode("<|image|>which") == [tok.image_id, tok.stoi["which"]]
     with pytest.raises(ValueError, match="'purple'"):
-        tok.encode("how does the purple square move?")
+        tok.encode("in how many frames is the purple square?")
 
 
 def test_byte_tokenizer_roundtrip():
@@ -340,8 +315,13 @@ def test_collate_contract():
         "aspect_ratio_mask": ((B, N, T), torch.int64),
         "cross_attention_mask": ((B, S, N, T), torch.int64),
         "image_positions": ((B, N), torch.int64),
+        "question_type": ((B,), torch.int64),
     }
     assert {k: (tuple(v.shape), v.dtype) for k, v in b.items()} == expect
+    assert b["question_type"].tolist() == [-1] * B  # no question_types given
+    labelled = [{**s, "qtype": t} for s, t in zip(samples, ("seen", "count", "unlisted"), strict=True)]
+    typed = collate(labelled, tok, 24, 5, 4, 16, question_types=("count", "seen"))
+    assert typed["question_type"].tolist() == [1, 0, -1]
     for i, s in enumerate(samples):
         f = len(s["frames"])
         q, a = tok.encode(s["question"]), tok.encode(s["answer"])
@@ -402,7 +382,8 @@ def test_write_shards_roundtrip(tmp_path, capsys):
     for i in (22, 0, 13, 9, 10):  # random access, any order
         a, b = ds[i], g[i]
         assert np.array_equal(a["frames"], b["frames"]) and a["frames"].dtype == np.uint8
-        assert (a["question"], a["answer"]) == (b["question"], b["answer"])
+        assert (a["question"], a["answer"], a["qtype"]) == (b["question"], b["answer"], b["qtype"])
+    assert ds.question_types == index["question_types"] == sorted({g.plan(i).qtype for i in range(23)})
     # Same layout read by webdataset itself.
     import webdataset as wds
 
@@ -504,4 +485,4 @@ def test_sampler_errors_name_fields():
 
 
 def test_question_types_cover_all():
-    assert set(MOTIONS) == set(QUESTION_TYPES["motion"][1]) and set(SHAPES) == set(QUESTION_TYPES["moving"][1])
+    assert set(COUNTS) == set(QUESTION_TYPES["count"][1]) and set(COLORS) == set(QUESTION_TYPES["most"][1])

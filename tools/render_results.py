@@ -546,6 +546,35 @@ def render_simulator_output(p: Params) -> str:
     return "```\n" + wrap_command(data["meta"]["command"]) + "\n" + "\n".join(data["report"]) + "\n```"
 
 
+# --- the demo over seeds (tools/demo_seeds.py) --------------------------------------------------------
+
+
+@renderer("demo_seeds")
+def render_demo_seeds(p: Params) -> str:
+    """Per seed: final held-out accuracy per question type and averaged, with the frames blanked, wall time
+    and step-time spread; a chance row first."""
+    data = p.file()
+    qtypes = list(data["chance"]["per_type"])
+    lines = [
+        "| seed | " + " | ".join(f"`{t}`" for t in qtypes)
+        + " | average | frames blanked | wall time | step s (median, p10-p90) |",
+        "|---" * (len(qtypes) + 5) + "|",
+        "| chance | " + " | ".join(f"{data['chance']['per_type'][t]:.2f}" for t in qtypes)
+        + f" | {data['chance']['accuracy']:.3f} | | | |",
+    ]  # fmt: skip
+    for run in data["runs"]:
+        missing = [t for t in qtypes if t not in run["per_type"]]
+        if missing:
+            raise RenderError(f"seed {run['seed']}: no accuracy for {', '.join(missing)}")
+        step, wall = run["step_s"], run["wall_s"]
+        lines.append(
+            f"| {run['seed']} | " + " | ".join(f"{run['per_type'][t]['accuracy']:.2f}" for t in qtypes)
+            + f" | **{run['accuracy']:.3f}** | {run['novision_accuracy']:.3f} | {int(wall // 60)} min {wall % 60:.0f} s"
+            + f" | {step['median']:.3f} ({step['p10']:.3f}-{step['p90']:.3f}) |"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
 # --- documents --------------------------------------------------------------------------------------
 
 

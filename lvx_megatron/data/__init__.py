@@ -15,7 +15,7 @@ from lvx_megatron.data.tiling import (
     tile_images,
 )
 from lvx_megatron.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, WordTokenizer, build_tokenizer
-from lvx_megatron.data.video_qa import VideoQAGenerator, answer_distribution, chance_accuracy, vocabulary
+from lvx_megatron.data.video_qa import VideoQAGenerator, chance_accuracy, vocabulary
 
 __all__ = [
     "IMAGE_MEAN",
@@ -28,7 +28,6 @@ __all__ = [
     "VideoQAGenerator",
     "WordTokenizer",
     "answer_accuracy",
-    "answer_distribution",
     "build_tokenizer",
     "chance_accuracy",
     "collate",

@@ -28,6 +28,7 @@ def collate(
     max_images: int,
     max_num_tiles: int,
     tile_size: int,
+    question_types: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
     """Build the micro-batch dict of ``samples`` (each ``{"frames": uint8 [F,H,W,3], "question", "answer"}``).
 
@@ -44,6 +45,7 @@ def collate(
       on the right-padded row (so pad positions after the last image group see it too, as in HF)
     * ``image_positions`` int64 [B, N]: the token index of image n's ``<|image|>`` token, -1 for padding images
       (OpenFlamingo's and mPLUG-Owl3's masks and mPLUG-Owl3's MI-Rope follow the image tokens)
+    * ``question_type`` int64 [B]: the index of the sample's ``"qtype"`` in ``question_types``, -1 without one
     """
     if not samples:
         raise ValueError("samples must be a non-empty list")
@@ -65,6 +67,10 @@ def collate(
     aspect_ratio_mask[:, :, 0] = 1  # HF marks tile 0 of every image slot, padding images included
     cross_attention_mask = torch.zeros((b, s, n, t), dtype=torch.int64)
     image_positions = torch.full((b, n), -1, dtype=torch.int64)
+    question_type = torch.tensor(
+        [list(question_types).index(s["qtype"]) if s.get("qtype") in question_types else -1 for s in samples],
+        dtype=torch.int64,
+    )
 
     for i, sample in enumerate(samples):
         for key in ("frames", "question", "answer"):
@@ -108,6 +114,7 @@ def collate(
         "aspect_ratio_mask": aspect_ratio_mask,
         "cross_attention_mask": cross_attention_mask,
         "image_positions": image_positions,
+        "question_type": question_type,
     }
 
 

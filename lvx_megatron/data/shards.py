@@ -68,8 +68,9 @@ def write_shards(
     """Write samples to ``out_dir/<prefix>-%06d.tar`` with ``webdataset.ShardWriter`` and ``out_dir/index.json``.
 
     Each sample is ``{"frames": uint8 [F, H, W, 3], "question": str, "answer": str}``, or has
-    ``"encoded_frames": [(ext, bytes), ...]`` instead of ``"frames"`` to store already-encoded images as-is.
-    Keys are the zero-padded global sample index. Returns the index dict.
+    ``"encoded_frames": [(ext, bytes), ...]`` instead of ``"frames"`` to store already-encoded images as-is,
+    and optionally ``"qtype"``: its question type (kept with it; the index lists every type, so
+    accuracy can be reported per type). Keys are the zero-padded global sample index. Returns the index dict.
     """
     import webdataset as wds  # only the writer needs it
 
@@ -84,6 +85,7 @@ def write_shards(
     os.makedirs(out_dir, exist_ok=True)
     pattern = os.path.join(out_dir, f"{prefix}-%06d.tar")
     counts: dict[str, int] = {}
+    qtypes: set[str] = set()
     total = 0
     start = time.time()
     # maxsize is unbounded so every shard holds exactly samples_per_shard samples (the last one fewer).
@@ -111,6 +113,9 @@ def write_shards(
             crc = {suffix: zlib.crc32(data) for suffix, data in frames_by_suffix.items()}
             crc[TEXT_CRC] = text_crc32(question, answer)
             meta = {"question": question, "answer": answer, "num_frames": len(encoded), "crc32": crc}
+            if "qtype" in sample:
+                meta["qtype"] = str(sample["qtype"])
+                qtypes.add(meta["qtype"])
             record = {"__key__": f"{i:09d}", "json": json.dumps(meta).encode("utf-8"), **frames_by_suffix}
             writer.write(record)
             name = os.path.basename(writer.fname)
@@ -130,6 +135,7 @@ def write_shards(
         "version": FORMAT_VERSION,
         "shards": [{"name": k, "num_samples": v} for k, v in counts.items()],
         "total": total,
+        "question_types": sorted(qtypes),
     }
     # Written last and atomically: its presence marks the folder complete.
     index_path = os.path.join(out_dir, INDEX_FILE)
@@ -188,10 +194,13 @@ class ShardedVideoDataset:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"shard folder {path!r} does not exist")
         index_path = os.path.join(path, INDEX_FILE)
+        self.question_types: list[str] = []  # the samples' question types, when the writer recorded them
         if os.path.exists(index_path):
             try:
                 with open(index_path) as f:
-                    shards = [(s["name"], int(s["num_samples"])) for s in json.load(f)["shards"]]
+                    index = json.load(f)
+                shards = [(s["name"], int(s["num_samples"])) for s in index["shards"]]
+                self.question_types = [str(t) for t in index.get("question_types", [])]
             except (ValueError, KeyError, TypeError) as exc:
                 raise ShardError(f"{index_path}: not a shard index ({type(exc).__name__}: {exc})") from None
         else:
@@ -260,7 +269,10 @@ class ShardedVideoDataset:
         ]
         if len({f.shape for f in frames}) != 1:
             raise ShardError(f"{where}: frames differ in size {sorted({f.shape for f in frames})}")
-        return {"frames": np.stack(frames), "question": question, "answer": answer}
+        sample = {"frames": np.stack(frames), "question": question, "answer": answer}
+        if "qtype" in meta:
+            sample["qtype"] = str(meta["qtype"])
+        return sample
 
     @staticmethod
     def _frame(where: str, suffix: str, data: bytes, crc: int | None) -> np.ndarray:

@@ -67,6 +67,19 @@ def _optimizer_format(state: TrainState) -> dict:
     }
 
 
+def _without_gathered_optimizer_state(common: dict) -> dict:
+    """The common state dict as the ranks compare it before a save, less ``optimizer.param_state``.
+
+    In the mem-efficient variant of :func:`_optimizer_format` only data-parallel rank 0 of each
+    replica holds the gathered optimizer state; the other ranks' common state carries an empty
+    ``param_state`` where rank 0's has none, which megatron would report on every save.
+    """
+    optimizer = common.get("optimizer")
+    if not isinstance(optimizer, dict) or "param_state" not in optimizer:
+        return common
+    return {**common, "optimizer": {k: v for k, v in optimizer.items() if k != "param_state"}}
+
+
 def checkpoint_dir(root: str | Path, iteration: int) -> Path:
     """The folder of the checkpoint of ``iteration`` under ``root``."""
     return Path(root) / f"iter_{iteration:07d}"
@@ -262,7 +275,9 @@ def write_checkpoint(
         with phase("prepare"):
             on_rank0(lambda: _prepare(root, staging))
         with phase("write"), _writer_errors() as logged:
-            dist_checkpointing.save(sharded, str(staging))
+            dist_checkpointing.save(
+                sharded, str(staging), preprocess_common_before_consistancy_check=_without_gathered_optimizer_state
+            )
         with phase("manifest"):
             write_manifest(staging)
         with phase("set aside"):

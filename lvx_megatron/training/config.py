@@ -326,6 +326,7 @@ class TrainingConfig(_Section):
     # Cross-attention's time share is measured on iterations that are multiples of this (0: never);
     # those steps synchronise the device and are left out of step_s, tokens/s and MFU.
     xattn_timing_interval: int = Field(50, ge=0)
+    eval_without_vision: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingConfig":

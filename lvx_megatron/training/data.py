@@ -18,7 +18,7 @@ from ..data.batch import collate, encode_sample
 from ..data.sampler import micro_batches
 from ..data.shards import INDEX_FILE, ShardedVideoDataset, ShardError, write_shards
 from ..data.tokenizer import Tokenizer, build_tokenizer
-from ..data.video_qa import GENERATOR_VERSION, VideoQAGenerator
+from ..data.video_qa import GENERATOR_VERSION, VideoQAGenerator, chance_accuracy, chance_by_type
 from .config import ConfigError, RunConfig
 
 SPLITS = ("train", "eval")
@@ -87,6 +87,14 @@ def ensure_synthetic(cfg: RunConfig) -> None:
         os.replace(tmp, settings)
 
 
+def chance_levels(cfg: RunConfig) -> dict[str, float]:
+    """``chance`` and ``chance/<type>``: the held-out accuracy without looking at the frames, for
+    the generated data (whose answer distribution is known); empty for other data."""
+    if cfg.data.kind != "synthetic_video_qa":
+        return {}
+    return {"chance": chance_accuracy(), **{f"chance/{t}": c for t, c in chance_by_type().items()}}
+
+
 def prepare_datasets(cfg: RunConfig) -> dict[str, ShardedVideoDataset]:
     """The train and eval datasets; the synthetic one is generated (by global rank 0) when missing or stale.
 
@@ -147,6 +155,7 @@ class BatchSource:
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.verbose = verbose
         self.bad_samples = 0
+        self.question_types: list[str] = list(getattr(dataset, "question_types", []))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lvx-data")
         self._pending: dict[int, Future] = {}
 
@@ -206,6 +215,7 @@ class BatchSource:
                 d.max_images,
                 v.max_num_tiles,
                 v.image_size,
+                self.question_types,
             )
             for indices in index_lists
         ]

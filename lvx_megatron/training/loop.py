@@ -22,10 +22,11 @@ from megatron.training.dist_signal_handler import DistributedSignalHandler
 from ..models.sharding import text_range
 from .checkpointing import load_checkpoint, save_checkpoint
 from .config import RunConfig
-from .data import BatchSource, make_tokenizer, prepare_datasets
+from .data import BatchSource, chance_levels, make_tokenizer, prepare_datasets
 from .flops import flops_per_sample, peak_flops, visual_tokens_per_image
 from .layout import validate_layout
-from .run_logger import RunLogger
+from .plots import plot_run
+from .run_logger import RunLogger, format_duration
 from .setup import TrainState, build_train_state, init_distributed
 from .watchdog import HangWatchdog
 from .xattn_timer import CrossAttentionTimer, StepTimer, device_sync
@@ -41,14 +42,14 @@ _MODEL_INPUTS = (
 )
 
 
-def _loss_func(loss_mask: torch.Tensor, output):
+def _loss_func(loss_mask: torch.Tensor, question_type: torch.Tensor, output):
     """megatron loss function: summed token loss, token count, and logging sums."""
     loss, correct = output
     mask = loss_mask.float()
     loss_sum = (loss.float() * mask).sum()
     tokens = mask.sum()
     wrong = ((~correct) & mask.bool()).sum(dim=1).float()  # per sample, this CP rank's rows
-    report = {"loss_sum": loss_sum.detach(), "tokens": tokens.detach(), "wrong": wrong}
+    report = {"loss_sum": loss_sum.detach(), "tokens": tokens.detach(), "wrong": wrong, "qtype": question_type}
     return loss_sum, tokens.to(torch.int), report
 
 
@@ -57,12 +58,15 @@ def _forward_step(state: TrainState, data_iterator, model):
     cp = state.pg.cp
     start, stop = text_range(batch["tokens"].shape[1], cp.size(), cp.rank())
     output = model(**{k: batch[k] for k in _MODEL_INPUTS})
-    return output, partial(_loss_func, batch["loss_mask"][:, start:stop])
+    return output, partial(_loss_func, batch["loss_mask"][:, start:stop], batch["question_type"])
 
 
-def _reduce_reports(state: TrainState, reports: list[dict], device) -> dict:
-    """Global loss (per token) and answer accuracy from every last-stage rank's reports."""
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss_sum, tokens, correct, samples
+def _reduce_reports(state: TrainState, reports: list[dict], device, question_types: list[str]) -> dict:
+    """Global loss (per token) and answer accuracy from every last-stage rank's reports, and the
+    accuracy of each of ``question_types`` (``accuracy/<type>``)."""
+    types = len(question_types)
+    # loss_sum, tokens, correct, samples, then (correct, samples) per question type
+    totals = torch.zeros(4 + 2 * types, dtype=torch.float64, device=device)
     last = state.pg.pp.rank() == state.pg.pp.size() - 1
     if last and reports:
         wrong = torch.cat([r["wrong"] for r in reports])
@@ -71,11 +75,19 @@ def _reduce_reports(state: TrainState, reports: list[dict], device) -> dict:
             totals[0] = sum(float(r["loss_sum"]) for r in reports)
             totals[1] = sum(float(r["tokens"]) for r in reports)
             if state.pg.cp.rank() == 0:
-                totals[2] = float((wrong == 0).sum())
-                totals[3] = float(wrong.numel())
+                right = (wrong == 0).double()
+                totals[2], totals[3] = right.sum(), float(wrong.numel())
+                qtype = torch.cat([r["qtype"] for r in reports]).to(device)
+                for t in range(types):
+                    totals[4 + 2 * t] = right[qtype == t].sum()
+                    totals[5 + 2 * t] = float((qtype == t).sum())
     dist.all_reduce(totals)
-    loss_sum, tokens, correct, samples = totals.tolist()
-    return {"loss": loss_sum / max(tokens, 1.0), "accuracy": correct / max(samples, 1.0)}
+    values = totals.tolist()
+    loss_sum, tokens, correct, samples = values[:4]
+    metrics = {"loss": loss_sum / max(tokens, 1.0), "accuracy": correct / max(samples, 1.0)}
+    for t, name in enumerate(question_types):
+        metrics[f"accuracy/{name}"] = values[4 + 2 * t] / max(values[5 + 2 * t], 1.0)
+    return metrics
 
 
 class Trainer:
@@ -111,6 +123,7 @@ class Trainer:
         # a save at that iteration would write the same state again. Not the tracker's iteration: when the
         # tracked checkpoint was damaged or missing, the run resumed from an older one and must save again.
         self.checkpointed_iteration: int | None = None
+        self.last_checkpoint: Path | None = None
         load, save = cfg.checkpoint.load, cfg.checkpoint.save
         if load:
             self.iteration = load_checkpoint(self.state, load)
@@ -152,7 +165,7 @@ class Trainer:
             batches = self.train_source.micro_batches(self.iteration, self.device)
         with self.watchdog.phase("forward-backward"):
             reports = self._run_schedule(batches, forward_only=False)
-            metrics = _reduce_reports(s, reports, self.device)
+            metrics = _reduce_reports(s, reports, self.device, [])
             finite = self._all_finite(metrics["loss"])
         lr = s.optimizer.param_groups[0]["lr"]
         metrics["lr"] = lr
@@ -179,16 +192,26 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """Held-out loss and answer accuracy (per question type too, when the data names types), and
+        with ``training.eval_without_vision`` the same answers scored with every frame blanked
+        (``novision_*``): how much of the accuracy the frames give."""
         self.state.model.eval()
-        totals = {"loss": 0.0, "accuracy": 0.0}
+        prefixes = ("", "novision_") if self.cfg.training.eval_without_vision else ("",)
+        reports: dict[str, list[dict]] = {prefix: [] for prefix in prefixes}
         n = self.cfg.training.eval_iters
         for i in range(n):
             batches = self.eval_source.micro_batches(i, self.device, prefetch_next=i + 1 < n)
-            result = _reduce_reports(self.state, self._run_schedule(batches, forward_only=True), self.device)
-            for k in totals:
-                totals[k] += result[k] / n
+            for prefix in prefixes:
+                if prefix:  # blank frames: what the model answers from the text alone
+                    batches = [{**b, "pixel_values": torch.zeros_like(b["pixel_values"])} for b in batches]
+                reports[prefix] += self._run_schedule(batches, forward_only=True)
         self.state.model.train()
-        return totals
+        types = self.eval_source.question_types
+        return {
+            prefix + key: value
+            for prefix, rows in reports.items()
+            for key, value in _reduce_reports(self.state, rows, self.device, types).items()
+        }
 
     # --- the run -----------------------------------------------------------------------------
 
@@ -223,6 +246,7 @@ class Trainer:
             phase = lambda name: self.watchdog.phase(f"checkpoint save ({name})")
             path = save_checkpoint(self.state, self.cfg, self.iteration, root, phase)
             self.checkpointed_iteration = self.iteration
+            self.last_checkpoint = path
             self.logger.console(f"saved checkpoint {path}")
 
     def run(self) -> dict:
@@ -234,6 +258,10 @@ class Trainer:
             f"(TP {cfg.parallel.tensor_model_parallel_size}, CP {cfg.parallel.context_parallel_size}, "
             f"PP {cfg.parallel.pipeline_model_parallel_size}, DP {parallel_state.get_data_parallel_world_size()})"
         )
+        self.logger.begin(self.iteration, tr.train_iters)
+        chance = chance_levels(cfg)
+        if chance:
+            self.logger.log("data", self.iteration, chance)
         with (
             DistributedSignalHandler(signal.SIGTERM) as sigterm,
             DistributedSignalHandler(signal.SIGUSR1) as sigusr1,
@@ -281,7 +309,40 @@ class Trainer:
             last_eval = self.evaluate()
         self.logger.log("eval", self.iteration, last_eval)
         self._save()
+        self._summarize(last_eval, chance)
         return {"train": last_train, "eval": last_eval, "iteration": self.iteration, "stopped": False}
+
+    def _summarize(self, last_eval: dict, chance: dict) -> None:
+        """The run's picture (``metrics.png``) and one closing line: accuracy against chance and
+        against the frames blanked, the wall time, and where the metrics, checkpoint and W&B run are."""
+        if not self.logger.writer:
+            return
+        out = self.cfg.output_dir
+        picture = plot_run(out)
+        types = sorted(k.split("/", 1)[1] for k in last_eval if k.startswith("accuracy/"))
+
+        def accuracy(prefix: str) -> float:  # averaged over question types when the data has them
+            if not types:
+                return last_eval[f"{prefix}accuracy"]
+            return sum(last_eval[f"{prefix}accuracy/{t}"] for t in types) / len(types)
+
+        held_out = f"{accuracy(''):.2f}"
+        if types:
+            per_type = ", ".join(f"{t} {last_eval[f'accuracy/{t}']:.2f}" for t in types)
+            held_out += f" averaged over question types ({per_type})"
+        parts = [f"held-out accuracy {held_out}"]
+        if "chance" in chance:
+            parts.append(f"chance {chance['chance']:.2f}")
+        if "novision_accuracy" in last_eval:
+            parts.append(f"frames blanked {accuracy('novision_'):.2f}")
+        places = [f"metrics {out / 'metrics.jsonl'}", f"picture {picture}"]
+        if self.last_checkpoint is not None:
+            places.append(f"checkpoint {self.last_checkpoint}")
+        if self.logger.wandb_dir is not None:
+            places.append(f"W&B {self.logger.wandb_dir}")
+        self.logger.console(
+            f"done in {format_duration(self.logger.elapsed())}: {'; '.join(parts)}. {'; '.join(places)}"
+        )
 
     def close(self) -> None:
         self.watchdog.close()

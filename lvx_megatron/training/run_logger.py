@@ -35,6 +35,8 @@ class RunLogger:
         self.writer = writer
         self.wandb = None
         self.jsonl = None
+        self.wandb_dir: Path | None = None
+        self._progress: tuple[int, int, float] | None = None  # first iteration, total, start time
         if not writer:
             return
         out = cfg.output_dir
@@ -67,10 +69,29 @@ class RunLogger:
                 settings=wandb.Settings(init_timeout=90, silent=True),
             )
             id_file.write_text(run_id)
-            self.console(f"W&B: {mode} run {run_id} in {save_dir / 'wandb'}")
+            self.wandb_dir = save_dir / "wandb"
+            self.console(f"W&B: {mode} run {run_id} in {self.wandb_dir}")
         except Exception as exc:  # W&B must never take training down
             warnings.warn(f"W&B disabled for this run: {exc}", stacklevel=2)
             self.wandb = None
+
+    def begin(self, first_iteration: int, total: int) -> None:
+        """Start the clock of the progress shown on train lines (iteration out of ``total``, ETA)."""
+        self._progress = (first_iteration, total, time.monotonic())
+
+    def elapsed(self) -> float:
+        """Seconds since :meth:`begin`."""
+        return time.monotonic() - self._progress[2] if self._progress else 0.0
+
+    def _position(self, kind: str, iteration: int) -> str:
+        if self._progress is None:
+            return f"{iteration:>6}"
+        first, total, start = self._progress
+        text = f"{iteration:>{len(str(total))}}/{total}"
+        done = iteration - first
+        if kind == "train" and done > 0 and iteration < total:
+            text += f" (ETA {format_duration((time.monotonic() - start) / done * (total - iteration))})"
+        return text
 
     def console(self, text: str) -> None:
         if self.writer:
@@ -84,7 +105,7 @@ class RunLogger:
         record = {"kind": kind, "iteration": iteration, "time": time.time(), **metrics}
         self.jsonl.write(json.dumps({k: _finite(v) for k, v in record.items()}) + "\n")
         shown = " | ".join(f"{k} {_format(v)}" for k, v in metrics.items())
-        self.console(f"[{kind}] iter {iteration:>6} | {shown}")
+        self.console(f"[{kind}] iter {self._position(kind, iteration)} | {shown}")
         if self.wandb is not None:
             try:
                 self.wandb.log({f"{kind}/{k}": v for k, v in metrics.items()}, step=iteration)
@@ -103,6 +124,16 @@ class RunLogger:
                 wandb.teardown()  # ends W&B's service process with the run, not at interpreter exit
             except Exception as exc:
                 warnings.warn(f"W&B finish failed: {exc}", stacklevel=2)
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m05s`` or ``1h02m``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _format(value) -> str:
