@@ -30,14 +30,17 @@ def test_fused_config_is_the_1b_config_with_the_fused_backend():
 
 def test_dry_run_plans_the_selected_stages_in_order_with_files_named_by_device(capsys, tmp_path):
     out = tmp_path / "out"
-    argv = [str(out), "--dry-run", "--device-name", "NVIDIA H200", "--only", "train-fused,check,bench"]
+    argv = [str(out), "--dry-run", "--device-name", "NVIDIA H200", "--only", "train-fused,sweep,check,bench"]
     assert regen.main([*argv, "--bench-flags", "--iters 5 --sq 64"]) == 0
     lines = capsys.readouterr().out.splitlines()
     commands = [line.split("$ ", 1)[1] for line in lines if "] $ " in line]
-    assert [c.split()[1] for c in commands[:2]] == ["tools/gpu_check.py", "tools/bench_block_attention.py"]
+    assert [c.split()[1] for c in commands[:3]] == ["tools/gpu_check.py", *["tools/bench_block_attention.py"] * 2]
     assert commands[0].endswith(f"--output {out / 'gpu_check_h200.json'}")
     assert commands[1].endswith(f"--iters 5 --sq 64 --output {out / 'block_attention_h200.json'}")
-    train, summary = shlex.split(commands[2]), shlex.split(commands[3])
+    sweep = shlex.split(commands[2])
+    assert sweep[2:5] == ["--sweep", "--shapes", regen.SWEEP_SHAPES]  # not the bench's flags
+    assert sweep[-2:] == ["--output", str(out / "triton_tile_sweep_h200.json")]
+    train, summary = shlex.split(commands[3]), shlex.split(commands[4])
     assert train[1:4] == ["-m", "torch.distributed.run", "--standalone"]
     assert train[train.index("--config") + 1] == "examples/configs/single-gpu-1b-fused.yaml"
     assert summary[1] == "tools/train_summary.py" and summary[2] == str(REPO / "runs/single-gpu-1b-fused/metrics.jsonl")

@@ -103,6 +103,48 @@ def test_block_table_reads_rows_by_variant_mask_and_shape(tmp_path, monkeypatch)
         rr.render_block_span(rr.Params(["file=bench.json", "of=triton", "stat=one"]))
 
 
+def test_tile_sweep_compares_the_tiles_the_code_picks_with_each_masks_best(tmp_path, monkeypatch):
+    """The defaults come from the code (forward_config & co.), the rates from the sweep's rows."""
+    import torch
+
+    from lvx_megatron.ops.backends.triton_backend import dkdv_config, forward_config
+
+    def row(sq, kernel, mask, cfg, waves, tflops):
+        config = dict(zip(("block_m", "block_n", "num_warps", "num_stages"), cfg, strict=True))
+        return dict(hq=32, hkv=8, sq=sq, skv=65536, mask=mask, kernel=kernel, config=config, waves=waves,
+                    ms=1.0, tflops=tflops)  # fmt: skip
+
+    short = forward_config(256, 128, torch.bfloat16)  # 64 tokens of 4-head groups
+    short_key = (short.block_m, short.block_n, short.num_warps, short.num_stages)
+    dkdv = dkdv_config(128, torch.bfloat16)
+    dkdv_key = (dkdv.block_m, dkdv.block_n, dkdv.num_warps, dkdv.num_stages)
+    other = (16, 16, 2, 1)  # in no default
+    rows = [
+        row(64, "forward", "none", short_key, short.waves, 300.0),
+        row(64, "forward", "all", short_key, short.waves, 330.0),
+        row(64, "forward", "none", other, 4.0, 360.0),
+        row(64, "forward", "all", other, 4.0, 300.0),
+        row(64, "dkdv", "none", dkdv_key, None, 200.0),
+        row(64, "dkdv", "all", dkdv_key, None, 200.0),
+    ]
+    meta = {"head_dim": 128, "dtype": "bfloat16"}
+    _results(tmp_path, monkeypatch, "sweep.json", {"meta": meta, "results": rows})
+    table = rr.render_tile_sweep(rr.Params(["file=sweep.json"])).splitlines()
+    assert table[0] == (
+        "| Hq/Hkv | Sq | Skv | kernel | default tiles | default's TFLOP/s `none` / `all` "
+        "| best on `none` | best on `all` |"
+    )
+    tiles = f"{short.block_m}x{short.block_n}/{short.num_warps}/{short.num_stages}, {short.waves:g} waves"
+    best = "16x16/2/1, 4 waves: 360 (1.20x)"
+    assert table[2] == f"| 32/8 | 64 | 64K | forward | {tiles} | 300 / 330 | {best} | the default |"
+    assert table[3].endswith("| 200 / 200 | the default | the default |")
+    spread = lambda stat: rr.render_tile_sweep_repeat(rr.Params(["file=sweep.json", f"stat={stat}", "fmt=.2f"]))
+    assert spread("max") == "0.20"  # |360/300 - 1|
+    assert spread("median") == "0.09"  # of 0.0, 0.0909, 0.2: the middle one
+    with pytest.raises(rr.RenderError, match="no configuration"):
+        rr.render_tile_sweep_repeat(rr.Params(["file=sweep.json", "a=none", "b=video"]))
+
+
 def test_training_renderers_read_the_summary_fields(tmp_path, monkeypatch):
     summary = dict(
         step_s=2.0, visual_tokens_per_s=123456, text_tokens_per_s=999.6, tflops_per_device=250.4, mfu=0.2531,

@@ -9,6 +9,7 @@ Stages (each writes OUT_DIR/<file>, named by the device, e.g. ``h200``):
     tests        the GPU tests (pytest; --tests)        gpu_tests_<device>.json
     check        tools/gpu_check.py                     gpu_check_<device>.json
     bench        tools/bench_block_attention.py         block_attention_<device>.json (--bench-flags)
+    sweep        the same with --sweep (Triton tiles)   triton_tile_sweep_<device>.json
     memory       tools/xattn_memory.py                  xattn_memory_<device>.json
     train        pretrain_mllm.py single-gpu-1b.yaml    train_1b_<device>.json (+ tools/train_summary.py)
     train-fused  the same with backend: fused           train_1b_<device>_fused.json
@@ -49,6 +50,8 @@ TRAIN_CONFIGS = {
 }
 TRAIN_SKIP = 3  # logged steps left out of the medians (compilation, allocator warm-up)
 MEGATRON = ("megatron.core", "pydantic", "yaml")
+# The Triton tile sweep's shapes: a short query block (Triton under auto) and two tall ones (docs/ops.md).
+SWEEP_SHAPES = "32/8:64:65536,32/8:256:65536,32/8:1024:65536"
 
 
 class StageError(RuntimeError):
@@ -179,6 +182,12 @@ def stage_bench(ctx: Context) -> None:
     ctx.run([ctx.python, "tools/bench_block_attention.py", *shlex.split(ctx.args.bench_flags), "--output", str(out)])
 
 
+def stage_sweep(ctx: Context) -> None:
+    out = ctx.output(f"triton_tile_sweep_{ctx.device}.json")
+    ctx.run([ctx.python, "tools/bench_block_attention.py", "--sweep", "--shapes", SWEEP_SHAPES, "--iters", "10",
+             "--output", str(out)])  # fmt: skip
+
+
 def stage_memory(ctx: Context) -> None:
     ctx.run([ctx.python, "tools/xattn_memory.py", "--output", str(ctx.output(f"xattn_memory_{ctx.device}.json"))])
 
@@ -215,6 +224,7 @@ STAGES = {
         Stage("tests", 560, 60, MEGATRON, stage_tests),
         Stage("check", 560, 60, MEGATRON, stage_check),
         Stage("bench", 570, 120, (), stage_bench),
+        Stage("sweep", 400, 90, (), stage_sweep),  # 56 s on an H200 after the bench (216 timings)
         Stage("memory", 240, 60, MEGATRON, stage_memory),
         Stage("train", 420, 180, (*MEGATRON, "webdataset"), stage_train),
         Stage("train-fused", 420, 180, (*MEGATRON, "webdataset"), stage_train),

@@ -370,6 +370,99 @@ def render_block_grid(p: Params) -> str:
     return f"Sq {min(sq)}-{max(sq)}, Skv {_kilo(min(skv))}-{_kilo(max(skv))}"
 
 
+# --- the Triton tile sweep (tools/bench_block_attention.py --sweep) --------------------------------
+
+SWEEP_KERNELS = ("forward", "dkdv", "dq")
+
+
+def _default_tiles(kernel: str, rows: int, head_dim: int, dtype: str) -> tuple[tuple[int, int, int, int], float | None]:
+    """The tiles (and waves; None for ``dkdv``, which does not split) the code picks now."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    if package_root not in sys.path:
+        sys.path.insert(0, package_root)
+    import torch  # the renderers of the other files need neither
+
+    from lvx_megatron.ops.backends import triton_backend as tb
+
+    dt = getattr(torch, dtype)
+    cfg = {
+        "forward": lambda: tb.forward_config(rows, head_dim, dt),
+        "dkdv": lambda: tb.dkdv_config(head_dim, dt),
+        "dq": lambda: tb.dq_config(head_dim, dt),
+    }[kernel]()
+    return (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages), None if kernel == "dkdv" else cfg.waves
+
+
+def _sweep_key(row: dict) -> tuple[tuple[int, int, int, int], float | None]:
+    c = row["config"]
+    return (c["block_m"], c["block_n"], c["num_warps"], c["num_stages"]), row["waves"]
+
+
+def _tiles_text(key: tuple[tuple[int, int, int, int], float | None]) -> str:
+    (m, n, warps, stages), waves = key
+    return f"{m}x{n}/{warps}/{stages}" + ("" if waves is None else f", {waves:g} wave{'s' if waves != 1 else ''}")
+
+
+def sweep_groups(data: dict) -> dict[tuple, dict[str, dict]]:
+    """``(hq, hkv, sq, skv, kernel) -> mask -> {tiles key: TFLOP/s}`` of a sweep file."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in data["results"]:
+        shape = (r["hq"], r["hkv"], r["sq"], r["skv"], r["kernel"])
+        groups.setdefault(shape, {}).setdefault(r.get("mask", "none"), {})[_sweep_key(r)] = r["tflops"]
+    order = lambda k: (k[0], k[1], k[2], k[3], SWEEP_KERNELS.index(k[4]))
+    return {k: groups[k] for k in sorted(groups, key=order)}
+
+
+@renderer("tile_sweep")
+def render_tile_sweep(p: Params) -> str:
+    """Per shape and kernel: the tiles the code picks now and their rate per mask, and each mask's best."""
+    data = p.file()
+    head_dim, dtype = data["meta"]["head_dim"], data["meta"]["dtype"]
+    groups = sweep_groups(data)
+    masks = sorted({m for by_mask in groups.values() for m in by_mask}, key=lambda m: (m != "none", m))
+    header = ["Hq/Hkv", "Sq", "Skv", "kernel", "default tiles"]
+    header += ["default's TFLOP/s " + " / ".join(f"`{m}`" for m in masks)]
+    header += [f"best on `{m}`" for m in masks]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (hq, hkv, sq, skv, kernel), by_mask in groups.items():
+        default = _default_tiles(kernel, hq // hkv * sq, head_dim, dtype)
+        rates = [by_mask.get(m, {}).get(default) for m in masks]
+        cells = [f"{hq}/{hkv}", str(sq), _kilo(skv), kernel, _tiles_text(default)]
+        cells.append(" / ".join("not swept" if r is None else f"{r:.0f}" for r in rates))
+        for mask, rate in zip(masks, rates, strict=True):
+            best = max(by_mask.get(mask, {}).items(), key=lambda kv: kv[1], default=None)
+            if best is None:
+                cells.append("-")
+            elif best[0] == default:
+                cells.append("the default")
+            else:
+                gain = "" if rate is None else f" ({best[1] / rate:.2f}x)"
+                cells.append(f"{_tiles_text(best[0])}: {best[1]:.0f}{gain}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@renderer("tile_sweep_repeat")
+def render_tile_sweep_repeat(p: Params) -> str:
+    """How far two masks' rates of the same tiles apart are (``a``, ``b``: masks, default none and all):
+    ``|rate_a / rate_b - 1|`` over every swept configuration, ``stat`` median or max, ``fmt`` (``.0%``)."""
+    a, b = p.get("a", "none"), p.get("b", "all")
+    spread = [
+        abs(by_mask[a][key] / by_mask[b][key] - 1)
+        for by_mask in sweep_groups(p.file()).values()
+        if a in by_mask and b in by_mask
+        for key in by_mask[a]
+        if key in by_mask[b]
+    ]
+    if not spread:
+        raise RenderError(f"no configuration swept on both masks {a!r} and {b!r}")
+    stat = p.get("stat", "max")
+    if stat not in ("median", "max"):
+        raise RenderError(f"stat must be median or max, got {stat!r}")
+    value = max(spread) if stat == "max" else sorted(spread)[len(spread) // 2]
+    return fmt_number(value, p.get("fmt", ".0%"))
+
+
 # --- training (tools/train_summary.py) ------------------------------------------------------------
 
 TRAIN_COLUMNS = (  # header, summary field, format
