@@ -639,6 +639,18 @@ def render_simulator_output(p: Params) -> str:
     return "```\n" + wrap_command(data["meta"]["command"]) + "\n" + "\n".join(data["report"]) + "\n```"
 
 
+# --- the step profile (pretrain_mllm.py --profile, tools/profile_results.py) -----------------------
+
+
+@renderer("profile_table")
+def render_profile_table(p: Params) -> str:
+    """Per phase of ``file``: forward, backward and total ms per step and share of the step's wall time."""
+    from lvx_megatron.training.profiling import phase_table
+
+    data = p.file()
+    return phase_table(data["phases"], data["step_s"])
+
+
 # --- the demo over seeds (tools/demo_seeds.py) --------------------------------------------------------
 
 

@@ -35,6 +35,11 @@ FLAG_FIELDS: dict[str, str] = {
     "log_interval": "training.log_interval",
     "eval_interval": "training.eval_interval",
     "eval_iters": "training.eval_iters",
+    "profile": "training.profile",
+    "use_pytorch_profiler": "training.profile",  # Megatron-LM's spelling of the same; ours is always torch's
+    "profile_step_start": "training.profile_step_start",
+    "profile_step_end": "training.profile_step_end",
+    "profile_ranks": "training.profile_ranks",
     "exit_interval": "training.exit_interval",
     "save": "checkpoint.save",
     "load": "checkpoint.load",

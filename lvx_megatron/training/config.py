@@ -327,9 +327,23 @@ class TrainingConfig(_Section):
     # those steps synchronise the device and are left out of step_s, tokens/s and MFU.
     xattn_timing_interval: int = Field(50, ge=0)
     eval_without_vision: bool = False
+    # torch.profiler over iterations profile_step_start+1 .. profile_step_end (Megatron-LM's numbering) on
+    # profile_ranks: a trace and a time-per-phase table under <save or run_dir>/profile (training/profiling.py).
+    profile: bool = False
+    profile_step_start: int = Field(10, ge=0)
+    profile_step_end: int = Field(12, ge=1)
+    profile_ranks: list[int] = Field(default_factory=lambda: [0])
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingConfig":
+        if self.profile and not self.profile_step_start < self.profile_step_end <= self.train_iters:
+            raise FieldError(
+                "profile_step_end",
+                f"must be > profile_step_start ({self.profile_step_start}) and <= train_iters "
+                f"({self.train_iters}), got {self.profile_step_end}",
+            )
+        if any(r < 0 for r in self.profile_ranks):
+            raise FieldError("profile_ranks", f"must be global ranks (>= 0), got {self.profile_ranks}")
         if self.lr_warmup_iters >= self.train_iters:
             raise FieldError(
                 "lr_warmup_iters", f"must be < train_iters ({self.train_iters}), got {self.lr_warmup_iters}"

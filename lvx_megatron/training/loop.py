@@ -26,6 +26,7 @@ from .data import BatchSource, chance_levels, make_tokenizer, prepare_datasets
 from .flops import flops_per_sample, peak_flops, visual_tokens_per_image
 from .layout import validate_layout
 from .plots import plot_run
+from .profiling import StepProfiler, loop_phase
 from .run_logger import RunLogger, format_duration
 from .setup import TrainState, build_train_state, init_distributed
 from .watchdog import HangWatchdog
@@ -116,6 +117,19 @@ class Trainer:
         )
         self.flops_per_sample = flops_per_sample(cfg, self.state.mllama.text.padded_vocab_size)
         self.peak = peak_flops(self.device)
+        tr = cfg.training
+        self.profiler = (
+            StepProfiler(
+                self.state.mllama,
+                tr.profile_step_start,
+                tr.profile_step_end,
+                cfg.output_dir / "profile",
+                dist.get_rank(),
+                self.device,
+            )
+            if tr.profile and dist.get_rank() in tr.profile_ranks
+            else None
+        )
         self.iteration = 0
         self.skipped_steps = 0
         self.watchdog = HangWatchdog(cfg.training.hang_timeout_s, dist.get_rank())
@@ -161,12 +175,13 @@ class Trainer:
         s = self.state
         s.model.zero_grad_buffer()
         s.optimizer.zero_grad()
-        with self.watchdog.phase("data"):
+        with self.watchdog.phase("data"), loop_phase("data"):
             batches = self.train_source.micro_batches(self.iteration, self.device)
         with self.watchdog.phase("forward-backward"):
             reports = self._run_schedule(batches, forward_only=False)
-            metrics = _reduce_reports(s, reports, self.device, [])
-            finite = self._all_finite(metrics["loss"])
+            with loop_phase("gradient check"):
+                metrics = _reduce_reports(s, reports, self.device, [])
+                finite = self._all_finite(metrics["loss"])
         lr = s.optimizer.param_groups[0]["lr"]
         metrics["lr"] = lr
         metrics["bad_samples"] = self.train_source.bad_samples
@@ -174,7 +189,7 @@ class Trainer:
             self.skipped_steps += 1
             metrics.update(grad_norm=float("nan"), skipped=True, skipped_steps=self.skipped_steps)
             return metrics
-        with self.watchdog.phase("optimizer"):
+        with self.watchdog.phase("optimizer"), loop_phase("optimizer"):
             ok, grad_norm, _ = s.optimizer.step()
         s.scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -270,9 +285,18 @@ class Trainer:
                 logged = (self.iteration + 1) % tr.log_interval == 0 or self.iteration + 1 == tr.train_iters
                 self.watchdog.iteration = self.iteration + 1
                 self.step_timer.start_step(self.iteration + 1)
+                if self.profiler is not None:
+                    self.profiler.before_step(self.iteration)
                 metrics = self.train_step()
                 self.step_timer.end_step()
                 self.iteration += 1
+                if self.profiler is not None and (profiled := self.profiler.after_step(self.iteration)):
+                    print(
+                        f"[profile rank {profiled['rank']}] iterations {profiled['iterations'][0]}-"
+                        f"{profiled['iterations'][1]}, {profiled['time_source']} per step (trace "
+                        f"{profiled['trace']}):\n{profiled['table']}",
+                        flush=True,
+                    )
                 if "skipped_steps" in metrics:
                     self.logger.log("train", self.iteration, metrics)
                     self.logger.console(
