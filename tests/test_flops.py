@@ -88,16 +88,7 @@ def _unseen_terms(cfg: RunConfig) -> dict[str, int]:
     else:  # hyper attention beside the self-attention
         self_layers, visual, q_width, kv_in = t.num_layers, patches, h, h
     visual *= d.max_images
-    # One tile per image: the mllama encoder's padding tokens attend again, to the real tokens only
-    # (models/mllama_vision.py PaddingMask), beside the s x s attention that model FLOPs count.
-    tokens = patches + 1
-    padded = -(-tokens // 8) * 8
-    padding_rows = 0
-    if m.architecture == "mllama" and v.max_num_tiles == 1:
-        layers = v.num_hidden_layers + v.num_global_layers
-        padding_rows = layers * d.max_images * 4 * (padded - tokens) * tokens * v.hidden_size
     return {
-        "padding_rows": padding_rows,
         "causal_square": self_layers * 2 * s * s * h,  # the upper half of each 4 s^2 h attention
         "score_recompute": cross * 2 * s * visual * q_width,
         "kv_recompute": cross * 2 * visual * kv_in * 2 * kv_width,
@@ -112,13 +103,9 @@ def test_flops_match_the_counted_forward_and_backward(counted, arch):
     cfg = load_config(CONFIGS[arch], OVERRIDES)
     model_forward = sum(forward_flops_per_sample(cfg, vocab).values())
     unseen = _unseen_terms(cfg)
-    assert forward == model_forward + unseen["causal_square"] + unseen["padding_rows"], (forward, model_forward, unseen)
+    assert forward == model_forward + unseen["causal_square"], (forward, model_forward, unseen)
     model_backward = (
-        backward
-        - 2 * unseen["causal_square"]
-        - 2 * unseen["padding_rows"]
-        - unseen["score_recompute"]
-        - unseen["kv_recompute"]
+        backward - 2 * unseen["causal_square"] - unseen["score_recompute"] - unseen["kv_recompute"]
     ) + unseen["patch_input_grad"]
     assert model_backward == 2 * model_forward, (backward, model_forward, unseen)
     assert flops_per_sample(cfg, vocab) == 3 * model_forward  # nothing frozen: forward + backward

@@ -16,7 +16,15 @@ from train_harness import TINY
 
 from lvx_megatron.training.arguments import parse_run_config
 from lvx_megatron.training.config import ConfigError
-from lvx_megatron.training.profiling import MODEL_REST, StepProfiler, _PhaseHooks, attribute, loop_phase, phase_modules
+from lvx_megatron.training.profiling import (
+    MODEL_REST,
+    StepProfiler,
+    _PhaseHooks,
+    attribute,
+    loop_phase,
+    phase_modules,
+    union_seconds,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,6 +89,12 @@ def test_the_profile_covers_the_configured_iterations_and_writes_its_files(tmp_p
     assert written["phases"] == phases and written["step_s"] == summary["step_s"]
     assert json.loads((tmp_path / "rank0_trace.json").read_text())["traceEvents"]
     assert "| vision encoder |" in summary["table"] and "| step (wall) |" in summary["table"]
+
+
+def test_device_busy_time_is_the_union_of_the_work_intervals():
+    # overlapping kernels on two streams count once; a gap counts nothing; empty events nothing
+    assert union_seconds([(0, 10), (5, 10), (30, 5), (31, 1), (50, 0)]) == pytest.approx(20e-9)
+    assert union_seconds([]) == 0
 
 
 def test_profile_step_range_is_checked_against_train_iters():

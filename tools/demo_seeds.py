@@ -92,7 +92,7 @@ def main() -> None:
     runs = [run_seed(args.config, seed, args.nproc_per_node) for seed in args.seeds]
     write_results(
         args.output,
-        "tools/demo_seeds.py",
+        "demo_seeds.py",
         None,
         {"config": args.config, "nproc_per_node": args.nproc_per_node, "cpu": cpu_model(), "cpu_count": os.cpu_count()},
         chance={"accuracy": chance_accuracy(), "per_type": chance_by_type()},

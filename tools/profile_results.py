@@ -28,7 +28,7 @@ def main() -> None:
     print(phase_table(profiled["phases"], profiled["step_s"]))
     if args.output:
         profiled.pop("trace", None)  # a path on the machine that ran it
-        write_results(args.output, "tools/profile_results.py", None, {"training_command": args.command}, **profiled)
+        write_results(args.output, "profile_results.py", None, {"training_command": args.command}, **profiled)
         print(f"wrote {args.output}")
 
 

@@ -206,22 +206,6 @@ class GatedPositionalEmbedding(nn.Module):
         return x + gate * tile
 
 
-@dataclass(frozen=True)
-class PaddingMask:
-    """The reference's attention mask (a key is hidden from a query only when both are padding) in the
-    form the attention runs fastest with.
-
-    With several tiles per image, ``dense`` is the additive ``[n, 1, s, s]`` mask. With one tile per
-    image it is None and the mask is implied by ``tokens`` (the real tokens come first; the rest of
-    the ``s`` positions are padding) and ``real_images [n]`` (False: the image is padding, all of it):
-    real tokens then see every key, so their attention runs unmasked on flash/cuDNN kernels.
-    """
-
-    dense: Tensor | None
-    tokens: int
-    real_images: Tensor | None
-
-
 class VisionAttention(nn.Module):
     """Bias-free multi-head self-attention."""
 
@@ -235,25 +219,14 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, hidden, bias=False)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
 
-    def forward(self, x: Tensor, mask: PaddingMask) -> Tensor:
-        """``x [n, s, hidden]``."""
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``x [n, s, hidden]``, additive ``mask [n, 1, s, s]``."""
         n, s, hidden = x.shape
         q, k, v = (
             proj(x).view(n, s, self.num_heads, self.head_dim).transpose(1, 2)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        if mask.dense is not None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-            t = mask.tokens
-            if t < s:  # padding tokens see the real ones only
-                out = torch.cat(
-                    [out[:, :, :t], F.scaled_dot_product_attention(q[:, :, t:], k[:, :, :t], v[:, :, :t])], 2
-                )
-            # an image that is all padding has every key hidden from every query: uniform attention
-            uniform = v.mean(dim=2, keepdim=True).expand_as(out)
-            out = torch.where(mask.real_images.view(n, 1, 1, 1), out, uniform)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(n, s, hidden))
 
 
@@ -283,8 +256,8 @@ class VisionLayer(nn.Module):
             self.gate_attn = nn.Parameter(torch.full((1,), math.pi / 4))
             self.gate_ffn = nn.Parameter(torch.full((1,), math.pi / 4))
 
-    def forward(self, x: Tensor, mask: PaddingMask) -> Tensor:
-        """``x [n, s, hidden]``."""
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``x [n, s, hidden]``, additive ``mask [n, 1, s, s]``."""
         h = self.self_attn(self.input_layernorm(x), mask)
         x = x + (self.gate_attn.tanh() * h if self.gated else h)
         h = self.mlp(self.post_attention_layernorm(x))
@@ -298,7 +271,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(VisionLayer(config, gated) for _ in range(num_layers))
 
-    def forward(self, x: Tensor, mask: PaddingMask, checkpointed: bool) -> list[Tensor]:
+    def forward(self, x: Tensor, mask: Tensor, checkpointed: bool) -> list[Tensor]:
         """The hidden states after 0, 1, ..., ``len(layers)`` layers."""
         outputs = [x]
         for layer in self.layers:
@@ -310,11 +283,9 @@ class VisionTransformer(nn.Module):
 class MllamaVisionEncoder(nn.Module):
     """The mllama vision tower: tiles -> ``[..., tiles, num_patches + 1, vision_output_dim]`` features.
 
-    Runs in the parameters' dtype (pixel values are cast to it, as HF does). With several tiles per
-    image the attention mask is a dense ``[images, 1, s, s]`` tensor with ``s = max_num_tiles *
-    round_up(num_patches + 1, 8)``, built once per call (~83 MB per image in bf16 for the 560/14
-    geometry); with one tile per image (video frames) it is implied, and the real tokens' attention
-    runs unmasked (:class:`PaddingMask`).
+    Runs in the parameters' dtype (pixel values are cast to it, as HF does). The attention mask is a
+    dense ``[images, 1, s, s]`` tensor with ``s = max_num_tiles * round_up(num_patches + 1, 8)``,
+    built once per call (~83 MB per image in bf16 for the 560/14 geometry).
 
     Args:
         config: the encoder geometry.
@@ -391,7 +362,7 @@ class MllamaVisionEncoder(nn.Module):
 
         padded = -(-tokens // _PAD_MULTIPLE) * _PAD_MULTIPLE
         x = F.pad(x, (0, 0, 0, padded - tokens))
-        mask = self._padding_mask(aspect_ratio_mask, tokens, padded, x.dtype)
+        mask = self._attention_mask(aspect_ratio_mask, tokens, padded, x.dtype)
 
         local = self.transformer(x.flatten(1, 2), mask, self.activation_checkpointing)
         x = self.layernorm_post(local[-1]).unflatten(1, (tiles, padded))
@@ -404,18 +375,7 @@ class MllamaVisionEncoder(nn.Module):
         return torch.cat([x, inter], dim=-1)
 
     @staticmethod
-    def _padding_mask(aspect_ratio_mask: Tensor, tokens: int, padded: int, dtype: torch.dtype) -> PaddingMask:
-        """The mask of :class:`PaddingMask`: implied by token counts for one tile per image, else dense."""
-        if aspect_ratio_mask.shape[1] == 1:
-            return PaddingMask(dense=None, tokens=tokens, real_images=aspect_ratio_mask[:, 0] != 0)
-        return PaddingMask(
-            dense=MllamaVisionEncoder._dense_mask(aspect_ratio_mask, tokens, padded, dtype),
-            tokens=tokens,
-            real_images=None,
-        )
-
-    @staticmethod
-    def _dense_mask(aspect_ratio_mask: Tensor, tokens: int, padded: int, dtype: torch.dtype) -> Tensor:
+    def _attention_mask(aspect_ratio_mask: Tensor, tokens: int, padded: int, dtype: torch.dtype) -> Tensor:
         """Additive ``[n, 1, s, s]`` mask; hides a key from a query only when both are padding (see module doc)."""
         real_token = torch.arange(padded, device=aspect_ratio_mask.device) < tokens
         pad = ~((aspect_ratio_mask != 0).unsqueeze(-1) & real_token).flatten(1)  # [n, tiles * padded]

@@ -163,15 +163,15 @@ def phase_times(events, on_device: bool) -> dict[str, dict[str, float]]:
     return {p: {**t, "total": t["forward"] + t["backward"]} for p, t in totals.items()}
 
 
-def device_busy_seconds(prof: profile) -> float:
-    """Wall time with at least one device kernel running (the union of kernel intervals)."""
-    intervals = sorted(
-        (e.start_ns(), e.start_ns() + e.duration_ns())
-        for e in prof.profiler.kineto_results.events()
-        if e.device_type() != torch.autograd.DeviceType.CPU and e.duration_ns() > 0
-    )
+# Kineto's activity types of work on the device; its GPU-side "gpu_user_annotation" ranges (the
+# record_function ranges mirrored onto the device's timeline) span idle time and do not count.
+DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def union_seconds(intervals) -> float:
+    """Total length of the union of ``(start_ns, duration_ns)`` intervals, in seconds."""
     busy, end = 0, None
-    for start, stop in intervals:
+    for start, stop in sorted((a, a + d) for a, d in intervals if d > 0):
         if end is None or start > end:
             busy += stop - start
             end = stop
@@ -179,6 +179,12 @@ def device_busy_seconds(prof: profile) -> float:
             busy += stop - end
             end = stop
     return busy * 1e-9
+
+
+def device_busy_seconds(prof: profile) -> float:
+    """Wall time with at least one kernel, copy or memset running on the device."""
+    events = prof.profiler.kineto_results.events()
+    return union_seconds((e.start_ns(), e.duration_ns()) for e in events if e.activity_type() in DEVICE_WORK)
 
 
 def phase_table(phases: dict, step_s: float) -> str:
