@@ -32,7 +32,7 @@ NUM_SAMPLES, PER_SHARD, BAD = 6, 3, 1  # two shards of three clips; sample BAD i
 
 
 def _samples() -> list[dict]:
-    gen = VideoQAGenerator(NUM_SAMPLES, num_frames=3, frame_size=16, seed=5)
+    gen = VideoQAGenerator(NUM_SAMPLES, num_frames=4, frame_size=16, seed=5)
     return [gen[i] for i in range(NUM_SAMPLES)]
 
 
@@ -120,7 +120,7 @@ def test_a_truncated_shard_stops_the_command_line_run_with_one_line(shards, tmp_
     tar_path = root / "train" / "shard-000001.tar"
     tar_path.write_bytes(tar_path.read_bytes()[:2000])
     tree = yaml.safe_load(TINY.read_text())
-    tree["data"].update(kind="shards", path=str(root), max_images=3)
+    tree["data"].update(kind="shards", path=str(root), max_images=4)
     tree["parallel"]["context_parallel_size"] = 1
     tree["checkpoint"], tree["logging"] = {}, {"wandb_mode": "disabled", "run_dir": str(tmp_path / "run")}
     config = tmp_path / "shards.yaml"
@@ -214,9 +214,11 @@ def test_a_damaged_sample_is_skipped_naming_the_file_and_member(tmp_path, capsys
     (indices,) = micro_batches(0, 6, 6, 0, 1, NUM_SAMPLES, 0)
     used = [clean_samples[i + 1 if i == BAD else i] for i in indices]
     d, v = cfg.data, cfg.model.vision
-    expected_batch = collate(used, tokenizer, d.seq_length, d.max_images, v.max_num_tiles, v.image_size)
+    expected_batch = collate(
+        used, tokenizer, d.seq_length, d.max_images, v.max_num_tiles, v.image_size, source.question_types
+    )
     assert batch.keys() == expected_batch.keys()
-    assert all(torch.equal(batch[k], expected_batch[k]) for k in batch)
+    assert [k for k in batch if not torch.equal(batch[k], expected_batch[k])] == []
 
 
 # --- interrupted generation: the next run regenerates, saying why --------------------------------------
@@ -227,7 +229,7 @@ class Interrupted(BaseException):
 
 
 def _config(root: Path, seed: int):
-    overrides = {"data.train_samples": 5, "data.eval_samples": 3, "data.frame_size": 16, "data.max_images": 3}
+    overrides = {"data.train_samples": 5, "data.eval_samples": 3, "data.frame_size": 16, "data.max_images": 4}
     return load_config(TINY, {"data.path": str(root), "data.seed": seed, **overrides})
 
 
@@ -313,7 +315,7 @@ import sys
 from lvx_megatron.training.config import load_config
 from lvx_megatron.training.data import ensure_synthetic
 ensure_synthetic(load_config(sys.argv[1], {"data.path": sys.argv[2], "data.seed": 1, "data.train_samples": 2000,
-                                           "data.frame_size": 16, "data.max_images": 3}))
+                                           "data.frame_size": 16, "data.max_images": 4}))
 """
 
 

@@ -115,8 +115,8 @@ def test_sigkill_then_restart_continues_the_uninterrupted_loss_curve(tmp_path):
 
 
 def _broken_shards(tmp_path: Path) -> Path:
-    """8 samples: #1 has a corrupted PNG, #3 an empty question, #5 too many frames (12 > 8)."""
-    gen = VideoQAGenerator(8, 8, 32, seed=3)
+    """8 samples: #1 has a corrupted PNG, #3 an empty question, #5 too many frames (8 > data.max_images = 4)."""
+    gen = VideoQAGenerator(8, 4, 32, seed=3)
     samples = [dict(gen[i]) for i in range(8)]
     samples[3]["question"] = "  "
     samples[5]["frames"] = np.concatenate([samples[5]["frames"], samples[5]["frames"][:4]])
