@@ -184,6 +184,14 @@ def test_gpu_check_and_gpu_test_renderers(tmp_path, monkeypatch):
     assert rr.render_gpu_tests(rr.Params(["file=tests.json"])) == "41 tests pass, 2 skipped"
 
 
+def test_video_decode_table_lists_the_sampling_cases(tmp_path, monkeypatch):
+    case = dict(size="640x360", case="uniform 8", frames=8, seconds=0.3354, clips_per_s=2.98, sampled_fps=23.85)
+    rows = [{**case, "decoded_fps": None}, {**case, "case": "all frames", "decoded_fps": 2700.0}]
+    _results(tmp_path, monkeypatch, "decode.json", {"rows": rows})
+    table = rr.render_video_decode_table(rr.Params(["file=decode.json"])).splitlines()
+    assert table[2:] == ["| 640x360 | uniform 8 | 335 | 2.98 | 24 |"]
+
+
 def _simulator_argv(command: str, output: Path) -> list[str]:
     """The recorded simulator command with its output redirected and without the plot."""
     words = shlex.split(command)[2:]

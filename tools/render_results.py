@@ -680,6 +680,19 @@ def render_demo_seeds(p: Params) -> str:
     return "\n".join(lines)
 
 
+@renderer("video_decode_table")
+def render_video_decode_table(p: Params) -> str:
+    """tools/bench_video_decode.py's sampling cases: per clip size and case, ms per sample, clips/s, frames/s."""
+    lines = ["| clip | sampling | ms per sample | clips/s | sampled frames/s |", "|---|---|---|---|---|"]
+    for row in p.file()["rows"]:
+        if row["decoded_fps"] is None:  # the plain full decode is quoted on its own
+            lines.append(
+                f"| {row['size']} | {row['case']} | {row['seconds'] * 1000:.0f} | {row['clips_per_s']:.2f} "
+                f"| {row['sampled_fps']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
 # --- documents --------------------------------------------------------------------------------------
 
 

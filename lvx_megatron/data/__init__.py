@@ -1,6 +1,7 @@
-"""Data pipeline: synthetic video QA, tokenizers, Mllama tiling and batching, webdataset shards, DP sampling.
+"""Data pipeline: synthetic video QA, tokenizers, Mllama tiling and batching, webdataset shards, video clips
+with JSONL, DP sampling.
 
-Depends on torch, numpy, PIL (and webdataset for writing shards); never on megatron.
+Depends on torch, numpy, PIL, PyAV (video clips) and webdataset (for writing shards); never on megatron.
 """
 
 from lvx_megatron.data.batch import answer_accuracy, collate, encode_sample
@@ -15,6 +16,7 @@ from lvx_megatron.data.tiling import (
     tile_images,
 )
 from lvx_megatron.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, WordTokenizer, build_tokenizer
+from lvx_megatron.data.video import VideoError, VideoJsonlDataset, decode_clip, select_frames, write_clip
 from lvx_megatron.data.video_qa import VideoQAGenerator, chance_accuracy, vocabulary
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "ShardError",
     "ShardedVideoDataset",
     "Tokenizer",
+    "VideoError",
+    "VideoJsonlDataset",
     "VideoQAGenerator",
     "WordTokenizer",
     "answer_accuracy",
@@ -32,11 +36,14 @@ __all__ = [
     "chance_accuracy",
     "collate",
     "cross_attention_token_mask",
+    "decode_clip",
     "encode_sample",
     "micro_batches",
+    "select_frames",
     "supported_aspect_ratios",
     "tile_image",
     "tile_images",
     "vocabulary",
+    "write_clip",
     "write_shards",
 ]

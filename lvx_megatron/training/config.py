@@ -269,10 +269,12 @@ class DataConfig(_Section):
 
     ``kind: synthetic_video_qa`` generates the embedded moving-shapes dataset into ``path`` on
     first use; ``kind: shards`` reads WebDataset shards made by ``tools/folder_to_wds.py`` (``path``
-    holds ``train/`` and ``eval/``).
+    holds ``train/`` and ``eval/``); ``kind: video_jsonl`` decodes clips named by ``path/train.jsonl``
+    and ``path/eval.jsonl``, ``max_images`` frames each (``frame_sampling: uniform``) or one every
+    ``1/fps`` seconds (``frame_sampling: fps``).
     """
 
-    kind: Literal["synthetic_video_qa", "shards"] = "synthetic_video_qa"
+    kind: Literal["synthetic_video_qa", "shards", "video_jsonl"] = "synthetic_video_qa"
     path: str
     seq_length: PositiveInt
     max_images: PositiveInt
@@ -283,9 +285,21 @@ class DataConfig(_Section):
     tokenizer_path: str | None = None
     seed: int = 0
     max_bad_samples: int = Field(100, ge=0)  # unreadable/invalid samples skipped before the run aborts
+    frame_sampling: Literal["uniform", "fps"] = "uniform"  # video_jsonl: how frames are picked from a clip
+    fps: PositiveFloat | None = None  # video_jsonl with frame_sampling fps (a JSONL line's "fps" wins)
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
+        if self.kind != "video_jsonl":
+            for field in ("frame_sampling", "fps"):
+                if field in self.model_fields_set:
+                    raise FieldError(field, f"used by kind 'video_jsonl' only, got kind {self.kind!r}; leave it out")
+        if self.frame_sampling == "fps" and self.fps is None:
+            raise FieldError("fps", "required by frame_sampling 'fps' (frames per second to sample)")
+        if self.frame_sampling == "uniform" and self.fps is not None:
+            raise FieldError(
+                "fps", "used by frame_sampling 'fps' only (frame_sampling is one of uniform, fps); leave it out"
+            )
         if self.tokenizer == "huggingface" and not self.tokenizer_path:
             raise FieldError(
                 "tokenizer_path",

@@ -18,6 +18,7 @@ from ..data.batch import collate, encode_sample
 from ..data.sampler import micro_batches
 from ..data.shards import INDEX_FILE, ShardedVideoDataset, ShardError, write_shards
 from ..data.tokenizer import Tokenizer, build_tokenizer
+from ..data.video import SPLIT_FILES, VideoJsonlDataset
 from ..data.video_qa import GENERATOR_VERSION, VideoQAGenerator, chance_accuracy, chance_by_type
 from .config import ConfigError, RunConfig
 
@@ -95,13 +96,29 @@ def chance_levels(cfg: RunConfig) -> dict[str, float]:
     return {"chance": chance_accuracy(), **{f"chance/{t}": c for t, c in chance_by_type().items()}}
 
 
-def prepare_datasets(cfg: RunConfig) -> dict[str, ShardedVideoDataset]:
+def prepare_datasets(cfg: RunConfig) -> dict[str, ShardedVideoDataset | VideoJsonlDataset]:
     """The train and eval datasets; the synthetic one is generated (by global rank 0) when missing or stale.
 
-    DataError naming the file when a shard folder cannot be read.
+    DataError naming the file when a shard folder or JSONL file cannot be read.
     """
     d = cfg.data
     root = Path(d.path)
+    if d.kind == "video_jsonl":
+        for split, name in SPLIT_FILES.items():
+            if not (root / name).is_file():
+                raise ConfigError(
+                    f"config error: data.path: {root} holds no {name} (the {split} split: one JSON line per clip); "
+                    "make an example with tools/make_video_clips.py"
+                )
+        fps = d.fps if d.frame_sampling == "fps" else None
+        try:
+            datasets = {split: VideoJsonlDataset(str(root), split, d.max_images, fps) for split in SPLITS}
+        except OSError as exc:
+            raise DataError(f"{exc.filename}: {exc.strerror}") from None
+        for ds in datasets.values():
+            if not len(ds):
+                raise ConfigError(f"config error: data.path: {ds.jsonl} holds no samples (no non-blank lines)")
+        return datasets
     if d.kind == "synthetic_video_qa":
         if dist.get_rank() == 0:
             ensure_synthetic(cfg)
@@ -135,8 +152,9 @@ class BatchSource:
     """This data-parallel replica's micro-batches of a dataset, iteration by iteration.
 
     Reading and tiling the frames of iteration ``i + 1`` runs in a background thread while
-    iteration ``i`` trains (image decoding releases the GIL), so the accelerator does not wait for it.
-    A sample that cannot be read (broken image bytes, missing fields) or cannot be used (empty text,
+    iteration ``i`` trains (image and video decoding release the GIL), so the accelerator does not wait
+    for it. A sample that cannot be read (broken image bytes, a missing, undecodable or too short clip,
+    missing fields) or cannot be used (empty text,
     more frames than ``data.max_images``, text longer than ``data.seq_length``) is replaced by the
     next good one, deterministically, and counted; more than ``data.max_bad_samples`` aborts the run.
     """
