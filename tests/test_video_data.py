@@ -197,7 +197,7 @@ def test_bad_clips_and_lines_are_skipped_counted_and_named(tmp_path, capsys):
             "config error: data.fps: Input should be greater than 0",
         ),
         (
-            {"data.kind": "shards", "data.frame_sampling": "uniform"},
+            {"data.kind": "shards", "data.frame_sampling": "fps", "data.fps": 2.0},
             "config error: data.frame_sampling: used by kind 'video_jsonl' only",
         ),
     ],
@@ -206,6 +206,12 @@ def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(TINY, overrides)
     assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_saved_run_config_with_every_default_spelled_out_loads_for_any_kind():
+    """Checkpoints store the whole run config; export and resume load it back, defaults and all."""
+    cfg = load_config(TINY, {"data.frame_sampling": "uniform", "data.fps": None})
+    assert cfg.data.kind == "synthetic_video_qa" and cfg.data.frame_sampling == "uniform"
 
 
 def test_missing_or_empty_jsonl_files_are_config_errors(tmp_path):

@@ -290,9 +290,11 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
+        # Only a value other than the default is an error: a checkpoint's saved run config (export,
+        # resume) spells out every field, these two included, whatever the kind.
         if self.kind != "video_jsonl":
-            for field in ("frame_sampling", "fps"):
-                if field in self.model_fields_set:
+            for field, default in (("frame_sampling", "uniform"), ("fps", None)):
+                if getattr(self, field) != default:
                     raise FieldError(field, f"used by kind 'video_jsonl' only, got kind {self.kind!r}; leave it out")
         if self.frame_sampling == "fps" and self.fps is None:
             raise FieldError("fps", "required by frame_sampling 'fps' (frames per second to sample)")
