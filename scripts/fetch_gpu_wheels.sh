@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Download into .whl/ (git-ignored) the wheels that a GPU machine with only torch, Triton, PyYAML,
-# Pillow and pytest lacks, at the versions this checkout's venv runs: megatron-core, pydantic and
-# webdataset with their own dependencies, for CPython 3.12 on x86-64 Linux. Carry .whl/ to that
-# machine; tools/regenerate_gpu_results.py installs it there (docs/results.md).
+# Pillow and pytest lacks, at the versions this checkout's venv runs: megatron-core, pydantic,
+# webdataset and PyAV (the video decoder, 35 MB of the 64 MB a device call carries) with their
+# own dependencies, for CPython 3.12 on x86-64 Linux. Carry .whl/ to that machine;
+# tools/regenerate_gpu_results.py installs it there (docs/results.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python="${LVX_VENV:-.venv}/bin/python"
 dest="${WHEEL_DIR:-.whl}"
-packages=(megatron-core pydantic pydantic-core annotated-types typing-inspection typing-extensions webdataset braceexpand)
+packages=(megatron-core pydantic pydantic-core annotated-types typing-inspection typing-extensions webdataset braceexpand av)
 
 pins=()
 for package in "${packages[@]}"; do

@@ -19,7 +19,7 @@ get its minimum is not started), so a selection fits a machine's limit per comma
 the stages print goes to the console with a stage prefix and to OUT_DIR/regenerate_<device>.log.
 With ``--wheels DIR`` (default ``.whl`` when it holds wheels) the wheels are installed into a
 temporary folder first and put on the stages' ``PYTHONPATH``, for machines without megatron-core,
-pydantic and webdataset (``scripts/fetch_gpu_wheels.sh`` downloads them; docs/results.md). Exit
+pydantic, webdataset and PyAV (``scripts/fetch_gpu_wheels.sh`` downloads them; docs/results.md). Exit
 status 0 when every selected stage succeeded.
 """
 
@@ -226,8 +226,8 @@ STAGES = {
         Stage("bench", 570, 120, (), stage_bench),
         Stage("sweep", 400, 90, (), stage_sweep),  # 56 s on an H200 after the bench (216 timings)
         Stage("memory", 240, 60, MEGATRON, stage_memory),
-        Stage("train", 420, 180, (*MEGATRON, "webdataset"), stage_train),
-        Stage("train-fused", 420, 180, (*MEGATRON, "webdataset"), stage_train),
+        Stage("train", 420, 180, (*MEGATRON, "webdataset", "av"), stage_train),
+        Stage("train-fused", 420, 180, (*MEGATRON, "webdataset", "av"), stage_train),
     )
 }
 
