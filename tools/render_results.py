@@ -479,7 +479,7 @@ TRAIN_COLUMNS = (  # header, summary field, format
 @renderer("train_table")
 def render_train_table(p: Params) -> str:
     """One row per ``FILE="label"`` parameter: a run's steady-state medians."""
-    lines = ["| block backend | " + " | ".join(h for h, _, _ in TRAIN_COLUMNS) + " |"]
+    lines = ["| run | " + " | ".join(h for h, _, _ in TRAIN_COLUMNS) + " |"]
     lines.append("|" + "---|" * (len(TRAIN_COLUMNS) + 1))
     for name, label in p.items():
         summary = p.load(name)["summary"]
