@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output folder (gets train/ and eval/ subfolders)")
     p.add_argument("--train", type=int, default=20000, help="number of training samples (default 20000)")
     p.add_argument("--eval", type=int, default=1000, help="number of held-out eval samples (default 1000)")
-    p.add_argument("--frames", type=int, default=8, help="frames per clip, >= 3 (default 8)")
+    p.add_argument("--frames", type=int, default=8, help="frames per clip, >= 4 (default 8)")
     p.add_argument("--frame-size", type=int, default=64, help="frame height = width in pixels, >= 16 (default 64)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard (default 1000)")
