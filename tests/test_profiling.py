@@ -17,10 +17,12 @@ from train_harness import TINY
 from lvx_megatron.training.arguments import parse_run_config
 from lvx_megatron.training.config import ConfigError
 from lvx_megatron.training.profiling import (
+    IDLE,
     MODEL_REST,
     StepProfiler,
     _PhaseHooks,
     attribute,
+    device_busy_seconds,
     loop_phase,
     phase_modules,
     union_seconds,
@@ -47,20 +49,31 @@ def test_phase_modules_follow_the_model_families_names():
     assert [p for p, _ in found] == ["vision encoder", "text MLP"]  # the vision encoder's Linears not again
 
 
-def _profiled_toy_steps(tmp_path, steps=4, start=1, end=3):
+def _profiled_toy_steps(tmp_path, steps=4, start=1, end=3, device="cpu"):
     torch.manual_seed(0)
-    model = _Toy()
+    model = _Toy().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    profiler = StepProfiler(model, start, end, tmp_path, rank=0, device=torch.device("cpu"))
+    profiler = StepProfiler(model, start, end, tmp_path, rank=0, device=torch.device(device))
     summaries = []
     for finished in range(steps):
         profiler.before_step(finished)
-        model(torch.randn(1024, 384)).backward()
+        model(torch.randn(1024, 384, device=device)).backward()
         with loop_phase("optimizer"):
             optimizer.step()
         optimizer.zero_grad()
         summaries.append(profiler.after_step(finished + 1))
     return model, summaries
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_gpu_profile_times_kernels_and_the_device_idle_time(tmp_path):
+    _, summaries = _profiled_toy_steps(tmp_path, device="cuda")
+    summary = summaries[2]
+    phases = summary["phases"]
+    assert summary["time_source"] == "device kernels"
+    assert phases["vision encoder"]["forward"] > 0 and phases["vision encoder"]["backward"] > 0
+    # tiny kernels launched from Python: the device waits on the host for part of the step
+    assert 0 < phases[IDLE]["total"] < summary["step_s"]
 
 
 def test_backward_ops_inherit_the_phase_of_the_forward_op_that_made_them():
@@ -95,6 +108,21 @@ def test_device_busy_time_is_the_union_of_the_work_intervals():
     # overlapping kernels on two streams count once; a gap counts nothing; empty events nothing
     assert union_seconds([(0, 10), (5, 10), (30, 5), (31, 1), (50, 0)]) == pytest.approx(20e-9)
     assert union_seconds([]) == 0
+
+
+def test_device_busy_time_reads_the_exported_trace(tmp_path):
+    # µs timestamps as torch exports them; the device-side annotation range spans idle time too
+    events = [
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 100.0, "dur": 10.0},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "HtoD", "ts": 105.0, "dur": 10.0},
+        {"ph": "X", "cat": "gpu_memset", "name": "zero", "ts": 200.0, "dur": 2.5},
+        {"ph": "X", "cat": "gpu_user_annotation", "name": "lvx_phase::vision encoder", "ts": 0.0, "dur": 500.0},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 90.0, "dur": 50.0},
+        {"ph": "i", "cat": "kernel", "name": "marker", "ts": 300.0},
+    ]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    assert device_busy_seconds(trace) == pytest.approx(17.5e-6)
 
 
 def test_profile_step_range_is_checked_against_train_iters():

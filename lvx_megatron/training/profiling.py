@@ -181,10 +181,13 @@ def union_seconds(intervals) -> float:
     return busy * 1e-9
 
 
-def device_busy_seconds(prof: profile) -> float:
-    """Wall time with at least one kernel, copy or memset running on the device."""
-    events = prof.profiler.kineto_results.events()
-    return union_seconds((e.start_ns(), e.duration_ns()) for e in events if e.activity_type() in DEVICE_WORK)
+def device_busy_seconds(trace: Path) -> float:
+    """Wall time with at least one kernel, copy or memset running on the device, from an exported
+    Chrome trace (its event categories are the same in every torch version; the profiler's in-memory
+    Kineto events gained ``activity_type()`` only after torch 2.11)."""
+    events = json.loads(Path(trace).read_text())["traceEvents"]
+    work = ((round(e["ts"] * 1e3), round(e["dur"] * 1e3)) for e in events if e.get("cat") in DEVICE_WORK and "dur" in e)
+    return union_seconds(work)
 
 
 def phase_table(phases: dict, step_s: float) -> str:
@@ -238,12 +241,12 @@ class StepProfiler:
             p: {k: v / steps for k, v in t.items()} for p, t in phase_times(self.prof.events(), on_device).items()
         }
         step_s = wall / steps
-        if on_device:
-            idle = max(0.0, step_s - device_busy_seconds(self.prof) / steps)
-            phases[IDLE] = {"forward": 0.0, "backward": 0.0, "total": idle}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         trace = self.out_dir / f"rank{self.rank}_trace.json"
         self.prof.export_chrome_trace(str(trace))
+        if on_device:
+            idle = max(0.0, step_s - device_busy_seconds(trace) / steps)
+            phases[IDLE] = {"forward": 0.0, "backward": 0.0, "total": idle}
         summary = {
             "rank": self.rank,
             "device": torch.cuda.get_device_name(self.device) if on_device else "cpu",
