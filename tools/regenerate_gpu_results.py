@@ -43,7 +43,13 @@ import yaml
 from results_file import device_slug, write_results
 
 REPO = Path(__file__).resolve().parents[1]
-GPU_TESTS = ("tests/test_cuda_ops.py", "tests/test_triton_backend.py", "tests/test_mllama_vision.py")
+GPU_TESTS = (
+    "tests/test_cuda_ops.py",
+    "tests/test_triton_backend.py",
+    "tests/test_mllama_vision.py",
+    "tests/test_norm.py",
+    "tests/test_profiling.py::test_the_gpu_profile_times_kernels_and_the_device_idle_time",
+)
 TRAIN_CONFIGS = {
     "train": "examples/configs/single-gpu-1b.yaml",
     "train-fused": "examples/configs/single-gpu-1b-fused.yaml",

@@ -211,7 +211,7 @@ class BatchSource:
                 )
         raise DataError(f"no usable sample in {self.cfg.data.path}")
 
-    def _load(self, iteration: int) -> list[dict[str, torch.Tensor]]:
+    def _load(self, iteration: int, pin: bool) -> list[dict[str, torch.Tensor]]:
         tr, d, v = self.cfg.training, self.cfg.data, self.cfg.model.vision
         try:
             index_lists = micro_batches(
@@ -225,7 +225,7 @@ class BatchSource:
             )
         except ValueError as exc:
             raise ConfigError(f"config error: training: {exc}") from None
-        return [
+        batches = [
             collate(
                 [self._sample(i) for i in indices],
                 self.tokenizer,
@@ -237,15 +237,19 @@ class BatchSource:
             )
             for indices in index_lists
         ]
+        # Page-locked, the copies to the GPU run asynchronously and several times faster (the 1B
+        # config's 77 MB of pixels per sample took ~12 ms from pageable memory on an H200).
+        return [{k: t.pin_memory() for k, t in b.items()} for b in batches] if pin else batches
 
     def micro_batches(self, iteration: int, device: torch.device, prefetch_next: bool = True) -> list[dict]:
         """The micro-batches of ``iteration`` on ``device``; starts reading the next iteration's."""
         # Every read runs on the one worker thread: the dataset's file handles are not shared.
-        pending = self._pending.pop(iteration, None) or self._pool.submit(self._load, iteration)
+        pin = device.type == "cuda"
+        pending = self._pending.pop(iteration, None) or self._pool.submit(self._load, iteration, pin)
         batches = pending.result()
         self._pending.clear()
         if prefetch_next:
-            self._pending[iteration + 1] = self._pool.submit(self._load, iteration + 1)
+            self._pending[iteration + 1] = self._pool.submit(self._load, iteration + 1, pin)
         return [{k: t.to(device, non_blocking=True) for k, t in b.items()} for b in batches]
 
     def close(self) -> None:
