@@ -1,6 +1,5 @@
 """Data pipeline: synthetic video QA, tokenizers, Mllama tiling/masks vs HF, collate, shards, sampler, tools."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -38,6 +37,7 @@ from lvx_megatron.data.video_qa import (
     QUESTION_TYPES,
     chance_by_type,
 )
+from tools import folder_to_wds, make_video_qa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -404,14 +404,6 @@ def _run_tool(name, *args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args], capture_output=True, text=True)
 
 
-def _tool_module(name):
-    """Import a tools/ script as a module (in-process: no second torch import)."""
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), os.path.join(ROOT, "tools", name))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_folder_to_wds(tmp_path):
     img_dir = tmp_path / "imgs"
     (img_dir / "clip1").mkdir(parents=True)
@@ -434,22 +426,20 @@ def test_folder_to_wds(tmp_path):
     assert np.array_equal(ds[0]["frames"], clip) and ds[0]["answer"] == "a dot"
     assert np.array_equal(ds[1]["frames"], single[None]) and ds[1]["question"] == "describe"
     # Errors name the line and the missing field / file.
-    tool = _tool_module("folder_to_wds.py")
     argv = ["--images", str(img_dir), "--texts", str(texts), "--out", str(tmp_path / "e")]
     texts.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"image": "a.png", "question": "q"}) + "\n")
     with pytest.raises(ValueError, match=r"t\.jsonl:2: .*'answer'"):
-        tool.main(argv)
+        folder_to_wds.main(argv)
     texts.write_text(json.dumps({"image": "missing.jpg", "question": "q", "answer": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"t\.jsonl:1: .*missing\.jpg"):
-        tool.main(argv)
+        folder_to_wds.main(argv)
     texts.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"t\.jsonl:1: .*'frames'"):
-        tool.main(argv)
+        folder_to_wds.main(argv)
 
 
 def test_make_video_qa_tool(tmp_path):
-    tool = _tool_module("make_video_qa.py")
-    tool.main(["--out", str(tmp_path), "--train", "6", "--eval", "3", "--frames", "4", "--frame-size", "24"])
+    make_video_qa.main(["--out", str(tmp_path), "--train", "6", "--eval", "3", "--frames", "4", "--frame-size", "24"])
     tr, ev = ShardedVideoDataset(str(tmp_path / "train")), ShardedVideoDataset(str(tmp_path / "eval"))
     assert (len(tr), len(ev)) == (6, 3)
     g = VideoQAGenerator(3, num_frames=4, frame_size=24, seed=0, split="eval")
