@@ -135,35 +135,39 @@ def test_counts_are_distinct_for_every_frame_count():
         assert counts == sorted(set(counts)) and counts[-1] == frames, (frames, counts)
 
 
-def test_one_frame_does_not_tell_which_colour_is_in_the_most_frames():
-    """The best one-frame answer to ``most`` (one of the colours that frame shows, at random) is right
-    far less often than all frames are (always)."""
-    g = _gen(3000, frames=8, size=32)
+def _one_frame_guesses(frames: int, qtype: str, guess) -> list[bool]:
+    """For each ``qtype`` sample of 3000: is ``guess(plan, frame, rng)``, an answer from one random frame, right?"""
+    g = _gen(3000, frames=frames, size=32)
     rng = np.random.default_rng(1)
     right = []
     for i in range(3000):
         plan = g.plan(i)
-        if plan.qtype != "most":
-            continue
-        t = int(rng.integers(g.num_frames))
+        if plan.qtype == qtype:
+            right.append(guess(plan, int(rng.integers(frames)), rng) == plan.answer)
+    return right
+
+
+def test_one_frame_does_not_tell_which_colour_is_in_the_most_frames():
+    """The best one-frame answer to ``most`` (one of the colours that frame shows, at random) is right
+    far less often than all frames are (always)."""
+
+    def one_of_its_colours(plan, t, rng):
         in_frame = [tr.color for tr in plan.tracks if t in tr.shown]
-        right.append(bool(in_frame) and str(rng.choice(in_frame)) == plan.answer)
+        return str(rng.choice(in_frame)) if in_frame else None
+
+    right = _one_frame_guesses(8, "most", one_of_its_colours)
     assert len(right) > 800 and np.mean(right) < 0.6, np.mean(right)
 
 
 def test_one_frame_does_not_tell_whether_a_colour_is_seen():
     """The best one-frame answer to ``seen`` ("yes" if that frame shows the colour) is right for every
     "no" but only for 1 in F of the "yes" samples: 0.5 + 0.5 / F, far below what all frames give (1.0)."""
-    g = _gen(3000, frames=4, size=32)
-    rng = np.random.default_rng(1)
-    right = []
-    for i in range(3000):
-        plan = g.plan(i)
-        if plan.qtype != "seen":
-            continue
-        t = int(rng.integers(g.num_frames))
-        in_frame = any(tr.color == _asked_colour(plan.question) and t in tr.shown for tr in plan.tracks)
-        right.append(("yes" if in_frame else "no") == plan.answer)
+
+    def shown_in_it(plan, t, rng):
+        asked = _asked_colour(plan.question)
+        return "yes" if any(tr.color == asked and t in tr.shown for tr in plan.tracks) else "no"
+
+    right = _one_frame_guesses(4, "seen", shown_in_it)
     assert len(right) > 800 and abs(np.mean(right) - (0.5 + 0.5 / 4)) < 0.05, np.mean(right)
 
 
