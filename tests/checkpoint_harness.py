@@ -9,7 +9,6 @@ import gc
 import io
 import os
 import shutil
-import sys
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
@@ -227,8 +226,9 @@ class Loaders:
         return {"error": error, "stdout": out, "stderr": err, "output": weights, "iteration": iteration}
 
     def export(self, ckpt: Path, out_dir: Path | None = None) -> dict:
-        from convert_hf_checkpoint import main
         from safetensors.torch import load_file
+
+        from tools.convert_hf_checkpoint import main
 
         out_dir = out_dir or self.work / "exported"
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -239,7 +239,7 @@ class Loaders:
         return {"rc": rc, "error": error, "stdout": out, "stderr": err, "output": weights}
 
     def forward(self, ckpt: Path) -> dict:
-        from mllama_forward import main
+        from tools.mllama_forward import main
 
         output = self.work / "logits.pt"
         output.unlink(missing_ok=True)
@@ -392,7 +392,6 @@ def fault_matrix(rank: int, world_size: int, root: str, cases: list[dict]) -> di
     """
     from lvx_megatron.training.checkpointing import save_checkpoint
 
-    sys.path.insert(0, str(TOOLS))
     base, work, data = Path(root) / "base", Path(root) / "work", str(Path(root) / "data")
     loaders = Loaders(data, work)
     run = small_run(data, str(work / "run"), **{"checkpoint.save": str(base), "checkpoint.save_interval": 2})

@@ -1,14 +1,11 @@
 """A small random Hugging Face Llama-3.2-Vision and gloo workers that run our forward on its inputs."""
 
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|absl).*")
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
 
 VOCAB, IMAGE_TOKEN, TILES, TILE = 100, 99, 4, 16
 
@@ -110,7 +107,7 @@ def hf_logits(directory: Path, inputs: dict) -> torch.Tensor:
 
 def forward_layouts(rank: int, world_size: int, ckpt: str, inputs: dict, layouts: list) -> dict:
     """Worker: our logits for each (TP, CP, PP) layout (rank 0's result)."""
-    from mllama_forward import forward_logits
+    from lvx_megatron.hf.forward import forward_logits
 
     results = {}
     for tp, cp, pp in layouts:
@@ -121,7 +118,8 @@ def forward_layouts(rank: int, world_size: int, ckpt: str, inputs: dict, layouts
 def greedy_tokens(rank: int, world_size: int, ckpt: str, inputs: dict, steps: int) -> list[int]:
     """Worker: the argmax continuation of sample 0 with our forward over CP = world_size."""
     from megatron.core import parallel_state as ps
-    from mllama_forward import load_model, logits_on_rank0
+
+    from lvx_megatron.hf.forward import load_model, logits_on_rank0
 
     model, vocab = load_model(Path(ckpt), 1, 1, world_size)
     sample = {k: v[:1] for k, v in inputs.items()}

@@ -1,17 +1,13 @@
 """GPU correctness (runs only where CUDA is available; CI machines have none)."""
 
-import os
-import sys
-
 import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 
 
 def test_cuda_backends_and_strategies_match_float64_reference():
-    import gpu_check
+    from tools import gpu_check
 
     records = gpu_check.check_all(quick=True)
     failed = [r for r in records if not r["passed"]]

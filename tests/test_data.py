@@ -1,6 +1,5 @@
 """Data pipeline: synthetic video QA, tokenizers, Mllama tiling/masks vs HF, collate, shards, sampler, tools."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -38,6 +37,7 @@ from lvx_megatron.data.video_qa import (
     QUESTION_TYPES,
     chance_by_type,
 )
+from tools import folder_to_wds, make_video_qa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,35 +135,39 @@ def test_counts_are_distinct_for_every_frame_count():
         assert counts == sorted(set(counts)) and counts[-1] == frames, (frames, counts)
 
 
-def test_one_frame_does_not_tell_which_colour_is_in_the_most_frames():
-    """The best one-frame answer to ``most`` (one of the colours that frame shows, at random) is right
-    far less often than all frames are (always)."""
-    g = _gen(3000, frames=8, size=32)
+def _one_frame_guesses(frames: int, qtype: str, guess) -> list[bool]:
+    """For each ``qtype`` sample of 3000: is ``guess(plan, frame, rng)``, an answer from one random frame, right?"""
+    g = _gen(3000, frames=frames, size=32)
     rng = np.random.default_rng(1)
     right = []
     for i in range(3000):
         plan = g.plan(i)
-        if plan.qtype != "most":
-            continue
-        t = int(rng.integers(g.num_frames))
+        if plan.qtype == qtype:
+            right.append(guess(plan, int(rng.integers(frames)), rng) == plan.answer)
+    return right
+
+
+def test_one_frame_does_not_tell_which_colour_is_in_the_most_frames():
+    """The best one-frame answer to ``most`` (one of the colours that frame shows, at random) is right
+    far less often than all frames are (always)."""
+
+    def one_of_its_colours(plan, t, rng):
         in_frame = [tr.color for tr in plan.tracks if t in tr.shown]
-        right.append(bool(in_frame) and str(rng.choice(in_frame)) == plan.answer)
+        return str(rng.choice(in_frame)) if in_frame else None
+
+    right = _one_frame_guesses(8, "most", one_of_its_colours)
     assert len(right) > 800 and np.mean(right) < 0.6, np.mean(right)
 
 
 def test_one_frame_does_not_tell_whether_a_colour_is_seen():
     """The best one-frame answer to ``seen`` ("yes" if that frame shows the colour) is right for every
     "no" but only for 1 in F of the "yes" samples: 0.5 + 0.5 / F, far below what all frames give (1.0)."""
-    g = _gen(3000, frames=4, size=32)
-    rng = np.random.default_rng(1)
-    right = []
-    for i in range(3000):
-        plan = g.plan(i)
-        if plan.qtype != "seen":
-            continue
-        t = int(rng.integers(g.num_frames))
-        in_frame = any(tr.color == _asked_colour(plan.question) and t in tr.shown for tr in plan.tracks)
-        right.append(("yes" if in_frame else "no") == plan.answer)
+
+    def shown_in_it(plan, t, rng):
+        asked = _asked_colour(plan.question)
+        return "yes" if any(tr.color == asked and t in tr.shown for tr in plan.tracks) else "no"
+
+    right = _one_frame_guesses(4, "seen", shown_in_it)
     assert len(right) > 800 and abs(np.mean(right) - (0.5 + 0.5 / 4)) < 0.05, np.mean(right)
 
 
@@ -404,14 +408,6 @@ def _run_tool(name, *args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args], capture_output=True, text=True)
 
 
-def _tool_module(name):
-    """Import a tools/ script as a module (in-process: no second torch import)."""
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), os.path.join(ROOT, "tools", name))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_folder_to_wds(tmp_path):
     img_dir = tmp_path / "imgs"
     (img_dir / "clip1").mkdir(parents=True)
@@ -434,22 +430,20 @@ def test_folder_to_wds(tmp_path):
     assert np.array_equal(ds[0]["frames"], clip) and ds[0]["answer"] == "a dot"
     assert np.array_equal(ds[1]["frames"], single[None]) and ds[1]["question"] == "describe"
     # Errors name the line and the missing field / file.
-    tool = _tool_module("folder_to_wds.py")
     argv = ["--images", str(img_dir), "--texts", str(texts), "--out", str(tmp_path / "e")]
     texts.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"image": "a.png", "question": "q"}) + "\n")
     with pytest.raises(ValueError, match=r"t\.jsonl:2: .*'answer'"):
-        tool.main(argv)
+        folder_to_wds.main(argv)
     texts.write_text(json.dumps({"image": "missing.jpg", "question": "q", "answer": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"t\.jsonl:1: .*missing\.jpg"):
-        tool.main(argv)
+        folder_to_wds.main(argv)
     texts.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"t\.jsonl:1: .*'frames'"):
-        tool.main(argv)
+        folder_to_wds.main(argv)
 
 
 def test_make_video_qa_tool(tmp_path):
-    tool = _tool_module("make_video_qa.py")
-    tool.main(["--out", str(tmp_path), "--train", "6", "--eval", "3", "--frames", "4", "--frame-size", "24"])
+    make_video_qa.main(["--out", str(tmp_path), "--train", "6", "--eval", "3", "--frames", "4", "--frame-size", "24"])
     tr, ev = ShardedVideoDataset(str(tmp_path / "train")), ShardedVideoDataset(str(tmp_path / "eval"))
     assert (len(tr), len(ev)) == (6, 3)
     g = VideoQAGenerator(3, num_frames=4, frame_size=24, seed=0, split="eval")

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-import gpu_check
-
 from lvx_megatron.ops import TorchReferenceBackend
+from tools import gpu_check
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -56,10 +54,10 @@ class _OffBackend(TorchReferenceBackend):
 
 
 def test_a_wrong_backend_fails_the_check(monkeypatch):
-    monkeypatch.setattr(gpu_check, "_block_backend", lambda name, device, dtype: _OffBackend())
+    monkeypatch.setattr(gpu_check, "block_backend", lambda name, device, dtype: _OffBackend())
     case = gpu_check.BlockCase("query_ring", "torch", "float32", 4, 2, 16, 7, 45, "tiles")
     errors = gpu_check.run_block_case(case, 0, CPU)
-    record = gpu_check._record("block", case, errors, gpu_check.TOLERANCE["float32"])
+    record = gpu_check.judge("block", case, errors, gpu_check.TOLERANCE["float32"])
     assert not record["passed"] and record["max_error"] > record["tolerance"]
     assert errors["blind_rows_max_abs"] >= 1e-3
 

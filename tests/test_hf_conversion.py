@@ -88,9 +88,8 @@ def test_greedy_tokens_match_hf_generate(checkpoints, ours):
 
 
 def test_imported_run_config_and_errors(checkpoints, tmp_path, capsys):
-    from convert_hf_checkpoint import main as convert_main
-
     from lvx_megatron.training.config import load_config
+    from tools.convert_hf_checkpoint import main as convert_main
 
     cfg = load_config(checkpoints["ckpt"] / "model.yaml")
     assert cfg.model.cross_attention.blind_rows == "attend_all"

@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-import regenerate_gpu_results as regen
-
 from lvx_megatron.training.config import load_config
+from tools import regenerate_gpu_results as regen
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,6 @@
 and the committed simulator results are what the simulator computes now."""
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -10,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-import render_results as rr
+from tools import render_results as rr
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,16 +1,13 @@
 """Results files record where their numbers came from: commit, tree state, device, versions, command."""
 
 import json
-import os
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-import results_file
+from lvx_megatron import results
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -20,7 +17,7 @@ def test_results_file_names_commit_device_versions_and_a_rerunnable_command(tmp_
     monkeypatch.setenv("SOME_TOKEN", "secret")
     path = tmp_path / "sub" / "r.json"
     argv = ["--x", "1", "--label", "a b", "--output", str(path)]
-    results_file.write_results(str(path), "tool.py", argv, {"dtype": "bf16"}, rows=[{"a": 1}])
+    results.write_results(str(path), "tool.py", argv, {"dtype": "bf16"}, rows=[{"a": 1}])
     data = json.loads(path.read_text())
     assert data["rows"] == [{"a": 1}]
     meta = data["meta"]
@@ -29,14 +26,14 @@ def test_results_file_names_commit_device_versions_and_a_rerunnable_command(tmp_
     for key in ("torch", "cuda", "cudnn", "triton", "python", "date", "megatron_core"):
         assert key in meta
     assert meta["env"] == {"TRITON_INTERPRET": "1"}  # only the variables that change what runs
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=results_file.REPO, capture_output=True, text=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=results.REPO, capture_output=True, text=True)
     assert meta["git"]["commit"] == head.stdout.strip()
     assert isinstance(meta["git"]["dirty"], bool)
 
 
 def test_command_names_torchrun_when_started_by_it(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert results_file.command_line("multi_gpu_check.py", ["--quick"]) == (
+    assert results.command_line("multi_gpu_check.py", ["--quick"]) == (
         "torchrun --nproc-per-node=8 tools/multi_gpu_check.py --quick"
     )
 
@@ -52,21 +49,21 @@ def test_dirty_tree_lists_changed_and_untracked_files(tmp_path):
     (tmp_path / "a.py").write_text("x = 1\n")
     _git(tmp_path, "add", "a.py")
     _git(tmp_path, "commit", "-q", "-m", "one")
-    clean = results_file.git_state(tmp_path)
+    clean = results.git_state(tmp_path)
     assert clean["dirty"] is False and clean["changed"] == [] and len(clean["commit"]) == 40
     (tmp_path / "a.py").write_text("x = 2\n")
     (tmp_path / "new.py").write_text("")
-    dirty = results_file.git_state(tmp_path)
+    dirty = results.git_state(tmp_path)
     assert dirty["commit"] == clean["commit"] and dirty["dirty"] is True
     assert sorted(dirty["changed"]) == ["a.py", "new.py"]
 
 
 def test_many_changed_files_are_listed_briefly(tmp_path):
     _git(tmp_path, "init", "-q")
-    for i in range(results_file.MAX_LISTED_FILES + 5):
+    for i in range(results.MAX_LISTED_FILES + 5):
         (tmp_path / f"f{i}.txt").write_text("")
-    changed = results_file.git_state(tmp_path)["changed"]
-    assert len(changed) == results_file.MAX_LISTED_FILES + 1 and changed[-1] == "... and 5 more"
+    changed = results.git_state(tmp_path)["changed"]
+    assert len(changed) == results.MAX_LISTED_FILES + 1 and changed[-1] == "... and 5 more"
 
 
 @pytest.fixture
@@ -90,14 +87,14 @@ def _fake_repo(root: Path, head: str, loose: dict[str, str] | None = None, packe
 
 def test_without_git_the_commit_is_read_from_loose_refs(tmp_path, no_git):
     repo = _fake_repo(tmp_path / "r", "ref: refs/heads/main", loose={"refs/heads/main": SHA})
-    assert results_file.git_state(repo) == {"commit": SHA, "dirty": "unknown", "changed": "unknown"}
+    assert results.git_state(repo) == {"commit": SHA, "dirty": "unknown", "changed": "unknown"}
 
 
 def test_without_git_the_commit_is_read_from_packed_refs_or_a_detached_head(tmp_path, no_git):
     packed = f"# pack-refs with: peeled fully-peeled sorted\n{'f' * 40} refs/heads/other\n{SHA} refs/heads/main\n"
     repo = _fake_repo(tmp_path / "packed", "ref: refs/heads/main", packed=packed)
-    assert results_file.git_state(repo)["commit"] == SHA
-    assert results_file.git_state(_fake_repo(tmp_path / "detached", SHA))["commit"] == SHA
+    assert results.git_state(repo)["commit"] == SHA
+    assert results.git_state(_fake_repo(tmp_path / "detached", SHA))["commit"] == SHA
 
 
 def test_worktree_git_file_is_followed(tmp_path, no_git):
@@ -109,15 +106,15 @@ def test_worktree_git_file_is_followed(tmp_path, no_git):
     checkout = tmp_path / "wt"
     checkout.mkdir()
     (checkout / ".git").write_text(f"gitdir: {wt_dir}\n")
-    assert results_file.git_state(checkout)["commit"] == SHA
+    assert results.git_state(checkout)["commit"] == SHA
 
 
 def test_missing_or_unreadable_git_state_is_unknown_not_an_error(tmp_path, no_git):
-    assert results_file.git_state(tmp_path)["commit"] == "unknown"
+    assert results.git_state(tmp_path)["commit"] == "unknown"
     dangling = _fake_repo(tmp_path / "dangling", "ref: refs/heads/gone")
-    assert results_file.git_state(dangling)["commit"] == "unknown"
+    assert results.git_state(dangling)["commit"] == "unknown"
     garbage = _fake_repo(tmp_path / "garbage", "not a ref")
-    assert results_file.git_state(garbage)["commit"] == "unknown"
+    assert results.git_state(garbage)["commit"] == "unknown"
 
 
 @pytest.mark.parametrize(
@@ -131,11 +128,11 @@ def test_missing_or_unreadable_git_state_is_unknown_not_an_error(tmp_path, no_gi
     ],
 )
 def test_device_slug_names_results_files(name, slug):
-    assert results_file.device_slug(name) == slug
+    assert results.device_slug(name) == slug
 
 
 def test_a_given_source_commit_overrides_the_copy_s_own_git(monkeypatch, tmp_path):
     """A copied tree's .git can be stale; the commit the copier names wins, and dirtiness is unknown."""
-    monkeypatch.setenv(results_file.SOURCE_COMMIT_ENV, "a" * 40)
-    state = results_file.git_state(tmp_path)
+    monkeypatch.setenv(results.SOURCE_COMMIT_ENV, "a" * 40)
+    state = results.git_state(tmp_path)
     assert state == {"commit": "a" * 40, "dirty": "unknown", "changed": "unknown", "source": "$LVX_SOURCE_COMMIT"}

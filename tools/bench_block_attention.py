@@ -42,12 +42,12 @@ import time
 from dataclasses import replace
 
 import torch
-from results_file import write_results
 
 from lvx_megatron.ops import MaskPlan, TorchFusedBackend, TritonBackend, distributed_cross_attention, get_backend
 from lvx_megatron.ops.backends.triton_backend import KernelConfig
 from lvx_megatron.ops.masks import BlockMask
 from lvx_megatron.ops.problem import output_delta
+from lvx_megatron.results import write_results
 
 MASKS = ("none", "all", "video", "interleaved", "tiles")
 IMAGES, SLOTS = 8, 4

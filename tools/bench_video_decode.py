@@ -12,17 +12,14 @@ PyAV decoding every frame (``all frames``). ``sampled_fps`` counts the frames a 
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import av
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_file import write_results
-
 from lvx_megatron.data.video import decode_clip
+from lvx_megatron.results import write_results
 
 RATE = 30
 CASES = {  # name -> (frames asked, window start, window end: None = the clip's)

@@ -20,9 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from results_file import write_results
-
 from lvx_megatron.data.video_qa import chance_accuracy, chance_by_type
+from lvx_megatron.results import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 

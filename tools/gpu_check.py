@@ -42,7 +42,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.distributed as dist
-from results_file import write_results
 
 from lvx_megatron.ops import (
     TorchFusedBackend,
@@ -53,6 +52,7 @@ from lvx_megatron.ops import (
     get_backend,
 )
 from lvx_megatron.ops.backends import BlockAttentionBackend
+from lvx_megatron.results import write_results
 
 TOLERANCE = {"bfloat16": 2e-2, "float16": 2e-3, "float32": 1e-4}
 # The layer's projections, norms and MLP round to the dtype too (bf16 errors of about 1e-2).
@@ -143,7 +143,8 @@ def blind_rows(q_mask: torch.Tensor | None, ids: torch.Tensor | None, sq: int) -
     return ~visible.any(-1)
 
 
-def _block_backend(name: str, device: torch.device, dtype: torch.dtype) -> BlockAttentionBackend:
+def block_backend(name: str, device: torch.device, dtype: torch.dtype) -> BlockAttentionBackend:
+    """The backend a case names: torch (reference), triton, auto, or fused[-<torch kernel>]."""
     if name == "torch":
         return TorchReferenceBackend()
     if name == "triton":
@@ -171,7 +172,7 @@ def run_block_case(case: BlockCase, seed: int, device: torch.device, batch: int 
     ref_grads = torch.autograd.grad(ref, leaves, dout)
 
     low = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-    backend = _block_backend(case.backend, device, dtype)
+    backend = block_backend(case.backend, device, dtype)
     out = distributed_cross_attention(
         *low, strategy=case.strategy, q_image_mask=q_mask, kv_image_ids=ids, backend=backend
     )
@@ -334,7 +335,7 @@ def single_process_megatron(device: torch.device) -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def _record(kind: str, case, errors: dict[str, float], tolerance: float, unjudged: tuple[str, ...] = ()) -> dict:
+def judge(kind: str, case, errors: dict[str, float], tolerance: float, unjudged: tuple[str, ...] = ()) -> dict:
     """The case, its errors, the worst judged one, the tolerance and pass/fail."""
     judged = [v for k, v in errors.items() if k != "blind_rows_max_abs" and k not in unjudged]
     max_error = max(judged, key=lambda e: e if e == e else float("inf"))  # NaN counts as the worst
@@ -352,12 +353,12 @@ def check_all(device: torch.device | None = None, quick: bool = False, layers: b
     block_cases, layer_cases = case_matrix(device, quick)
     records = []
     for i, case in enumerate(block_cases):
-        records.append(_record("block", case, run_block_case(case, 1234 + i, device), TOLERANCE[case.dtype]))
+        records.append(judge("block", case, run_block_case(case, 1234 + i, device), TOLERANCE[case.dtype]))
     if layers:
         with single_process_megatron(device):
             for i, case in enumerate(layer_cases):
                 errors, worst = run_layer_case(case, 4321 + i, device)
-                record = _record("layer", case, errors, LAYER_TOLERANCE[case.dtype], UNJUDGED[case.dtype])
+                record = judge("layer", case, errors, LAYER_TOLERANCE[case.dtype], UNJUDGED[case.dtype])
                 records.append({**record, "worst_param": worst, "recompute_visual_kv": True})
     return records
 

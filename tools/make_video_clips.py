@@ -9,13 +9,13 @@ generator's frames). The answers count frames, so train with ``data.max_images``
 (uniform sampling then takes every frame). Format: docs/data.md.
 """
 
-import argparse
 import json
 import os
 import sys
 
 from lvx_megatron.data.video import SPLIT_FILES, write_clip
-from lvx_megatron.data.video_qa import VideoQAGenerator, chance_accuracy
+from lvx_megatron.data.video_qa import VideoQAGenerator
+from lvx_megatron.data.video_qa_flags import write_splits, writer_parser
 
 
 def write_split(out: str, split: str, gen: VideoQAGenerator, fps: int) -> None:
@@ -35,31 +35,23 @@ def write_split(out: str, split: str, gen: VideoQAGenerator, fps: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the flags and write both splits."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (gets train.jsonl, eval.jsonl, clips/)")
-    p.add_argument("--train", type=int, default=2048, help="number of training clips (default 2048)")
-    p.add_argument("--eval", type=int, default=256, help="number of held-out eval clips (default 256)")
-    p.add_argument("--frames", type=int, default=4, help="frames per clip, >= 4 (default 4)")
-    p.add_argument("--frame-size", type=int, default=32, help="frame height = width in pixels, >= 16 (default 32)")
+    out_help = "output folder (gets train.jsonl, eval.jsonl, clips/)"
+    p = writer_parser(__doc__, out_help, "clips", train=2048, held_out=256, frames=4, frame_size=32)
     p.add_argument("--fps", type=int, default=4, help="frame rate of the clips (default 4)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     args = p.parse_args(argv)
     if args.fps < 1:
         p.error(f"--fps must be >= 1, got {args.fps}")
-    for split, n in (("train", args.train), ("eval", args.eval)):
-        if n < 1:
-            p.error(f"--{split} must be >= 1, got {n}")
-        gen = VideoQAGenerator(n, num_frames=args.frames, frame_size=args.frame_size, seed=args.seed, split=split)
+
+    def write(split: str, n: int, gen: VideoQAGenerator) -> None:
         print(
             f"{split}: {n} clips of {args.frames} frames, {args.frame_size}x{args.frame_size} -> {args.out}",
             file=sys.stderr,
         )
         write_split(args.out, split, gen, args.fps)
-    print(f"chance accuracy (answers without the frames): {chance_accuracy():.4f}", file=sys.stderr)
+
+    write_splits(p, args, write)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    main()

@@ -12,8 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from results_file import write_results
-
+from lvx_megatron.results import write_results
 from lvx_megatron.training.profiling import phase_table
 
 

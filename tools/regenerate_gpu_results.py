@@ -25,6 +25,7 @@ status 0 when every selected stage succeeded.
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -40,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from results_file import device_slug, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_TESTS = (
@@ -173,7 +173,9 @@ def stage_tests(ctx: Context) -> None:
             raise failure or StageError("pytest wrote no junit report")
         counts, tests = junit_counts(junit)
     extra = {"tests_command": shlex.join(argv), "test_files": list(ctx.args.tests)}
-    write_results(str(out), "regenerate_gpu_results.py", ctx.argv, extra, counts=counts, tests=tests)
+    call_results(
+        ctx.env, "write_results", str(out), "regenerate_gpu_results.py", ctx.argv, extra, counts=counts, tests=tests
+    )
     ctx.say(f"[{ctx.stage}] {counts}")
     if failure is not None:
         raise failure
@@ -261,11 +263,23 @@ def missing_modules(modules: tuple[str, ...], env: dict[str, str]) -> list[str]:
     return proc.stdout.split()
 
 
-def detect_device(env: dict[str, str]) -> str:
-    """The GPU's name, asked in a child process (the CUDA context it makes must not outlive the query)."""
-    code = "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return proc.stdout.strip().splitlines()[-1]
+def call_results(env: dict[str, str], function: str, *args, **kwargs):
+    """``lvx_megatron.results.<function>(*args, **kwargs)``, called in a child with ``env``; its value.
+
+    This tool imports nothing of the package itself: on a GPU machine it runs without the package
+    installed and before its wheels are, and the results it writes must name the versions the stages
+    ran. The stages' environment has the repository and the wheels' folder on PYTHONPATH; a child
+    also keeps the CUDA context that detecting the device makes out of this process.
+    """
+    code = (
+        "import json, sys\nfrom lvx_megatron import results\n"
+        "a = json.load(sys.stdin)\nprint(json.dumps(getattr(results, a['f'])(*a['args'], **a['kwargs'])))"
+    )
+    spec = json.dumps({"f": function, "args": args, "kwargs": kwargs})
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, input=spec, stdout=subprocess.PIPE, text=True, check=True, cwd=REPO
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -304,9 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.CalledProcessError as err:
             print(f"regenerate_gpu_results: installing the wheels of {wheels} failed ({err})", file=sys.stderr)
             return 2
-        sys.path.insert(1, site)  # so the results files this process writes name the versions the stages ran
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), site, env.get("PYTHONPATH")) if p)
-    device = device_slug(args.device_name or detect_device(env))
+    device = call_results(env, "device_slug", args.device_name)  # of this machine's GPU without a name
     ctx = Context(args, argv, device, env)
     if not args.dry_run:
         ctx.out.mkdir(parents=True, exist_ok=True)

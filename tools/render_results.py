@@ -377,9 +377,6 @@ SWEEP_KERNELS = ("forward", "dkdv", "dq")
 
 def _default_tiles(kernel: str, rows: int, head_dim: int, dtype: str) -> tuple[tuple[int, int, int, int], float | None]:
     """The tiles (and waves; None for ``dkdv``, which does not split) the code picks now."""
-    package_root = str(Path(__file__).resolve().parents[1])
-    if package_root not in sys.path:
-        sys.path.insert(0, package_root)
     import torch  # the renderers of the other files need neither
 
     from lvx_megatron.ops.backends import triton_backend as tb

@@ -22,8 +22,6 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|absl).*")
 
-from results_file import write_results  # noqa: E402
-
 from lvx_megatron.ops.cost_model import (  # noqa: E402
     CallShape,
     ComputeModel,
@@ -34,6 +32,7 @@ from lvx_megatron.ops.cost_model import (  # noqa: E402
     uniform_lengths,
 )
 from lvx_megatron.ops.rate_table import MASKS, compute_model, load_rate_table  # noqa: E402
+from lvx_megatron.results import write_results  # noqa: E402
 from lvx_megatron.training.config import load_config  # noqa: E402
 from lvx_megatron.training.flops import flops_per_sample, visual_tokens_per_image  # noqa: E402
 

@@ -11,11 +11,9 @@ Steady-state numbers are medians over the logged training steps after the first 
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_file import write_results
+from lvx_megatron.results import write_results
 
 FIELDS = (
     "step_s",

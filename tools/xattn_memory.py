@@ -21,9 +21,9 @@ from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_block import TransformerBlock
-from results_file import write_results
 
 from lvx_megatron.core import CrossAttentionMask, cross_attention_decoder_block_spec, llama_style_config
+from lvx_megatron.results import write_results
 
 
 def _config(num_layers, cross_layers, hidden, heads, groups, ffn, visual_hidden, recompute, dtype, backend):

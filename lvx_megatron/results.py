@@ -17,14 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # the checkout this package runs from
 MAX_LISTED_FILES = 20  # a dirty tree lists this many changed paths, then how many more
 # Environment variables that change what the tools run (kernels, devices, allocator); nothing else
 # from the environment is recorded.
 RECORDED_ENV = ("CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF")
 RECORDED_ENV_PREFIXES = ("TRITON_", "LVX_")
+# torch is imported by the functions that ask it: tools/regenerate_gpu_results.py names a given
+# device (device_slug) through this module in a child process that should not take seconds to start.
 
 
 def _triton_version() -> str | None:
@@ -128,6 +128,8 @@ def git_state(repo: Path = REPO) -> dict:
 
 def driver_version() -> str | None:
     """The NVIDIA driver version; None without CUDA, "unknown" when no source answers."""
+    import torch
+
     if not torch.cuda.is_available():
         return None
     try:
@@ -151,6 +153,9 @@ def driver_version() -> str | None:
 
 
 def device_name() -> str:
+    """This machine's GPU name, or "cpu"."""
+    import torch
+
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
@@ -173,6 +178,8 @@ def command_line(tool: str, argv: list[str] | None) -> str:
 
 def provenance(tool: str, argv: list[str] | None) -> dict:
     """The ``meta`` fields every results file starts with."""
+    import torch
+
     env = {k: v for k, v in sorted(os.environ.items()) if k in RECORDED_ENV or k.startswith(RECORDED_ENV_PREFIXES)}
     return {
         "device": device_name(),
