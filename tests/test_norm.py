@@ -6,7 +6,7 @@ On CUDA the norm is torch's fused kernel, on CPU our own autograd Function; both
 import pytest
 import torch
 
-from lvx_megatron.core.norm import _rms_norm
+from lvx_megatron.core.norm import rms_norm
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
@@ -20,9 +20,9 @@ def test_rms_norm_matches_plain_formula_and_passes_gradcheck(device):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 3, 16, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     w = (1 + 0.1 * torch.randn(16, generator=gen, dtype=torch.float64)).to(device).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: _rms_norm(a, b, 1e-6), (x, w))
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-6), (x, w))
     g = torch.randn(5, 3, 16, generator=gen, dtype=torch.float64).to(device)
-    ours = torch.autograd.grad(_rms_norm(x, w, 1e-6), (x, w), g)
+    ours = torch.autograd.grad(rms_norm(x, w, 1e-6), (x, w), g)
     ref = torch.autograd.grad(_plain(x, w, 1e-6), (x, w), g)
     for a, b in zip(ours, ref, strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
@@ -34,7 +34,7 @@ def test_rms_norm_bf16_accumulates_in_fp32(device):
     x = (3 * torch.randn(8, 2, 512, generator=gen)).to(device, torch.bfloat16).requires_grad_()
     w = (1 + 0.1 * torch.randn(512, generator=gen)).to(device, torch.bfloat16).requires_grad_()
     g = torch.randn(8, 2, 512, generator=gen).to(device, torch.bfloat16)
-    y = _rms_norm(x, w, 1e-5)
+    y = rms_norm(x, w, 1e-5)
     y.backward(g)
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref = _plain(xd, wd, 1e-5)
@@ -52,5 +52,5 @@ def test_rms_norm_saves_no_fp32_copy_of_a_low_precision_input(device):
     w = torch.ones(32, dtype=torch.bfloat16, device=device, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        _rms_norm(x, w, 1e-5)
+        rms_norm(x, w, 1e-5)
     assert saved and all(t.dtype == torch.bfloat16 or t.shape[-1] == 1 for t in saved)

@@ -19,8 +19,8 @@ from lvx_megatron.training.config import ConfigError
 from lvx_megatron.training.profiling import (
     IDLE,
     MODEL_REST,
+    PhaseHooks,
     StepProfiler,
-    _PhaseHooks,
     attribute,
     device_busy_seconds,
     loop_phase,
@@ -78,7 +78,7 @@ def test_the_gpu_profile_times_kernels_and_the_device_idle_time(tmp_path):
 
 def test_backward_ops_inherit_the_phase_of_the_forward_op_that_made_them():
     model = _Toy()
-    hooks = _PhaseHooks(model)
+    hooks = PhaseHooks(model)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         model(torch.randn(8, 384)).backward()
     hooks.remove()

@@ -22,17 +22,13 @@ from the model FLOPs (``training/flops.py``: forward x3) and, for attention rows
 """
 
 import argparse
-import os
 import statistics
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_file import write_results
-
 from lvx_megatron.models.mllama_vision import MllamaVisionEncoder
+from lvx_megatron.results import write_results
 from lvx_megatron.training.config import load_config
 from lvx_megatron.training.flops import PEAK_BF16_FLOPS, forward_flops_per_sample
 from lvx_megatron.training.setup import vision_config

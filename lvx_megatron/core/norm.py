@@ -54,7 +54,8 @@ class _ScaleGradient(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dimension, accumulated in fp32 (fp64 for fp64)."""
     if x.is_cuda:
         # torch's fused kernels: same fp32 maths and saved tensors, but 3 kernels forward+backward
         # instead of ~23, which is most of the text decoder's launch overhead at short sequences.
@@ -72,7 +73,7 @@ class RMSNorm(MegatronModule):
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: Tensor) -> Tensor:
-        return _rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
     def forward_replicated(self, x: Tensor, tp_group: ProcessGroup) -> Tensor:
         """Normalise ``x`` that every TP rank holds whole (e.g. the visual features) with this weight.
@@ -85,7 +86,7 @@ class RMSNorm(MegatronModule):
         tp = tp_group.size()
         if self.weight.sequence_parallel and tp > 1:
             weight = _ScaleGradient.apply(weight, 1.0 / tp)
-        return _rms_norm(x, weight, self.eps)
+        return rms_norm(x, weight, self.eps)
 
 
 class LayerNorm(MegatronModule):
@@ -124,4 +125,4 @@ class HeadRMSNorm(RMSNorm):
         weight = self.weight
         if self.tp_group is not None and self.tp_group.size() > 1:
             weight = copy_to_tensor_model_parallel_region(weight, group=self.tp_group)
-        return _rms_norm(x, weight, self.eps)
+        return rms_norm(x, weight, self.eps)

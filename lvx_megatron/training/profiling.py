@@ -79,7 +79,7 @@ def loop_phase(name: str) -> Iterator[None]:
         yield
 
 
-class _PhaseHooks:
+class PhaseHooks:
     """Forward pre/post hooks that open and close a phase's range around each matching module."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -209,7 +209,7 @@ class StepProfiler:
         self.model, self.start, self.end = model, start, end
         self.out_dir, self.rank, self.device = Path(out_dir), rank, device
         self.prof: profile | None = None
-        self.hooks: _PhaseHooks | None = None
+        self.hooks: PhaseHooks | None = None
         self.began = 0.0
 
     def _sync(self) -> None:
@@ -221,7 +221,7 @@ class StepProfiler:
         if finished != self.start or self.prof is not None:
             return
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        self.hooks = _PhaseHooks(self.model)
+        self.hooks = PhaseHooks(self.model)
         self.prof = profile(activities=activities, record_shapes=False, with_stack=False)
         self._sync()
         self.prof.start()
