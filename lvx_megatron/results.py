@@ -204,3 +204,13 @@ def write_results(path: str, tool: str, argv: list[str] | None, extra_meta: dict
     with open(path, "w") as f:
         json.dump({"meta": meta, **data}, f, indent=1)
         f.write("\n")
+
+
+def rows_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A markdown table of ``rows``: one column per ``(key, format spec)``, headed by the key; a
+    missing or None value is left empty, ``%`` specs show fractions as percentages."""
+    lines = ["| " + " | ".join(key for key, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = ["" if row.get(key) is None else format(row[key], spec) for key, spec in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

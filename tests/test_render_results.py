@@ -34,13 +34,15 @@ def test_every_results_file_a_doc_quotes_exists_and_is_named_beside_it():
 def test_a_number_that_disagrees_with_its_file_fails_the_check_and_is_rewritten(tmp_path, capsys):
     doc = tmp_path / "doc.md"
     region = "<!-- results: value file=train_1b_h200.json key=summary.step_s fmt=.3g -->"
-    doc.write_text(f"A step takes {region}2.31<!-- /results --> s.\n")
+    step = f"{json.loads((rr.RESULTS / 'train_1b_h200.json').read_text())['summary']['step_s']:.3g}"
+    wrong = f"{float(step) + 0.5:.3g}"
+    doc.write_text(f"A step takes {region}{wrong}<!-- /results --> s.\n")
     assert rr.main([str(doc), "--check"]) == 1
     out = capsys.readouterr().out
     assert f"{doc}:1: region 'value file=train_1b_h200.json key=summary.step_s fmt=.3g'" in out
-    assert "benchmarks/results/train_1b_h200.json" in out and "-2.31" in out and "+2.25" in out
+    assert "benchmarks/results/train_1b_h200.json" in out and f"-{wrong}" in out and f"+{step}" in out
     assert rr.main([str(doc)]) == 0  # rewrite from the file
-    assert doc.read_text() == f"A step takes {region}2.25<!-- /results --> s.\n"
+    assert doc.read_text() == f"A step takes {region}{step}<!-- /results --> s.\n"
     assert rr.main([str(doc), "--check"]) == 0
 
 

@@ -136,3 +136,9 @@ def test_a_given_source_commit_overrides_the_copy_s_own_git(monkeypatch, tmp_pat
     monkeypatch.setenv(results.SOURCE_COMMIT_ENV, "a" * 40)
     state = results.git_state(tmp_path)
     assert state == {"commit": "a" * 40, "dirty": "unknown", "changed": "unknown", "source": "$LVX_SOURCE_COMMIT"}
+
+
+def test_rows_table_formats_each_column_and_leaves_missing_values_empty():
+    rows = [{"case": "a", "ms": 1.234, "share": 0.5}, {"case": "b", "ms": 10.0, "share": None}]
+    table = results.rows_table(rows, [("case", ""), ("ms", ".1f"), ("share", ".0%")])
+    assert table.splitlines() == ["| case | ms | share |", "|---|---|---|", "| a | 1.2 | 50% |", "| b | 10.0 |  |"]

@@ -28,10 +28,20 @@ import torch
 import torch.nn.functional as F
 
 from lvx_megatron.models.mllama_vision import MllamaVisionEncoder
-from lvx_megatron.results import write_results
+from lvx_megatron.results import rows_table, write_results
 from lvx_megatron.training.config import load_config
-from lvx_megatron.training.flops import PEAK_BF16_FLOPS, forward_flops_per_sample
+from lvx_megatron.training.flops import forward_flops_per_sample, peak_flops
 from lvx_megatron.training.setup import vision_config
+
+# What README's table shows (render_results.py rows_table with the same columns).
+TABLE_COLUMNS = [
+    ("case", ""),
+    ("frames", "d"),
+    ("ms", ".2f"),
+    ("tflops", ".0f"),
+    ("of_peak", ".1%"),
+    ("max_abs_diff_vs_dense", ".1e"),
+]
 
 
 def median_ms(fn, iters: int, warmup: int = 3) -> float:
@@ -115,19 +125,13 @@ def main() -> None:
     cfg = load_config(args.config)
     if cfg.model.architecture != "mllama":
         parser.error(f"--config: the mllama vision encoder only, got architecture {cfg.model.architecture!r}")
-    name = torch.cuda.get_device_name()
-    peak = next((p for key, p in PEAK_BF16_FLOPS.items() if key in name), None)
+    name, peak = torch.cuda.get_device_name(), peak_flops(torch.device("cuda"))
     rows = encoder_rows(cfg, args.iters) + attention_rows(cfg, args.iters)
-    print(f"{name}, {args.config}, bf16, forward+backward")
-    print("| case | frames | ms | TFLOP/s | of peak | max diff vs dense mask |")
-    print("|---|---|---|---|---|---|")
     for row in rows:
         row["tflops"] = row["flops"] / row["ms"] / 1e9
         row["of_peak"] = row["tflops"] * 1e12 / peak if peak else None
-        diff = row.get("max_abs_diff_vs_dense")
-        shown = "" if diff is None else f"{diff:.1e}"
-        of_peak = "" if peak is None else f"{row['of_peak']:.1%}"
-        print(f"| {row['case']} | {row['frames']} | {row['ms']:.2f} | {row['tflops']:.0f} | {of_peak} | {shown} |")
+    print(f"{name}, {args.config}, bf16, forward+backward")
+    print(rows_table(rows, TABLE_COLUMNS))
     if args.output:
         write_results(args.output, "bench_vision_encoder.py", None, {"config": args.config}, rows=rows)
         print(f"wrote {args.output}")

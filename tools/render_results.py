@@ -639,6 +639,15 @@ def render_simulator_output(p: Params) -> str:
 # --- the step profile (pretrain_mllm.py --profile, tools/profile_results.py) -----------------------
 
 
+@renderer("rows_table")
+def render_rows_table(p: Params) -> str:
+    """The ``rows`` of ``file`` as a table: ``columns=key:spec,key:spec`` (a spec may be empty)."""
+    from lvx_megatron.results import rows_table
+
+    columns = [tuple(c.split(":", 1)) if ":" in c else (c, "") for c in p.require("columns").split(",")]
+    return rows_table(p.file()["rows"], columns)
+
+
 @renderer("profile_table")
 def render_profile_table(p: Params) -> str:
     """Per phase of ``file``: forward, backward and total ms per step and share of the step's wall time."""
