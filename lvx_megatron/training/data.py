@@ -7,6 +7,7 @@ instead (:class:`EnergonBatchSource`). Every rank of a data-parallel replica (it
 reads the same micro-batches.
 """
 
+import gc
 import json
 import os
 import pickle
@@ -358,7 +359,7 @@ class EnergonBatchSource(_Prefetcher):
         return item[0] if isinstance(item, list) else item
 
     def _good_sample(self) -> dict:
-        for _ in range(self.cfg.data.max_bad_samples + 1):
+        while True:  # _skip raises past data.max_bad_samples
             clip = self._next()
             if clip.problem:
                 self._skip(clip.__key__, clip.problem)
@@ -370,7 +371,6 @@ class EnergonBatchSource(_Prefetcher):
                 self._skip(clip.__key__, reason)
                 continue
             return sample
-        raise AssertionError("unreachable: _skip raises past data.max_bad_samples")
 
     def _load(self, iteration: int) -> list[dict[str, torch.Tensor]]:
         if self.split == "eval" and iteration == 0:
@@ -402,6 +402,13 @@ class EnergonBatchSource(_Prefetcher):
         for rank, state in gathered:
             by_rank.setdefault(rank, state)
         return {"kind": "energon", "dp_size": self.dp_size, "states": [by_rank[r] for r in range(self.dp_size)]}
+
+    def close(self) -> None:
+        """Stop the reads and energon's worker processes (they end with the loader's iterator)."""
+        super().close()
+        self._iterator = None
+        self.loader = None
+        gc.collect()  # the iterator sits in reference cycles; its workers are shut down when it is freed
 
     def restore(self, saved: dict | None) -> None:
         """Continue where the checkpoint's loader stopped. ConfigError when it was saved with another
