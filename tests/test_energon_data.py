@@ -228,3 +228,16 @@ def test_a_metadataset_blend_is_read_with_its_weights(dataset, tmp_path):
     finally:
         source.close()
     assert len(batches) == 1 and batches[0]["tokens"].shape[0] == 32 and source.bad_samples > 0
+
+
+def test_a_resume_with_another_dp_size_or_worker_count_is_a_config_error(dataset):
+    _, data, _ = dataset
+    cfg = load_config(ENERGON_TINY, {"data.path": str(data), "data.num_workers": 0})
+    source = EnergonBatchSource(cfg, "train", build_tokenizer("words"), 0, 1, verbose=False)
+    try:
+        with pytest.raises(ConfigError, match="state is for 2 data-parallel ranks, this run has 1"):
+            source.restore({"kind": "energon", "dp_size": 2, "num_workers": 0, "states": [None, None]})
+        with pytest.raises(ConfigError, match=r"data\.num_workers: the checkpoint's energon loader state is for 2"):
+            source.restore({"kind": "energon", "dp_size": 1, "num_workers": 2, "states": [None]})
+    finally:
+        source.close()

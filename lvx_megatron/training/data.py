@@ -401,7 +401,12 @@ class EnergonBatchSource(_Prefetcher):
         by_rank = {}
         for rank, state in gathered:
             by_rank.setdefault(rank, state)
-        return {"kind": "energon", "dp_size": self.dp_size, "states": [by_rank[r] for r in range(self.dp_size)]}
+        return {
+            "kind": "energon",
+            "dp_size": self.dp_size,
+            "num_workers": self.cfg.data.num_workers,
+            "states": [by_rank[r] for r in range(self.dp_size)],
+        }
 
     def close(self) -> None:
         """Stop the reads and energon's worker processes (they end with the loader's iterator)."""
@@ -412,8 +417,8 @@ class EnergonBatchSource(_Prefetcher):
 
     def restore(self, saved: dict | None) -> None:
         """Continue where the checkpoint's loader stopped. ConfigError when it was saved with another
-        data-parallel size (energon's state is per rank); a checkpoint without energon state (another
-        ``data.kind``) starts the loader from the dataset's start, saying so."""
+        data-parallel size or ``data.num_workers`` (energon's state is per rank and worker); a checkpoint
+        without energon state (another ``data.kind``) starts the loader from the dataset's start, saying so."""
         if saved is None or saved.get("kind") != "energon":
             if self.verbose:
                 print("checkpoint holds no energon loader state: reading data.path from its start", flush=True)
@@ -422,6 +427,11 @@ class EnergonBatchSource(_Prefetcher):
             raise ConfigError(
                 f"config error: checkpoint.load: its energon loader state is for {saved['dp_size']} data-parallel "
                 f"ranks, this run has {self.dp_size}; data.kind energon resumes with the same data-parallel size"
+            )
+        if saved["num_workers"] != self.cfg.data.num_workers:
+            raise ConfigError(
+                f"config error: data.num_workers: the checkpoint's energon loader state is for {saved['num_workers']} "
+                f"workers per rank, this run has {self.cfg.data.num_workers}; resume with the same number"
             )
         self._initial = pickle.loads(saved["states"][self.dp_rank])
         self.loader.restore_state_rank(self._initial)
