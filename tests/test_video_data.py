@@ -181,7 +181,7 @@ def test_bad_clips_and_lines_are_skipped_counted_and_named(tmp_path, capsys):
     [
         (
             {"data.kind": "videos"},
-            "config error: data.kind: Input should be 'synthetic_video_qa', 'shards' or 'video_jsonl'",
+            "config error: data.kind: Input should be 'synthetic_video_qa', 'shards', 'video_jsonl' or 'energon'",
         ),
         (
             {"data.kind": "video_jsonl", "data.frame_sampling": "every"},
@@ -198,7 +198,7 @@ def test_bad_clips_and_lines_are_skipped_counted_and_named(tmp_path, capsys):
         ),
         (
             {"data.kind": "shards", "data.frame_sampling": "fps", "data.fps": 2.0},
-            "config error: data.frame_sampling: used by kind 'video_jsonl' only",
+            "config error: data.frame_sampling: used by kind 'video_jsonl' and 'energon' only",
         ),
     ],
 )

@@ -1,7 +1,8 @@
 """Data pipeline: synthetic video QA, tokenizers, Mllama tiling and batching, webdataset shards, video clips
-with JSONL, DP sampling.
+with JSONL, energon datasets, DP sampling.
 
-Depends on torch, numpy, PIL, PyAV (video clips) and webdataset (for writing shards); never on megatron.
+Depends on torch, numpy, PIL, PyAV (video clips) and webdataset (for writing shards); ``energon``
+(clips as megatron-energon datasets, imported on its own) on megatron-energon; never on megatron-core.
 """
 
 from lvx_megatron.data.batch import answer_accuracy, collate, encode_sample

@@ -9,6 +9,7 @@ keyframes before them up to them. See docs/data.md ("Video clips + JSONL").
 from __future__ import annotations
 
 import bisect
+import io
 import json
 import math
 import os
@@ -76,9 +77,17 @@ def select_frames(
 
 
 def decode_clip(
-    path: str, num_frames: int, start: float = 0.0, end: float | None = None, fps: float | None = None
+    path: str,
+    num_frames: int,
+    start: float = 0.0,
+    end: float | None = None,
+    fps: float | None = None,
+    data: bytes | None = None,
 ) -> np.ndarray:
     """The frames :func:`select_frames` picks from clip ``path``, uint8 [F, H, W, 3] RGB at the clip's size.
+
+    With ``data`` (the clip's bytes, e.g. a member of an energon tar) the clip is read from memory and
+    ``path`` only names it in messages.
 
     Two passes: the packets (not decoded) give the frame times and the keyframes; then each run of
     picked frames with no keyframe between them is decoded from the keyframe before its first frame
@@ -86,10 +95,10 @@ def decode_clip(
     VideoError naming the file when it is missing, has no video stream or cannot be decoded; the
     sampling rules' errors also name it.
     """
-    if not os.path.isfile(path):
+    if data is None and not os.path.isfile(path):
         raise VideoError(f"{path}: clip not found")
     try:
-        with av.open(path) as container:
+        with av.open(path if data is None else io.BytesIO(data)) as container:
             if not container.streams.video:
                 raise VideoError(f"{path}: no video stream")
             stream = container.streams.video[0]
@@ -195,32 +204,57 @@ class VideoJsonlDataset:
             raise IndexError(f"sample index {i} out of range for {len(self)} samples in {self.jsonl!r}")
         lineno, line = self._lines[i]
         where = f"{self.jsonl}:{lineno}"
+        rec = parse_clip_line(line, where)
+        fps = rec["fps"] if rec["fps"] is not None else self.fps
         try:
-            rec = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"{where}: invalid JSON ({exc})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{where}: not a JSON object")
-        question, answer = sample_text_fields(rec, where)
-        clip = rec.get("video", rec.get("clip"))
-        if not isinstance(clip, str) or not clip:
-            raise ValueError(f"{where}: missing or non-string field 'video' (or 'clip')")
-        if not clip.lower().endswith(CLIP_EXTENSIONS):
-            raise ValueError(f"{where}: field 'video' must name a {'/'.join(CLIP_EXTENSIONS)} file, got {clip!r}")
-        window = {}
-        for key in ("start", "end", "fps"):
-            value = rec.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-                raise ValueError(f"{where}: field {key!r} must be a number of seconds (fps: per second), got {value!r}")
-            window[key] = value
-        fps = window["fps"] if window["fps"] is not None else self.fps
-        try:
-            frames = decode_clip(
-                os.path.join(self.root, clip), self.num_frames, window["start"] or 0.0, window["end"], fps
-            )
+            frames = decode_clip(os.path.join(self.root, rec["video"]), self.num_frames, rec["start"], rec["end"], fps)
         except ValueError as exc:
             raise type(exc)(f"{where}: {exc}") from None
-        sample = {"frames": frames, "question": question, "answer": answer}
-        if isinstance(rec.get("qtype"), str):
+        sample = {"frames": frames, "question": rec["question"], "answer": rec["answer"]}
+        if rec["qtype"] is not None:
             sample["qtype"] = rec["qtype"]
         return sample
+
+
+def parse_clip_line(line: bytes | str, where: str) -> dict:
+    """One JSONL line of a clips + JSONL folder -> ``{"video", "question", "answer", "start", "end", "fps", "qtype"}``.
+
+    ``start`` is 0.0 and ``end``, ``fps``, ``qtype`` None when the line leaves them out. ValueError
+    starting with ``where`` (``file:line``) when the line cannot make a sample.
+    """
+    try:
+        rec = json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"{where}: invalid JSON ({exc})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: not a JSON object")
+    fields = clip_fields(rec, where)
+    clip = rec.get("video", rec.get("clip"))
+    if not isinstance(clip, str) or not clip:
+        raise ValueError(f"{where}: missing or non-string field 'video' (or 'clip')")
+    if not clip.lower().endswith(CLIP_EXTENSIONS):
+        raise ValueError(f"{where}: field 'video' must name a {'/'.join(CLIP_EXTENSIONS)} file, got {clip!r}")
+    return {"video": clip, **fields}
+
+
+def clip_fields(rec: dict, where: str) -> dict:
+    """The text and window of a sample's metadata: ``{"question", "answer", "start", "end", "fps", "qtype"}``.
+
+    Shared by the JSONL lines and the energon samples' ``.json``; ValueError starting with ``where``.
+    """
+    question, answer = sample_text_fields(rec, where)
+    window = {}
+    for key in ("start", "end", "fps"):
+        value = rec.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"{where}: field {key!r} must be a number of seconds (fps: per second), got {value!r}")
+        window[key] = value
+    qtype = rec.get("qtype")
+    return {
+        "question": question,
+        "answer": answer,
+        "start": float(window["start"] or 0.0),
+        "end": window["end"],
+        "fps": window["fps"],
+        "qtype": qtype if isinstance(qtype, str) else None,
+    }

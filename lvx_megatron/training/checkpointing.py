@@ -300,12 +300,19 @@ def save_checkpoint(
     iteration: int,
     root: str | Path,
     phase: Callable[[str], AbstractContextManager] = _untimed,
+    data_state: dict | None = None,
 ) -> Path:
     """Write the training checkpoint of ``iteration`` under ``root`` (:func:`write_checkpoint`), then
-    delete the checkpoints beyond ``checkpoint.keep_last`` (collective over all ranks)."""
+    delete the checkpoints beyond ``checkpoint.keep_last`` (collective over all ranks).
+
+    ``data_state`` (the same on every rank) is the data loader's position, for a loader whose samples do
+    not follow from the iteration alone (``data.kind: energon``); it is kept in the common state.
+    """
     sharded = _sharded_state(state, is_loading=False)
     sharded["scheduler"] = state.scheduler.state_dict()
     sharded["iteration"] = iteration
+    if data_state is not None:
+        sharded["data_loader"] = data_state
     sharded["run_config"] = cfg.model_dump(mode="json")
     path = write_checkpoint(sharded, root, iteration, phase)
     with phase("rotate"):
@@ -383,8 +390,13 @@ def load_model_weights(mllama, path: str | Path) -> None:
     mllama.load_state_dict(loaded["model"])
 
 
-def load_checkpoint(state: TrainState, root: str | Path) -> int:
+def load_checkpoint(
+    state: TrainState, root: str | Path, restore_data: Callable[[dict | None], None] | None = None
+) -> int:
     """Load the newest checkpoint under ``root`` into ``state``; returns its iteration (0: none yet).
+
+    ``restore_data`` gets the checkpoint's saved data-loader state (None when it has none) when a
+    training checkpoint was loaded.
 
     A model-only checkpoint (``tools/convert_hf_checkpoint.py import``) loads the weights and
     starts at iteration 0 with a fresh optimizer and LR schedule.
@@ -413,4 +425,6 @@ def load_checkpoint(state: TrainState, root: str | Path) -> int:
     state.mllama.load_state_dict(loaded["model"])
     _load_optimizer(state.optimizer, loaded["optimizer"])
     state.scheduler.load_state_dict(loaded["scheduler"])
+    if restore_data is not None:
+        restore_data(loaded.get("data_loader"))
     return int(loaded["iteration"])

@@ -271,10 +271,13 @@ class DataConfig(_Section):
     first use; ``kind: shards`` reads WebDataset shards made by ``tools/folder_to_wds.py`` (``path``
     holds ``train/`` and ``eval/``); ``kind: video_jsonl`` decodes clips named by ``path/train.jsonl``
     and ``path/eval.jsonl``, ``max_images`` frames each (``frame_sampling: uniform``) or one every
-    ``1/fps`` seconds (``frame_sampling: fps``).
+    ``1/fps`` seconds (``frame_sampling: fps``); ``kind: energon`` reads a megatron-energon dataset
+    (``path``: a prepared folder, e.g. from ``tools/video_jsonl_to_energon.py``, or a metadataset YAML
+    blending several) with energon's loaders, decoding clips as ``video_jsonl`` does in
+    ``num_workers`` worker processes; its loader state is saved in checkpoints.
     """
 
-    kind: Literal["synthetic_video_qa", "shards", "video_jsonl"] = "synthetic_video_qa"
+    kind: Literal["synthetic_video_qa", "shards", "video_jsonl", "energon"] = "synthetic_video_qa"
     path: str
     seq_length: PositiveInt
     max_images: PositiveInt
@@ -285,17 +288,29 @@ class DataConfig(_Section):
     tokenizer_path: str | None = None
     seed: int = 0
     max_bad_samples: int = Field(100, ge=0)  # unreadable/invalid samples skipped before the run aborts
-    frame_sampling: Literal["uniform", "fps"] = "uniform"  # video_jsonl: how frames are picked from a clip
-    fps: PositiveFloat | None = None  # video_jsonl with frame_sampling fps (a JSONL line's "fps" wins)
+    frame_sampling: Literal["uniform", "fps"] = "uniform"  # clips (video_jsonl, energon): how frames are picked
+    fps: PositiveFloat | None = None  # clips with frame_sampling fps (a sample's own "fps" wins)
+    # energon only: worker processes per rank that decode clips (0: in the loader thread), the sample
+    # shuffle buffer and the longest run of consecutive samples read from one shard slice.
+    num_workers: int = Field(2, ge=0)
+    shuffle_buffer_size: PositiveInt = 100
+    max_samples_per_sequence: PositiveInt = 100
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
         # Only a value other than the default is an error: a checkpoint's saved run config (export,
-        # resume) spells out every field, these two included, whatever the kind.
-        if self.kind != "video_jsonl":
-            for field, default in (("frame_sampling", "uniform"), ("fps", None)):
+        # resume) spells out every field, these included, whatever the kind.
+        used_by = {
+            ("video_jsonl", "energon"): (("frame_sampling", "uniform"), ("fps", None)),
+            ("energon",): (("num_workers", 2), ("shuffle_buffer_size", 100), ("max_samples_per_sequence", 100)),
+        }
+        for kinds, fields in used_by.items():
+            if self.kind in kinds:
+                continue
+            for field, default in fields:
                 if getattr(self, field) != default:
-                    raise FieldError(field, f"used by kind 'video_jsonl' only, got kind {self.kind!r}; leave it out")
+                    kinds_text = " and ".join(map(repr, kinds))
+                    raise FieldError(field, f"used by kind {kinds_text} only, got kind {self.kind!r}; leave it out")
         if self.frame_sampling == "fps" and self.fps is None:
             raise FieldError("fps", "required by frame_sampling 'fps' (frames per second to sample)")
         if self.frame_sampling == "uniform" and self.fps is not None:

@@ -1,12 +1,16 @@
 """Datasets and per-iteration micro-batches of a run.
 
-Sample order is a pure function of (seed, iteration) (``lvx_megatron.data.sampler``), so a resumed
-run reads exactly the batches the uninterrupted run would have read, with no loader state to save.
-Every rank of a data-parallel replica (its TP, CP and PP ranks) reads the same micro-batches.
+For the map-style datasets, sample order is a pure function of (seed, iteration)
+(``lvx_megatron.data.sampler``), so a resumed run reads exactly the batches the uninterrupted run would
+have read, with no loader state to save; an energon dataset's loader state is saved in the checkpoint
+instead (:class:`EnergonBatchSource`). Every rank of a data-parallel replica (its TP, CP and PP ranks)
+reads the same micro-batches.
 """
 
+import gc
 import json
 import os
+import pickle
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -97,12 +101,20 @@ def chance_levels(cfg: RunConfig) -> dict[str, float]:
 
 
 def prepare_datasets(cfg: RunConfig) -> dict[str, ShardedVideoDataset | VideoJsonlDataset]:
-    """The train and eval datasets; the synthetic one is generated (by global rank 0) when missing or stale.
+    """The train and eval datasets; the synthetic one is generated (by global rank 0) when missing or stale;
+    none for ``kind: energon``, whose loaders :func:`make_sources` builds.
 
     DataError naming the file when a shard folder or JSONL file cannot be read.
     """
     d = cfg.data
     root = Path(d.path)
+    if d.kind == "energon":  # read by energon's own loaders (make_sources); here only checked to exist
+        if not (root.is_file() and root.suffix in (".yaml", ".yml")) and not (root / ".nv-meta").is_dir():
+            raise ConfigError(
+                f"config error: data.path: {root} is neither a prepared energon dataset (a folder with .nv-meta/) "
+                "nor a metadataset YAML; make one with tools/video_jsonl_to_energon.py"
+            )
+        return {}
     if d.kind == "video_jsonl":
         for split, name in SPLIT_FILES.items():
             if not (root / name).is_file():
@@ -144,19 +156,116 @@ def make_tokenizer(cfg: RunConfig) -> Tokenizer:
         raise ConfigError(f"config error: data.tokenizer_path: {message}") from None
 
 
+def make_sources(
+    cfg: RunConfig, datasets: dict, tokenizer: Tokenizer, dp_rank: int, dp_size: int, verbose: bool
+) -> dict[str, "_Prefetcher"]:
+    """The train and eval micro-batch sources of this data-parallel rank (``datasets``: :func:`prepare_datasets`)."""
+    if cfg.data.kind == "energon":
+        return {split: EnergonBatchSource(cfg, split, tokenizer, dp_rank, dp_size, verbose) for split in SPLITS}
+    seeds = {"train": cfg.data.seed, "eval": cfg.data.seed + 1}
+    return {
+        split: BatchSource(cfg, datasets[split], tokenizer, dp_rank, dp_size, seeds[split], verbose) for split in SPLITS
+    }
+
+
 class DataError(RuntimeError):
     """Too many unreadable or invalid samples; the message names the threshold and the last one."""
 
 
-class BatchSource:
-    """This data-parallel replica's micro-batches of a dataset, iteration by iteration.
+class _Prefetcher:
+    """This data-parallel replica's micro-batches, iteration by iteration, read one iteration ahead.
 
     Reading and tiling the frames of iteration ``i + 1`` runs in a background thread while
     iteration ``i`` trains (image and video decoding release the GIL), so the accelerator does not wait
-    for it. A sample that cannot be read (broken image bytes, a missing, undecodable or too short clip,
-    missing fields) or cannot be used (empty text,
-    more frames than ``data.max_images``, text longer than ``data.seq_length``) is replaced by the
-    next good one, deterministically, and counted; more than ``data.max_bad_samples`` aborts the run.
+    for it. Subclasses say how an iteration's samples are read (``_load``); a sample that cannot be read
+    or used is skipped through :meth:`_skip`, which counts it, names it on the log and aborts the run
+    past ``data.max_bad_samples``.
+    """
+
+    def __init__(self, cfg: RunConfig, tokenizer: Tokenizer, question_types: list[str], verbose: bool) -> None:
+        self.cfg, self.tokenizer, self.verbose = cfg, tokenizer, verbose
+        self.bad_samples = 0
+        self.question_types = question_types
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lvx-data")
+        self._pending: dict[int, Future] = {}
+
+    def _usable(self, sample: dict) -> str:
+        """Why ``sample`` cannot be trained on (empty text, too many frames or tokens); "" if it can."""
+        d = self.cfg.data
+        frames, question, answer = sample["frames"], sample["question"], sample["answer"]
+        if not question.strip() or not answer.strip():
+            return "empty question or answer"
+        if not 1 <= len(frames) <= d.max_images:
+            return f"{len(frames)} frames (data.max_images = {d.max_images})"
+        tokens, _ = encode_sample(question, answer, len(frames), self.tokenizer)
+        if len(tokens) > d.seq_length:
+            return f"{len(tokens)} tokens (data.seq_length = {d.seq_length})"
+        return ""
+
+    def _skip(self, name: str, reason: str) -> None:
+        """Count the bad sample ``name``; DataError past ``data.max_bad_samples``."""
+        self.bad_samples += 1
+        if self.verbose:
+            print(f"skipping bad sample {name}: {reason} ({self.bad_samples} so far)", flush=True)
+        if self.bad_samples > self.cfg.data.max_bad_samples:
+            raise DataError(
+                f"{self.bad_samples} unreadable or invalid samples (more than data.max_bad_samples = "
+                f"{self.cfg.data.max_bad_samples}); the last: sample {name} of {self.cfg.data.path}: {reason}"
+            )
+
+    def _num_micro_batches(self, dp_size: int) -> int:
+        tr = self.cfg.training
+        if tr.global_batch_size % (tr.micro_batch_size * dp_size):
+            raise ConfigError(
+                f"config error: training: global_batch_size ({tr.global_batch_size}) must be divisible by "
+                f"micro_batch_size * dp_size ({tr.micro_batch_size} * {dp_size})"
+            )
+        return tr.global_batch_size // (tr.micro_batch_size * dp_size)
+
+    def _collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        d, v = self.cfg.data, self.cfg.model.vision
+        return collate(
+            samples, self.tokenizer, d.seq_length, d.max_images, v.max_num_tiles, v.image_size, self.question_types
+        )
+
+    def _load(self, iteration: int) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def _read(self, iteration: int, pin: bool) -> list[dict[str, torch.Tensor]]:
+        batches = self._load(iteration)
+        # Page-locked, the copies to the GPU run asynchronously and several times faster (the 1B
+        # config's 77 MB of pixels per sample took ~12 ms from pageable memory on an H200).
+        return [{k: t.pin_memory() for k, t in b.items()} for b in batches] if pin else batches
+
+    def micro_batches(self, iteration: int, device: torch.device, prefetch_next: bool = True) -> list[dict]:
+        """The micro-batches of ``iteration`` on ``device``; starts reading the next iteration's."""
+        # Every read runs on the one worker thread: the dataset's file handles are not shared.
+        pin = device.type == "cuda"
+        pending = self._pending.pop(iteration, None) or self._pool.submit(self._read, iteration, pin)
+        batches = pending.result()
+        self._pending.clear()
+        if prefetch_next:
+            self._pending[iteration + 1] = self._pool.submit(self._read, iteration + 1, pin)
+        return [{k: t.to(device, non_blocking=True) for k, t in b.items()} for b in batches]
+
+    def data_state(self, iteration: int) -> dict | None:
+        """What a checkpoint of ``iteration`` must hold to resume reading there (collective); None: nothing,
+        the samples of an iteration follow from its number."""
+        return None
+
+    def restore(self, saved: dict | None) -> None:
+        """Continue from a checkpoint's :meth:`data_state` (before the first read)."""
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class BatchSource(_Prefetcher):
+    """Micro-batches of a map-style dataset (shards, clips + JSONL), sample indices from the stateless sampler.
+
+    A sample that cannot be read (broken image bytes, a missing, undecodable or too short clip,
+    missing fields) or cannot be used (empty text, more frames than ``data.max_images``, text longer
+    than ``data.seq_length``) is replaced by the next good one, deterministically, and counted.
     """
 
     def __init__(
@@ -169,30 +278,18 @@ class BatchSource:
         seed: int,
         verbose: bool = False,
     ) -> None:
-        self.cfg, self.dataset, self.tokenizer = cfg, dataset, tokenizer
+        super().__init__(cfg, tokenizer, list(getattr(dataset, "question_types", [])), verbose)
+        self.dataset = dataset
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.verbose = verbose
-        self.bad_samples = 0
-        self.question_types: list[str] = list(getattr(dataset, "question_types", []))
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lvx-data")
-        self._pending: dict[int, Future] = {}
 
     def _problem(self, index: int) -> tuple[dict | None, str]:
         """``(sample, "")`` if usable, else ``(None, reason)``."""
-        d = self.cfg.data
         try:
             sample = self.dataset[index]
-            frames, question, answer = sample["frames"], sample["question"], sample["answer"]
-            if not question.strip() or not answer.strip():
-                return None, "empty question or answer"
-            if not 1 <= len(frames) <= d.max_images:
-                return None, f"{len(frames)} frames (data.max_images = {d.max_images})"
-            tokens, _ = encode_sample(question, answer, len(frames), self.tokenizer)
+            reason = self._usable(sample)
         except (ValueError, OSError, KeyError, TypeError) as exc:  # PIL's decode errors are OSErrors
             return None, f"{type(exc).__name__}: {exc}"
-        if len(tokens) > d.seq_length:
-            return None, f"{len(tokens)} tokens (data.seq_length = {d.seq_length})"
-        return sample, ""
+        return (None, reason) if reason else (sample, "")
 
     def _sample(self, index: int) -> dict:
         """Sample ``index``, or the next usable one after it."""
@@ -201,18 +298,11 @@ class BatchSource:
             sample, reason = self._problem(candidate)
             if sample is not None:
                 return sample
-            self.bad_samples += 1
-            if self.verbose:
-                print(f"skipping bad sample {candidate}: {reason} ({self.bad_samples} so far)", flush=True)
-            if self.bad_samples > self.cfg.data.max_bad_samples:
-                raise DataError(
-                    f"{self.bad_samples} unreadable or invalid samples (more than data.max_bad_samples = "
-                    f"{self.cfg.data.max_bad_samples}); the last: sample {candidate} of {self.cfg.data.path}: {reason}"
-                )
+            self._skip(str(candidate), reason)
         raise DataError(f"no usable sample in {self.cfg.data.path}")
 
-    def _load(self, iteration: int, pin: bool) -> list[dict[str, torch.Tensor]]:
-        tr, d, v = self.cfg.training, self.cfg.data, self.cfg.model.vision
+    def _load(self, iteration: int) -> list[dict[str, torch.Tensor]]:
+        tr = self.cfg.training
         try:
             index_lists = micro_batches(
                 iteration,
@@ -225,32 +315,130 @@ class BatchSource:
             )
         except ValueError as exc:
             raise ConfigError(f"config error: training: {exc}") from None
-        batches = [
-            collate(
-                [self._sample(i) for i in indices],
-                self.tokenizer,
-                d.seq_length,
-                d.max_images,
-                v.max_num_tiles,
-                v.image_size,
-                self.question_types,
-            )
-            for indices in index_lists
-        ]
-        # Page-locked, the copies to the GPU run asynchronously and several times faster (the 1B
-        # config's 77 MB of pixels per sample took ~12 ms from pageable memory on an H200).
-        return [{k: t.pin_memory() for k, t in b.items()} for b in batches] if pin else batches
+        return [self._collate([self._sample(i) for i in indices]) for indices in index_lists]
 
-    def micro_batches(self, iteration: int, device: torch.device, prefetch_next: bool = True) -> list[dict]:
-        """The micro-batches of ``iteration`` on ``device``; starts reading the next iteration's."""
-        # Every read runs on the one worker thread: the dataset's file handles are not shared.
-        pin = device.type == "cuda"
-        pending = self._pending.pop(iteration, None) or self._pool.submit(self._load, iteration, pin)
-        batches = pending.result()
-        self._pending.clear()
-        if prefetch_next:
-            self._pending[iteration + 1] = self._pool.submit(self._load, iteration + 1, pin)
-        return [{k: t.to(device, non_blocking=True) for k, t in b.items()} for b in batches]
+
+class EnergonBatchSource(_Prefetcher):
+    """Micro-batches of an energon dataset's split (``data.kind: energon``), read with energon's loaders.
+
+    Energon shards the samples over the data-parallel ranks; its workers decode the clips. A bad
+    sample (``ClipSample.problem``: an undecodable or too short clip, no clip, no answer) or an
+    unusable one is counted and replaced by the next sample the loader yields. The train split's loader
+    state after every iteration's reads is kept, so :meth:`data_state` can save it for an exact resume;
+    the eval split is read from its start at every evaluation (iteration 0).
+    """
+
+    def __init__(self, cfg: RunConfig, split: str, tokenizer: Tokenizer, dp_rank: int, dp_size: int, verbose: bool):
+        from ..data import energon  # imports megatron-energon: only for this kind
+
+        d = cfg.data
+        super().__init__(cfg, tokenizer, energon.question_types(d.path), verbose)
+        self.split, self.dp_rank, self.dp_size = split, dp_rank, dp_size
+        self._num_micro = self._num_micro_batches(dp_size)
+        settings = energon.ClipSettings(d.max_images, d.fps if d.frame_sampling == "fps" else None)
+        config = energon.worker_config(dp_rank, dp_size, d.num_workers, d.seed if split == "train" else d.seed + 1)
+        try:
+            if split == "train":
+                self.loader = energon.train_loader(
+                    d.path, settings, config, d.shuffle_buffer_size, d.max_samples_per_sequence
+                )
+            else:
+                self.loader = energon.eval_loader(d.path, settings, config)
+        except Exception as exc:  # energon raises plain Exceptions/AssertionErrors for unusable datasets
+            raise ConfigError(
+                f"config error: data.path: {d.path}: not a usable energon dataset for the {split} split "
+                f"(energon split part {energon.SPLIT_PARTS[split]!r}): {type(exc).__name__}: {exc}"
+            ) from None
+        self._iterator = None
+        # The loader state before the reads of iteration i, for each i read so far (the last two kept):
+        # the training thread asks for iteration i's while iteration i's reads may already be under way.
+        self._states: dict[int, object] = {}
+        self._initial = None  # the state restored from a checkpoint (None: the dataset's start)
+
+    def _next(self):
+        if self._iterator is None:
+            self._iterator = iter(self.loader)
+        try:
+            item = next(self._iterator)
+        except StopIteration:  # the eval split is finite: read it again from its start
+            self._iterator = iter(self.loader)
+            item = next(self._iterator)
+        return item[0] if isinstance(item, list) else item
+
+    def _good_sample(self) -> dict:
+        while True:  # _skip raises past data.max_bad_samples
+            clip = self._next()
+            if clip.problem:
+                self._skip(clip.__key__, clip.problem)
+                continue
+            sample = {"frames": clip.frames, "question": clip.question, "answer": clip.answer}
+            if clip.qtype is not None:
+                sample["qtype"] = clip.qtype
+            if reason := self._usable(sample):
+                self._skip(clip.__key__, reason)
+                continue
+            return sample
+
+    def _load(self, iteration: int) -> list[dict[str, torch.Tensor]]:
+        if self.split == "eval" and iteration == 0:
+            self._iterator = None  # every evaluation scores the same samples
+        batches = [
+            self._collate([self._good_sample() for _ in range(self.cfg.training.micro_batch_size)])
+            for _ in range(self._num_micro)
+        ]
+        if self.split == "train":
+            self._states[iteration + 1] = self.loader.save_state_rank()
+            self._states.pop(iteration - 1, None)
+        return batches
+
+    def _state_at(self, iteration: int):
+        if iteration in self._states:
+            return self._states[iteration]
+        if not self._states:  # nothing read since the start or the restore
+            return self._initial
+        raise RuntimeError(f"no loader state recorded for iteration {iteration} (have {sorted(self._states)})")
+
+    def data_state(self, iteration: int) -> dict | None:
+        """``{"kind": "energon", "dp_size", "states": [pickled loader state of DP rank r, ...]}``, the same
+        dict on every rank (gathered over all of them; the ranks of one replica read the same samples)."""
+        if self.split != "train":
+            return None
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (self.dp_rank, pickle.dumps(self._state_at(iteration))))
+        by_rank = {}
+        for rank, state in gathered:
+            by_rank.setdefault(rank, state)
+        return {
+            "kind": "energon",
+            "dp_size": self.dp_size,
+            "num_workers": self.cfg.data.num_workers,
+            "states": [by_rank[r] for r in range(self.dp_size)],
+        }
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the reads and energon's worker processes (they end with the loader's iterator)."""
+        super().close()
+        self._iterator = None
+        self.loader = None
+        gc.collect()  # the iterator sits in reference cycles; its workers are shut down when it is freed
+
+    def restore(self, saved: dict | None) -> None:
+        """Continue where the checkpoint's loader stopped. ConfigError when it was saved with another
+        data-parallel size or ``data.num_workers`` (energon's state is per rank and worker); a checkpoint
+        without energon state (another ``data.kind``) starts the loader from the dataset's start, saying so."""
+        if saved is None or saved.get("kind") != "energon":
+            if self.verbose:
+                print("checkpoint holds no energon loader state: reading data.path from its start", flush=True)
+            return
+        if saved["dp_size"] != self.dp_size:
+            raise ConfigError(
+                f"config error: checkpoint.load: its energon loader state is for {saved['dp_size']} data-parallel "
+                f"ranks, this run has {self.dp_size}; data.kind energon resumes with the same data-parallel size"
+            )
+        if saved["num_workers"] != self.cfg.data.num_workers:
+            raise ConfigError(
+                f"config error: data.num_workers: the checkpoint's energon loader state is for {saved['num_workers']} "
+                f"workers per rank, this run has {self.cfg.data.num_workers}; resume with the same number"
+            )
+        self._initial = pickle.loads(saved["states"][self.dp_rank])
+        self.loader.restore_state_rank(self._initial)

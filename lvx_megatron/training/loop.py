@@ -22,7 +22,7 @@ from megatron.training.dist_signal_handler import DistributedSignalHandler
 from ..models.sharding import text_range
 from .checkpointing import load_checkpoint, save_checkpoint
 from .config import RunConfig
-from .data import BatchSource, chance_levels, make_tokenizer, prepare_datasets
+from .data import chance_levels, make_sources, make_tokenizer, prepare_datasets
 from .flops import flops_per_sample, peak_flops, visual_tokens_per_image
 from .layout import validate_layout
 from .plots import plot_run
@@ -104,12 +104,8 @@ class Trainer:
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
         verbose = dist.get_rank() == 0
-        self.train_source = BatchSource(
-            cfg, self.datasets["train"], self.tokenizer, dp_rank, dp_size, cfg.data.seed, verbose
-        )
-        self.eval_source = BatchSource(
-            cfg, self.datasets["eval"], self.tokenizer, dp_rank, dp_size, cfg.data.seed + 1, verbose
-        )
+        sources = make_sources(cfg, self.datasets, self.tokenizer, dp_rank, dp_size, verbose)
+        self.train_source, self.eval_source = sources["train"], sources["eval"]
         self.logger = RunLogger(cfg, writer=dist.get_rank() == 0)
         sync = device_sync(self.device)
         self.step_timer = StepTimer(
@@ -140,7 +136,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         load, save = cfg.checkpoint.load, cfg.checkpoint.save
         if load:
-            self.iteration = load_checkpoint(self.state, load)
+            self.iteration = load_checkpoint(self.state, load, self.train_source.restore)
             if self.iteration:
                 self.logger.console(f"--load {load}: resumed at iteration {self.iteration}")
                 if save and Path(save).resolve() == Path(load).resolve():
@@ -259,7 +255,8 @@ class Trainer:
         root = self.cfg.checkpoint.save
         if root and self.checkpointed_iteration != self.iteration:
             phase = lambda name: self.watchdog.phase(f"checkpoint save ({name})")
-            path = save_checkpoint(self.state, self.cfg, self.iteration, root, phase)
+            data_state = self.train_source.data_state(self.iteration)
+            path = save_checkpoint(self.state, self.cfg, self.iteration, root, phase, data_state)
             self.checkpointed_iteration = self.iteration
             self.last_checkpoint = path
             self.logger.console(f"saved checkpoint {path}")

@@ -1,0 +1,252 @@
+"""Video QA clips as a megatron-energon dataset: written from a clips + JSONL folder, read by energon's loaders.
+
+The dataset is a WebDataset prepared by ``energon prepare`` as a ``CrudeWebdataset``: sample ``KEY``
+is ``KEY.json`` (``question``, ``answer``, optional ``start``/``end``/``fps``/``qtype`` as in a
+``video_jsonl`` line, and ``source``: the JSONL line and clip it came from) and the clip's bytes as
+they were (``KEY.mp4``, ``.webm`` or ``.mkv``). :class:`ClipTaskEncoder` cooks a sample in energon's
+worker processes: it decodes the clip with :func:`~lvx_megatron.data.video.decode_clip`, and a sample
+that cannot be made arrives as a :class:`ClipSample` with ``problem`` set, never as an exception, so
+the reader counts and replaces it. See docs/data.md ("Energon datasets").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import webdataset as wds
+from megatron.energon import (
+    Cooker,
+    DefaultTaskEncoder,
+    Sample,
+    WorkerConfig,
+    edataclass,
+    get_loader,
+    get_savable_loader,
+    get_train_dataset,
+    get_val_dataset,
+    stateless,
+)
+from megatron.energon.tools.prepare import command as energon_prepare
+
+from lvx_megatron.data.video import CLIP_EXTENSIONS, SPLIT_FILES, VideoError, clip_fields, decode_clip, parse_clip_line
+
+# Energon's loaders always ask torch for pinned memory; without an accelerator torch warns on every iterator.
+warnings.filterwarnings(
+    "ignore", message="'pin_memory' argument is set as true but no accelerator", category=UserWarning
+)
+
+SPLIT_PARTS: dict[str, str] = {"train": "train", "eval": "val"}  # our split -> energon's split part (and folder)
+QUESTION_TYPES = "question_types.json"  # beside .nv-meta/: the samples' "qtype" values, for per-type accuracy
+CLIP_PARTS: tuple[str, ...] = tuple(ext.lstrip(".") for ext in CLIP_EXTENSIONS)
+
+
+@edataclass
+class ClipSample(Sample):
+    """A cooked sample: ``frames`` uint8 [F, H, W, 3] and the text, or ``problem`` (why it cannot be used)."""
+
+    frames: np.ndarray | None
+    question: str
+    answer: str
+    qtype: str | None
+    problem: str
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    """How clips become frames (``data.max_images``, and ``data.fps`` with ``frame_sampling: fps``)."""
+
+    num_frames: int
+    fps: float | None = None
+
+
+def cook_clip(raw: dict, settings: ClipSettings) -> ClipSample:
+    """Decode one crude sample (``{"__key__", "json": bytes, "mp4"|"webm"|"mkv": bytes, ...}``) into a
+    :class:`ClipSample`; a sample that cannot be made gets ``problem`` naming its key and source."""
+    key = raw["__key__"]
+    where, fields = f"sample {key}", None
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where}: no .json object")
+        if isinstance(meta.get("source"), str):
+            where = f"{where} ({meta['source']})"
+        fields = clip_fields(meta, where)
+        parts = [p for p in CLIP_PARTS if p in raw]
+        if not parts:
+            raise VideoError(f"{where}: no clip ({'/'.join(CLIP_PARTS)} member)")
+        fps = fields["fps"] if fields["fps"] is not None else settings.fps
+        frames = decode_clip(
+            f"{key}.{parts[0]}", settings.num_frames, fields["start"], fields["end"], fps, data=raw[parts[0]]
+        )
+    except (ValueError, KeyError, TypeError) as exc:  # VideoError is a ValueError; a bad window too
+        message = str(exc) if str(exc).startswith(where) else f"{where}: {exc}"
+        return ClipSample(
+            **_sample_keys(raw),
+            frames=None,
+            question="",
+            answer="",
+            qtype=None,
+            problem=f"{type(exc).__name__}: {message}",
+        )
+    return ClipSample(
+        **_sample_keys(raw),
+        frames=frames,
+        question=fields["question"],
+        answer=fields["answer"],
+        qtype=fields["qtype"],
+        problem="",
+    )
+
+
+def _sample_keys(raw: dict) -> dict:
+    return {k: raw[k] for k in ("__key__", "__restore_key__", "__subflavors__", "__sources__") if k in raw}
+
+
+class ClipTaskEncoder(DefaultTaskEncoder):
+    """Energon task encoder: raw tar members in (no energon decoding), :class:`ClipSample` out, unbatched
+    (``batch`` hands a list on: the trainer collates, after replacing bad samples)."""
+
+    decoder = None  # the clip bytes reach cook_clip as they are stored
+
+    def __init__(self, settings: ClipSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.cookers = [Cooker(self._cook)]
+
+    @stateless
+    def _cook(self, raw: dict) -> ClipSample:
+        return cook_clip(raw, self.settings)
+
+    @stateless
+    def batch(self, samples: list[ClipSample]) -> list[ClipSample]:
+        return list(samples)
+
+
+def worker_config(dp_rank: int, dp_size: int, num_workers: int, seed: int) -> WorkerConfig:
+    """Energon's per-rank sharding: over the data-parallel ranks only, so every TP/CP/PP rank of a replica
+    (same ``dp_rank``) reads the same samples."""
+    return WorkerConfig(rank=dp_rank, world_size=dp_size, num_workers=num_workers, seed_offset=seed)
+
+
+def train_loader(
+    path: str,
+    settings: ClipSettings,
+    config: WorkerConfig,
+    shuffle_buffer_size: int,
+    max_samples_per_sequence: int,
+):
+    """A savable loader over the train split of ``path`` (a dataset folder or a metadataset YAML with
+    blend weights), yielding one :class:`ClipSample` at a time, looping forever."""
+    dataset = get_train_dataset(
+        path,
+        split_part=SPLIT_PARTS["train"],
+        worker_config=config,
+        batch_size=None,
+        shuffle_buffer_size=shuffle_buffer_size,
+        max_samples_per_sequence=max_samples_per_sequence,
+        task_encoder=ClipTaskEncoder(settings),
+    )
+    return get_savable_loader(dataset, watchdog_timeout_seconds=None)
+
+
+def eval_loader(path: str, settings: ClipSettings, config: WorkerConfig):
+    """A loader over the eval split (energon's ``val``) of ``path``, in order, once per iteration over it;
+    each item is a list of one :class:`ClipSample`."""
+    dataset = get_val_dataset(
+        path, split_part=SPLIT_PARTS["eval"], worker_config=config, batch_size=1, task_encoder=ClipTaskEncoder(settings)
+    )
+    return get_loader(dataset, watchdog_timeout_seconds=None)
+
+
+def prepare_command(out: str) -> list[str]:
+    """The ``energon prepare`` arguments that index ``out``'s ``train/`` and ``val/`` tars as a crude dataset."""
+    return [
+        out,
+        "--non-interactive",
+        "--force-overwrite",
+        "--no-progress",
+        "--num-workers",
+        "1",
+        "--split-parts",
+        r"train:train/.*\.tar",
+        "--split-parts",
+        r"val:val/.*\.tar",
+        "--sample-type",
+        "CrudeWebdataset",
+    ]
+
+
+def write_energon_dataset(root: str, out: str, samples_per_shard: int = 1000, log_every: int = 1000) -> dict:
+    """Convert the clips + JSONL folder ``root`` (``train.jsonl``, ``eval.jsonl``: the ``video_jsonl`` layout)
+    into an energon dataset in ``out``, then run ``energon prepare`` on it. Clip bytes are stored as they are.
+
+    A line that cannot make a sample (invalid JSON, no question or answer, no clip, a clip that is not there)
+    is skipped and named on stderr; clips are not decoded here (that is training's job, where an undecodable
+    or too short clip is a counted bad sample). Returns ``{"train": {"samples", "skipped"}, "eval": ...}``.
+    """
+    counts, types = {}, set()
+    for split, part in SPLIT_PARTS.items():
+        jsonl = os.path.join(root, SPLIT_FILES[split])
+        if not os.path.isfile(jsonl):
+            raise FileNotFoundError(f"{jsonl}: no such file (the {split} split: one JSON line per clip)")
+        folder = os.path.join(out, part)
+        os.makedirs(folder, exist_ok=True)
+        for stale in os.listdir(folder):
+            if stale.endswith((".tar", ".tar.idx")):  # an earlier conversion's shards and energon's indexes
+                os.remove(os.path.join(folder, stale))
+        written = skipped = 0
+        with (
+            open(jsonl, "rb") as f,
+            wds.ShardWriter(os.path.join(folder, "shard-%06d.tar"), maxcount=samples_per_shard, verbose=0) as sink,
+        ):
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{jsonl}:{lineno}"
+                try:
+                    rec = parse_clip_line(line, where)
+                    clip = os.path.join(root, rec["video"])
+                    if not os.path.isfile(clip):
+                        raise VideoError(f"{where}: {clip}: clip not found")
+                    with open(clip, "rb") as c:
+                        data = c.read()
+                except (ValueError, OSError) as exc:
+                    skipped += 1
+                    print(f"skipping {exc}", file=sys.stderr, flush=True)
+                    continue
+                meta = {k: v for k, v in rec.items() if k != "video" and v is not None}
+                if rec["qtype"] is not None:
+                    types.add(rec["qtype"])
+                meta["source"] = f"{SPLIT_FILES[split]}:{lineno} {rec['video']}"
+                ext = os.path.splitext(rec["video"])[1].lower().lstrip(".")
+                sink.write({"__key__": f"{part}-{written:09d}", "json": json.dumps(meta).encode(), ext: data})
+                written += 1
+                if log_every and written % log_every == 0:
+                    print(f"{split}: {written} samples written", file=sys.stderr, flush=True)
+        if not written:
+            raise ValueError(f"{jsonl}: no usable sample ({skipped} skipped)")
+        counts[split] = {"samples": written, "skipped": skipped}
+        print(f"{split}: {written} samples in {folder} ({skipped} lines skipped)", file=sys.stderr, flush=True)
+    with open(os.path.join(out, QUESTION_TYPES), "w") as f:
+        json.dump(sorted(types), f)
+    args = prepare_command(out)
+    print("energon prepare " + " ".join(f"'{a}'" if "*" in a else a for a in args), file=sys.stderr, flush=True)
+    energon_prepare.main(args=args, standalone_mode=False)
+    if not os.path.isfile(os.path.join(out, ".nv-meta", "dataset.yaml")):  # it reports its failures, not raises
+        raise RuntimeError(f"energon prepare did not prepare {out} (its messages are above)")
+    return counts
+
+
+def question_types(path: str) -> list[str]:
+    """The question types of the dataset folder ``path`` (its ``QUESTION_TYPES`` file, written by
+    :func:`write_energon_dataset`); [] for a metadataset YAML or a dataset made by another tool."""
+    try:
+        with open(os.path.join(path, QUESTION_TYPES)) as f:
+            return [str(t) for t in json.load(f)]
+    except (OSError, ValueError):
+        return []
