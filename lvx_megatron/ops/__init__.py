@@ -1,6 +1,6 @@
 """Exact distributed cross-attention (torch only; never imports megatron)."""
 
-from .api import STRATEGIES, Strategy, distributed_cross_attention, prepare_call
+from .api import distributed_cross_attention, prepare_call
 from .backends import (
     BACKENDS,
     BlockAttentionBackend,
@@ -13,10 +13,15 @@ from .comm_stats import CommStats, count_communication
 from .mask_plan import MaskPlan
 from .masks import BlockMask
 from .reference import dense_cross_attention
+from .registry import AUTO, REGISTRY, STRATEGIES, TWO_LEVEL_STRATEGIES
+from .strategy import Strategy
 
 __all__ = [
+    "AUTO",
     "BACKENDS",
+    "REGISTRY",
     "STRATEGIES",
+    "TWO_LEVEL_STRATEGIES",
     "BlockAttentionBackend",
     "BlockMask",
     "CommStats",
