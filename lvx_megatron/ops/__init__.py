@@ -1,6 +1,6 @@
 """Exact distributed cross-attention (torch only; never imports megatron)."""
 
-from .api import distributed_cross_attention, prepare_call
+from .api import distributed_cross_attention, prepare_call, recomputed_kv_cross_attention
 from .backends import (
     BACKENDS,
     BlockAttentionBackend,
@@ -12,6 +12,7 @@ from .backends import (
 from .comm_stats import CommStats, count_communication
 from .mask_plan import MaskPlan
 from .masks import BlockMask
+from .policy import CrossAttentionOp, LinkSettings, SharedComm
 from .reference import dense_cross_attention
 from .registry import AUTO, REGISTRY, STRATEGIES, TWO_LEVEL_STRATEGIES
 from .strategy import Strategy
@@ -25,7 +26,10 @@ __all__ = [
     "BlockAttentionBackend",
     "BlockMask",
     "CommStats",
+    "CrossAttentionOp",
+    "LinkSettings",
     "MaskPlan",
+    "SharedComm",
     "Strategy",
     "TorchFusedBackend",
     "TorchReferenceBackend",
@@ -35,4 +39,5 @@ __all__ = [
     "distributed_cross_attention",
     "get_backend",
     "prepare_call",
+    "recomputed_kv_cross_attention",
 ]

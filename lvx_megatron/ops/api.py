@@ -1,5 +1,6 @@
 """The public entry point: exact cross-attention over visual tokens sharded across a group."""
 
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 
@@ -261,3 +262,70 @@ def distributed_cross_attention(
     )
     return DistributedCrossAttentionFunction.apply(q, k, v, problem, resolve_strategy(strategy, group))
 
+
+class RecomputedKVCrossAttentionFunction(torch.autograd.Function):
+    """Cross-attention whose K/V are recomputed from ``X`` in backward instead of being saved.
+
+    Forward gets ``k``/``v`` computed without autograd and saves only ``q``, ``X`` (shared by
+    every layer of a model, so saving it costs nothing extra), the output and the LSE. Backward
+    recomputes ``k, v = kv_projection(X)`` with autograd, runs the strategy's backward and pushes
+    ``dk, dv`` through the recomputed graph: the projection's parameters get their gradients
+    there, and ``dX`` is returned.
+    """
+
+    @staticmethod
+    def forward(ctx, q, x, k, v, problem: CrossAttentionProblem, strategy: Strategy, kv_projection):
+        out, lse = strategy.forward(q, k, v, problem)
+        ctx.problem, ctx.strategy, ctx.kv_projection = problem, strategy, kv_projection
+        ctx.save_for_backward(q, x, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, x, out, lse = ctx.saved_tensors
+        x_leaf = x.detach().requires_grad_(ctx.needs_input_grad[1])
+        with torch.enable_grad():
+            k, v = ctx.kv_projection(x_leaf)
+        dq, dk, dv = ctx.strategy.backward(dout, q, k.detach(), v.detach(), out, lse, ctx.problem)
+        if k.requires_grad or v.requires_grad:  # False only when X and the projection are all frozen
+            torch.autograd.backward((k, v), (dk, dv))
+        return dq, x_leaf.grad, None, None, None, None, None
+
+
+def recomputed_kv_cross_attention(
+    q: Tensor,
+    x: Tensor,
+    kv_projection: Callable[[Tensor], tuple[Tensor, Tensor]],
+    *,
+    group: dist.ProcessGroup | HierarchicalGroups | None = None,
+    strategy: str = DEFAULT_STRATEGY,
+    softmax_scale: float | None = None,
+    mask_plan: MaskPlan | None = None,
+    backend: str | BlockAttentionBackend = "auto",
+    head_chunks: int | None = None,
+) -> Tensor:
+    """:func:`distributed_cross_attention` of ``q`` against ``k, v = kv_projection(x)``, keeping no
+    K/V for backward: backward projects ``x`` again (exact gradients for ``q``, ``x`` and the
+    projection's parameters; less memory when ``x`` is kept anyway, as the visual features shared
+    by every cross-attention layer are).
+
+    ``kv_projection`` maps ``x`` to ``k, v`` ``[B, Skv_local, Hkv, D]``; it runs without autograd
+    in forward and with it in backward, so it must compute the same both times (no dropout).
+    The other arguments are :func:`distributed_cross_attention`'s.
+    """
+    with torch.no_grad():
+        k, v = kv_projection(x)
+    problem = prepare_call(
+        q,
+        k,
+        v,
+        group=group,
+        strategy=strategy,
+        softmax_scale=softmax_scale,
+        mask_plan=mask_plan,
+        backend=backend,
+        head_chunks=head_chunks,
+    )
+    return RecomputedKVCrossAttentionFunction.apply(
+        q, x, k, v, problem, resolve_strategy(strategy, group), kv_projection
+    )

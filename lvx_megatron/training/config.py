@@ -12,8 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
-from ..ops import BACKENDS, STRATEGIES
-from ..ops.api import TWO_LEVEL_STRATEGIES
+from ..ops import AUTO, BACKENDS, STRATEGIES, TWO_LEVEL_STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -147,12 +146,12 @@ class CrossAttentionSettings(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "CrossAttentionSettings":
-        allowed = ["auto", *sorted(STRATEGIES), *sorted(TWO_LEVEL_STRATEGIES)]
+        allowed = [AUTO, *sorted(STRATEGIES), *sorted(TWO_LEVEL_STRATEGIES)]
         for name in [self.strategy] if isinstance(self.strategy, str) else self.strategy:
             if name not in allowed:
                 raise FieldError("strategy", f"must be one of {allowed} (or a list, one per layer), got {name!r}")
-            if name == "hierarchical" and self.ranks_per_node is None:
-                raise FieldError("ranks_per_node", "required by strategy 'hierarchical' (the CP ranks of one node)")
+            if name in TWO_LEVEL_STRATEGIES and self.ranks_per_node is None:
+                raise FieldError("ranks_per_node", f"required by strategy {name!r} (the CP ranks of one node)")
         if self.backend not in BACKENDS:
             raise FieldError("backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
         return self
