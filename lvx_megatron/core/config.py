@@ -1,13 +1,35 @@
 """megatron-core configuration extended with the cross-attention settings of lvx-megatron."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
 
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
+from pydantic import PositiveFloat, PositiveInt
 
 from ..ops import BACKENDS, LinkSettings, SharedComm
 from ..ops.policy import LINK_SOURCES
 from ..ops.registry import DEFAULT_STRATEGY, check_strategy_name
+
+# The settings of a run config's section ``model.cross_attention`` (lvx_megatron.training.config),
+# by their name there, and the field of this config each one is. The section's fields are made
+# from these fields (type and default), so each setting is defined once, here.
+SECTION_FIELDS: Mapping[str, str] = MappingProxyType(
+    {
+        "strategy": "cross_attention_strategy",
+        "backend": "cross_attention_backend",
+        "recompute_visual_kv": "recompute_visual_kv",
+        "gate_init": "cross_attention_gate_init",
+        "link_gbps": "cross_attention_link_gbps",
+        "link_latency_us": "cross_attention_link_latency_us",
+        "ranks_per_node": "cross_attention_ranks_per_node",
+        "inner_link_gbps": "cross_attention_inner_link_gbps",
+        "inner_link_latency_us": "cross_attention_inner_link_latency_us",
+        "link": "cross_attention_link",
+    }
+)
 
 
 @dataclass
@@ -41,6 +63,9 @@ class CrossAttentionTransformerConfig(TransformerConfig):
             mPLUG-Owl3: the per-channel gate before its sigmoid).
         cross_attention_shared: not a setting: the groups and links the model's cross-attention
             layers share (:class:`~lvx_megatron.ops.SharedComm`, filled at their first calls).
+
+    The strategy defaults to the query ring here and to ``"auto"`` in a run config: see
+    ``docs/ops.md`` ("Strategy settings").
     """
 
     cross_attention_layers: list[int] = field(default_factory=list)
@@ -49,12 +74,13 @@ class CrossAttentionTransformerConfig(TransformerConfig):
     recompute_visual_kv: bool = True
     visual_hidden_size: int | None = None
     cross_attention_gate_init: float = 0.0
-    cross_attention_link_gbps: float | None = None
-    cross_attention_link_latency_us: float | None = None
-    cross_attention_ranks_per_node: int | None = None
-    cross_attention_inner_link_gbps: float | None = None
-    cross_attention_inner_link_latency_us: float | None = None
-    cross_attention_link: str = "config"
+    # Positive when given (the run config's schema checks; the links' arithmetic needs it).
+    cross_attention_link_gbps: PositiveFloat | None = None
+    cross_attention_link_latency_us: PositiveFloat | None = None
+    cross_attention_ranks_per_node: PositiveInt | None = None
+    cross_attention_inner_link_gbps: PositiveFloat | None = None
+    cross_attention_inner_link_latency_us: PositiveFloat | None = None
+    cross_attention_link: Literal[LINK_SOURCES] = "config"
     cross_attention_shared: SharedComm = field(default_factory=SharedComm, repr=False, compare=False)
 
     def __post_init__(self) -> None:
