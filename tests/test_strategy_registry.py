@@ -120,6 +120,8 @@ def test_the_op_chooses_auto_once_and_keeps_it():
     for name in TWO_LEVEL_STRATEGIES:
         with pytest.raises(ValueError, match=f"strategy '{name}' needs links.ranks_per_node"):
             CrossAttentionOp(name, LinkSettings(), SharedComm())
+    with pytest.raises(ValueError, match=r"source must be one of \['config', 'probe'\], got 'measure'"):
+        LinkSettings(source="measure")
 
 
 def test_the_shared_cache_is_owned_not_copied():

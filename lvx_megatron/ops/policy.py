@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .api import distributed_cross_attention, recomputed_kv_cross_attention
 from .auto import choose_for_call, default_link
+from .backends import BlockAttentionBackend
 from .cost_model import Link, Topology
 from .groups import HierarchicalGroups, hierarchical_groups
 from .link_probe import probe_link
@@ -93,6 +94,10 @@ class LinkSettings:
     inner_gbps: float | None = None
     inner_latency_us: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.source not in LINK_SOURCES:
+            raise ValueError(f"source must be one of {list(LINK_SOURCES)}, got {self.source!r}")
+
     def resolve(self, shared: SharedComm, group: dist.ProcessGroup | None) -> Link | Topology:
         """One link, or a :class:`~.cost_model.Topology` with ranks per node."""
         if self.source == "probe":
@@ -133,7 +138,7 @@ class CrossAttentionOp:
         group: dist.ProcessGroup | None,
         mask_plan: MaskPlan | None = None,
         softmax_scale: float | None = None,
-        backend: str = "auto",
+        backend: str | BlockAttentionBackend = "auto",
         recompute_kv: bool = False,
     ) -> Tensor:
         """Attention of ``q`` ``[B, Sq_local, Hq, D]`` to ``k, v = kv_projection(x)`` over ``group``.
