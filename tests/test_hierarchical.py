@@ -11,8 +11,9 @@ from cases import Case, counted_bytes, make_problem, run_case
 
 from lvx_megatron.launch import spawn_gloo
 from lvx_megatron.ops import count_communication, distributed_cross_attention
-from lvx_megatron.ops.cost_model import CallShape, predicted_bytes, predicted_level_bytes
+from lvx_megatron.ops.cost_model import CallShape, predicted_bytes
 from lvx_megatron.ops.groups import HierarchicalGroups, hierarchical_groups
+from lvx_megatron.ops.hierarchical import predicted_level_bytes
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 

@@ -1,5 +1,6 @@
 """Config validation of the cross-attention settings, and the README's megatron example runs."""
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -7,8 +8,13 @@ import sys
 
 import pytest
 import torch.nn.functional as F
+from train_harness import TINY
 
 from lvx_megatron.core import CrossAttentionTransformerConfig
+from lvx_megatron.core.config import SECTION_FIELDS
+from lvx_megatron.ops import AUTO
+from lvx_megatron.training import setup
+from lvx_megatron.training.config import CrossAttentionSettings, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,6 +71,38 @@ def test_config_defaults_and_per_layer_strategy():
         context_parallel_size=4, cross_attention_strategy="hierarchical", cross_attention_ranks_per_node=2
     )
     assert two_nodes.cross_attention_link == "config" and two_nodes.strategy_for_layer(0) == "hierarchical"
+
+
+# One value per setting of the run config's section model.cross_attention, none of them its default.
+SECTION_VALUES = dict(
+    strategy="kv_ring",
+    backend="torch",
+    recompute_visual_kv=False,
+    gate_init=0.25,
+    link_gbps=3.0,
+    link_latency_us=7.0,
+    ranks_per_node=1,
+    inner_link_gbps=50.0,
+    inner_link_latency_us=2.0,
+    link="config",
+)
+
+
+def test_the_run_config_section_is_made_of_the_core_config_settings():
+    fields = {f.name: f for f in dataclasses.fields(CrossAttentionTransformerConfig)}
+    assert set(SECTION_VALUES) == set(SECTION_FIELDS)
+    section = CrossAttentionSettings()
+    for name, core in SECTION_FIELDS.items():
+        # One default per setting; the strategy's differs on purpose (docs/ops.md, "Strategy settings").
+        assert getattr(section, name) == (AUTO if name == "strategy" else fields[core].default), name
+        assert CrossAttentionSettings.model_fields[name].annotation == fields[core].type, name
+    given = CrossAttentionSettings(**{k: v for k, v in SECTION_VALUES.items() if k != "link"})
+    cfg = _config(cross_attention_layers=[1], **given.core_fields())
+    assert all(getattr(cfg, SECTION_FIELDS[k]) == v for k, v in SECTION_VALUES.items())
+    # And the run's megatron config gets every one of them.
+    run = load_config(TINY, {f"model.cross_attention.{k}": v for k, v in SECTION_VALUES.items()})
+    built = setup.transformer_config(run)
+    assert all(getattr(built, SECTION_FIELDS[k]) == v for k, v in SECTION_VALUES.items())
 
 
 def _run(cmd: list[str]) -> str:

@@ -28,9 +28,9 @@ from lvx_megatron.ops.cost_model import (  # noqa: E402
     Link,
     Topology,
     choose_strategy,
-    predicted_level_bytes,
     uniform_lengths,
 )
+from lvx_megatron.ops.hierarchical import predicted_level_bytes  # noqa: E402
 from lvx_megatron.ops.rate_table import MASKS, compute_model, load_rate_table  # noqa: E402
 from lvx_megatron.results import write_results  # noqa: E402
 from lvx_megatron.training.config import load_config  # noqa: E402

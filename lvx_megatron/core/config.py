@@ -1,13 +1,35 @@
 """megatron-core configuration extended with the cross-attention settings of lvx-megatron."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
 
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
+from pydantic import PositiveFloat, PositiveInt
 
-from ..ops import BACKENDS, STRATEGIES
+from ..ops import BACKENDS, LinkSettings, SharedComm
+from ..ops.policy import LINK_SOURCES
+from ..ops.registry import DEFAULT_STRATEGY, check_strategy_name
 
-LINK_SOURCES = ("config", "probe")
+# The settings of a run config's section ``model.cross_attention`` (lvx_megatron.training.config),
+# by their name there, and the field of this config each one is. The section's fields are made
+# from these fields (type and default), so each setting is defined once, here.
+SECTION_FIELDS: Mapping[str, str] = MappingProxyType(
+    {
+        "strategy": "cross_attention_strategy",
+        "backend": "cross_attention_backend",
+        "recompute_visual_kv": "recompute_visual_kv",
+        "gate_init": "cross_attention_gate_init",
+        "link_gbps": "cross_attention_link_gbps",
+        "link_latency_us": "cross_attention_link_latency_us",
+        "ranks_per_node": "cross_attention_ranks_per_node",
+        "inner_link_gbps": "cross_attention_inner_link_gbps",
+        "inner_link_latency_us": "cross_attention_inner_link_latency_us",
+        "link": "cross_attention_link",
+    }
+)
 
 
 @dataclass
@@ -37,21 +59,29 @@ class CrossAttentionTransformerConfig(TransformerConfig):
             from the shared visual features instead (exact gradients, less memory).
         visual_hidden_size: width of the visual features ``X`` fed to the K/V projections
             (defaults to ``hidden_size``).
-        cross_attention_gate_init: initial value of the tanh gates (Llama-3.2-Vision: 0).
+        cross_attention_gate_init: initial value of the tanh gates (Llama-3.2-Vision: 0;
+            mPLUG-Owl3: the per-channel gate before its sigmoid).
+        cross_attention_shared: not a setting: the groups and links the model's cross-attention
+            layers share (:class:`~lvx_megatron.ops.SharedComm`, filled at their first calls).
+
+    The strategy defaults to the query ring here and to ``"auto"`` in a run config: see
+    ``docs/ops.md`` ("Strategy settings").
     """
 
     cross_attention_layers: list[int] = field(default_factory=list)
-    cross_attention_strategy: str | list[str] = "query_ring"
+    cross_attention_strategy: str | list[str] = DEFAULT_STRATEGY
     cross_attention_backend: str = "auto"
     recompute_visual_kv: bool = True
     visual_hidden_size: int | None = None
     cross_attention_gate_init: float = 0.0
-    cross_attention_link_gbps: float | None = None
-    cross_attention_link_latency_us: float | None = None
-    cross_attention_ranks_per_node: int | None = None
-    cross_attention_inner_link_gbps: float | None = None
-    cross_attention_inner_link_latency_us: float | None = None
-    cross_attention_link: str = "config"
+    # Positive when given (the run config's schema checks; the links' arithmetic needs it).
+    cross_attention_link_gbps: PositiveFloat | None = None
+    cross_attention_link_latency_us: PositiveFloat | None = None
+    cross_attention_ranks_per_node: PositiveInt | None = None
+    cross_attention_inner_link_gbps: PositiveFloat | None = None
+    cross_attention_inner_link_latency_us: PositiveFloat | None = None
+    cross_attention_link: Literal[LINK_SOURCES] = "config"
+    cross_attention_shared: SharedComm = field(default_factory=SharedComm, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,16 +104,14 @@ class CrossAttentionTransformerConfig(TransformerConfig):
         else:
             strategies = [strategies]
         for name in strategies:
-            if name not in STRATEGIES and name not in ("auto", "hierarchical"):
-                raise ValueError(
-                    f"cross_attention_strategy must be 'auto' or one of {sorted(STRATEGIES)} (or 'hierarchical', "
-                    f"with cross_attention_ranks_per_node), got {name!r}"
-                )
+            check_strategy_name(
+                name, "cross_attention_strategy", self.cross_attention_ranks_per_node, "cross_attention_ranks_per_node"
+            )
         if self.cross_attention_backend not in BACKENDS:
             raise ValueError(f"cross_attention_backend must be one of {BACKENDS}, got {self.cross_attention_backend!r}")
-        self._check_links(strategies)
+        self._check_links()
 
-    def _check_links(self, strategies: list[str]) -> None:
+    def _check_links(self) -> None:
         """Raise ValueError naming the field for inconsistent topology and link settings."""
         per_node, cp = self.cross_attention_ranks_per_node, self.context_parallel_size
         if per_node is not None and (
@@ -94,11 +122,6 @@ class CrossAttentionTransformerConfig(TransformerConfig):
                 f"context_parallel_size ({cp}), got {per_node!r}"
             )
         if per_node is None:
-            if "hierarchical" in strategies:
-                raise ValueError(
-                    "cross_attention_strategy 'hierarchical' needs cross_attention_ranks_per_node "
-                    "(the CP ranks of one node)"
-                )
             for name in ("cross_attention_inner_link_gbps", "cross_attention_inner_link_latency_us"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name} needs cross_attention_ranks_per_node (the CP ranks of one node)")
@@ -119,6 +142,17 @@ class CrossAttentionTransformerConfig(TransformerConfig):
             ]
             if given:
                 raise ValueError(f"cross_attention_link='probe' measures the links: leave {given} unset (None)")
+
+    def cross_attention_link_settings(self) -> LinkSettings:
+        """What ``"auto"`` assumes of the CP group, and its split into nodes, for the ops."""
+        return LinkSettings(
+            source=self.cross_attention_link,
+            ranks_per_node=self.cross_attention_ranks_per_node,
+            gbps=self.cross_attention_link_gbps,
+            latency_us=self.cross_attention_link_latency_us,
+            inner_gbps=self.cross_attention_inner_link_gbps,
+            inner_latency_us=self.cross_attention_inner_link_latency_us,
+        )
 
     def strategy_for_layer(self, layer_index: int) -> str:
         """The strategy of the cross-attention layer at 0-based decoder index ``layer_index``."""

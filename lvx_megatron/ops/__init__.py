@@ -1,6 +1,6 @@
 """Exact distributed cross-attention (torch only; never imports megatron)."""
 
-from .api import STRATEGIES, Strategy, distributed_cross_attention, prepare_call
+from .api import distributed_cross_attention, prepare_call, recomputed_kv_cross_attention
 from .backends import (
     BACKENDS,
     BlockAttentionBackend,
@@ -12,15 +12,24 @@ from .backends import (
 from .comm_stats import CommStats, count_communication
 from .mask_plan import MaskPlan
 from .masks import BlockMask
+from .policy import CrossAttentionOp, LinkSettings, SharedComm
 from .reference import dense_cross_attention
+from .registry import AUTO, REGISTRY, STRATEGIES, TWO_LEVEL_STRATEGIES
+from .strategy import Strategy
 
 __all__ = [
+    "AUTO",
     "BACKENDS",
+    "REGISTRY",
     "STRATEGIES",
+    "TWO_LEVEL_STRATEGIES",
     "BlockAttentionBackend",
     "BlockMask",
     "CommStats",
+    "CrossAttentionOp",
+    "LinkSettings",
     "MaskPlan",
+    "SharedComm",
     "Strategy",
     "TorchFusedBackend",
     "TorchReferenceBackend",
@@ -30,4 +39,5 @@ __all__ = [
     "distributed_cross_attention",
     "get_backend",
     "prepare_call",
+    "recomputed_kv_cross_attention",
 ]

@@ -1,7 +1,7 @@
 """The public entry point: exact cross-attention over visual tokens sharded across a group."""
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -11,44 +11,18 @@ from torch import Tensor
 from .backends import BlockAttentionBackend, get_backend
 from .groups import HierarchicalGroups, check_hierarchical_groups, rank_and_size
 from .head_chunks import head_chunk_count
-from .hierarchical import hierarchical_backward, hierarchical_forward
-from .kv_allgather import kv_allgather_backward, kv_allgather_forward
-from .kv_ring import kv_ring_backward, kv_ring_forward
 from .layout import exchange_layout
 from .mask_plan import MaskPlan
 from .problem import CrossAttentionProblem
-from .q_allgather import q_allgather_backward, q_allgather_forward
-from .query_ring import query_ring_backward, query_ring_forward
+from .registry import DEFAULT_STRATEGY, REGISTRY, STRATEGIES, TWO_LEVEL_STRATEGIES
+from .strategy import Strategy
 
-
-@dataclass(frozen=True)
-class Strategy:
-    """A distributed strategy as a pair of plain functions (no autograd inside).
-
-    ``forward(q, k, v, problem) -> (out, lse)`` and
-    ``backward(dout, q, k, v, out, lse, problem) -> (dq, dk, dv)``; the mask is ``problem.mask(...)``.
-    """
-
-    name: str
-    forward: Callable[..., tuple[Tensor, Tensor]]
-    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
-
-
-STRATEGIES = {
-    "query_ring": Strategy("query_ring", query_ring_forward, query_ring_backward),
-    "kv_ring": Strategy("kv_ring", kv_ring_forward, kv_ring_backward),
-    "q_allgather": Strategy("q_allgather", q_allgather_forward, q_allgather_backward),
-    "kv_allgather": Strategy("kv_allgather", kv_allgather_forward, kv_allgather_backward),
-}
-# Strategies over the two levels of a ``group=HierarchicalGroups`` (their functions take ``groups=``);
-# kept apart from STRATEGIES, whose entries run over any one process group.
-TWO_LEVEL_STRATEGIES = {"hierarchical": Strategy("hierarchical", hierarchical_forward, hierarchical_backward)}
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, strategy: str, head_chunks: int | None) -> None:
     """Raise ValueError naming the offending argument."""
-    if strategy not in STRATEGIES and strategy not in TWO_LEVEL_STRATEGIES:
+    if strategy not in REGISTRY:
         raise ValueError(
             f"strategy must be one of {sorted(STRATEGIES)} (or, with group=HierarchicalGroups, "
             f"{sorted(TWO_LEVEL_STRATEGIES)}), got {strategy!r}"
@@ -128,16 +102,17 @@ def _check_plan(plan: MaskPlan, q: Tensor, world_size: int) -> None:
 
 
 def resolve_strategy(strategy: str, group: dist.ProcessGroup | HierarchicalGroups | None) -> Strategy:
-    """The :class:`Strategy` to run for ``strategy`` and ``group`` (two-level ones bound to the groups)."""
-    if strategy in TWO_LEVEL_STRATEGIES:
-        if not isinstance(group, HierarchicalGroups):
-            raise ValueError(
-                f"strategy={strategy!r} needs group=HierarchicalGroups(inner, outer, ...) "
-                f"(see lvx_megatron.ops.groups.hierarchical_groups), got group={group!r}"
-            )
-        s = TWO_LEVEL_STRATEGIES[strategy]
-        return Strategy(s.name, partial(s.forward, groups=group), partial(s.backward, groups=group))
-    return STRATEGIES[strategy]
+    """The registered :class:`~.strategy.Strategy` to run for ``strategy`` and ``group`` (two-level
+    ones with their passes bound to the groups)."""
+    s = REGISTRY[strategy]
+    if not s.two_level:
+        return s
+    if not isinstance(group, HierarchicalGroups):
+        raise ValueError(
+            f"strategy={strategy!r} needs group=HierarchicalGroups(inner, outer, ...) "
+            f"(see lvx_megatron.ops.groups.hierarchical_groups), got group={group!r}"
+        )
+    return replace(s, forward=partial(s.forward, groups=group), backward=partial(s.backward, groups=group))
 
 
 def prepare_call(
@@ -146,7 +121,7 @@ def prepare_call(
     v: Tensor,
     *,
     group: dist.ProcessGroup | HierarchicalGroups | None = None,
-    strategy: str = "query_ring",
+    strategy: str = DEFAULT_STRATEGY,
     softmax_scale: float | None = None,
     q_image_mask: Tensor | None = None,
     kv_image_ids: Tensor | None = None,
@@ -233,7 +208,7 @@ def distributed_cross_attention(
     v: Tensor,
     *,
     group: dist.ProcessGroup | HierarchicalGroups | None = None,
-    strategy: str = "query_ring",
+    strategy: str = DEFAULT_STRATEGY,
     softmax_scale: float | None = None,
     q_image_mask: Tensor | None = None,
     kv_image_ids: Tensor | None = None,
@@ -286,3 +261,71 @@ def distributed_cross_attention(
         head_chunks=head_chunks,
     )
     return DistributedCrossAttentionFunction.apply(q, k, v, problem, resolve_strategy(strategy, group))
+
+
+class RecomputedKVCrossAttentionFunction(torch.autograd.Function):
+    """Cross-attention whose K/V are recomputed from ``X`` in backward instead of being saved.
+
+    Forward gets ``k``/``v`` computed without autograd and saves only ``q``, ``X`` (shared by
+    every layer of a model, so saving it costs nothing extra), the output and the LSE. Backward
+    recomputes ``k, v = kv_projection(X)`` with autograd, runs the strategy's backward and pushes
+    ``dk, dv`` through the recomputed graph: the projection's parameters get their gradients
+    there, and ``dX`` is returned.
+    """
+
+    @staticmethod
+    def forward(ctx, q, x, k, v, problem: CrossAttentionProblem, strategy: Strategy, kv_projection):
+        out, lse = strategy.forward(q, k, v, problem)
+        ctx.problem, ctx.strategy, ctx.kv_projection = problem, strategy, kv_projection
+        ctx.save_for_backward(q, x, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, x, out, lse = ctx.saved_tensors
+        x_leaf = x.detach().requires_grad_(ctx.needs_input_grad[1])
+        with torch.enable_grad():
+            k, v = ctx.kv_projection(x_leaf)
+        dq, dk, dv = ctx.strategy.backward(dout, q, k.detach(), v.detach(), out, lse, ctx.problem)
+        if k.requires_grad or v.requires_grad:  # False only when X and the projection are all frozen
+            torch.autograd.backward((k, v), (dk, dv))
+        return dq, x_leaf.grad, None, None, None, None, None
+
+
+def recomputed_kv_cross_attention(
+    q: Tensor,
+    x: Tensor,
+    kv_projection: Callable[[Tensor], tuple[Tensor, Tensor]],
+    *,
+    group: dist.ProcessGroup | HierarchicalGroups | None = None,
+    strategy: str = DEFAULT_STRATEGY,
+    softmax_scale: float | None = None,
+    mask_plan: MaskPlan | None = None,
+    backend: str | BlockAttentionBackend = "auto",
+    head_chunks: int | None = None,
+) -> Tensor:
+    """:func:`distributed_cross_attention` of ``q`` against ``k, v = kv_projection(x)``, keeping no
+    K/V for backward: backward projects ``x`` again (exact gradients for ``q``, ``x`` and the
+    projection's parameters; less memory when ``x`` is kept anyway, as the visual features shared
+    by every cross-attention layer are).
+
+    ``kv_projection`` maps ``x`` to ``k, v`` ``[B, Skv_local, Hkv, D]``; it runs without autograd
+    in forward and with it in backward, so it must compute the same both times (no dropout).
+    The other arguments are :func:`distributed_cross_attention`'s.
+    """
+    with torch.no_grad():
+        k, v = kv_projection(x)
+    problem = prepare_call(
+        q,
+        k,
+        v,
+        group=group,
+        strategy=strategy,
+        softmax_scale=softmax_scale,
+        mask_plan=mask_plan,
+        backend=backend,
+        head_chunks=head_chunks,
+    )
+    return RecomputedKVCrossAttentionFunction.apply(
+        q, x, k, v, problem, resolve_strategy(strategy, group), kv_projection
+    )

@@ -7,17 +7,21 @@ of the heads and block shape, from the block-attention benchmark's rate table) w
 bandwidth): ring strategies overlap each step's transfer with its compute (the next block is in
 flight while the current one is computed), ``q_allgather`` overlaps its chunks' collectives with
 the other chunks' compute, ``kv_allgather`` does not overlap. Given a :class:`Topology` (ranks per
-node, a link inside and one between nodes) the ``hierarchical`` strategy is predicted too.
+node, a link inside and one between nodes) the two-level strategies are predicted too.
+
+Each strategy's own terms live in its file and are read through :mod:`.registry`; this module
+holds the shapes, links, compute model and the terms they share.
 """
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .head_chunks import head_chunk_bounds, head_chunk_count
 
-STRATEGY_NAMES = ("query_ring", "kv_ring", "q_allgather", "kv_allgather")
-TWO_LEVEL_STRATEGY_NAMES = ("hierarchical",)  # predicted only given a Topology
+if TYPE_CHECKING:
+    from .strategy import Strategy
+
 BACKWARD_FLOPS_FACTOR = 2.5  # backward attention FLOPs / forward FLOPs
 
 
@@ -172,19 +176,22 @@ class Prediction:
         return self.forward_s + self.backward_s
 
 
-def _q_bytes(s: CallShape, rows: int, width: int) -> int:
+def q_bytes(s: CallShape, rows: int, width: int) -> int:
+    """Bytes of ``rows`` query-shaped rows (all heads) at ``width`` bytes per element."""
     return s.batch * rows * s.q_heads * s.head_dim * width
 
 
-def _stat_bytes(s: CallShape, rows: int) -> int:
+def stat_bytes(s: CallShape, rows: int) -> int:
+    """Bytes of one per-row, per-head statistic (LSE, delta) of ``rows`` query rows."""
     return s.batch * rows * s.q_heads * s.acc_bytes
 
 
-def _kv_bytes(s: CallShape, rows: int, width: int) -> int:
+def kv_bytes(s: CallShape, rows: int, width: int) -> int:
+    """Bytes of ``rows`` K- or V-shaped rows (all K/V heads) at ``width`` bytes per element."""
     return s.batch * rows * s.kv_heads * s.head_dim * width
 
 
-def _ring_bytes(payload: list[int], carry: list[int], rank: int) -> int:
+def ring_bytes(payload: list[int], carry: list[int], rank: int) -> int:
     """A ring pass: every block but the next rank's payload, and every block's carry."""
     n = len(payload)
     if n == 1:
@@ -192,89 +199,18 @@ def _ring_bytes(payload: list[int], carry: list[int], rank: int) -> int:
     return sum(p for j, p in enumerate(payload) if j != (rank + 1) % n) + sum(carry)
 
 
-def _node_shape(s: CallShape, node: int, ranks_per_node: int) -> CallShape:
-    """One node's ranks as a group: the inner level of ``hierarchical`` (an unchunked ``q_allgather``)."""
-    rows = slice(node * ranks_per_node, (node + 1) * ranks_per_node)
-    return dataclasses.replace(s, q_lens=s.q_lens[rows], kv_lens=s.kv_lens[rows], head_chunks=1)
+def ring_seconds(s: CallShape, link: Link, compute: ComputeModel, nbytes: tuple[int, int]) -> tuple[float, float]:
+    """A ring strategy's ``(forward, backward)`` seconds: ``n`` steps, each overlapping one block
+    pair's compute with the next transfer (``nbytes``: the pass's bytes sent by the rank)."""
+    n = s.world_size
+    sq, skv = max(s.q_lens), max(s.kv_lens)
+    steps = lambda sent, backward: (
+        n * max(compute.seconds(s, sq, skv, backward), link.seconds(sent / max(n, 1), 2 if n > 1 else 0))
+    )
+    return steps(nbytes[0], False), steps(nbytes[1], True)
 
 
-def _column_shape(s: CallShape, local: int, ranks_per_node: int) -> CallShape:
-    """The outer level of ``hierarchical``: a query ring over the nodes with node-sized query blocks
-    against the shards of local index ``local``."""
-    nodes = s.world_size // ranks_per_node
-    q_lens = tuple(sum(s.q_lens[b * ranks_per_node : (b + 1) * ranks_per_node]) for b in range(nodes))
-    kv_lens = tuple(s.kv_lens[b * ranks_per_node + local] for b in range(nodes))
-    return dataclasses.replace(s, q_lens=q_lens, kv_lens=kv_lens)
-
-
-def _check_ranks_per_node(s: CallShape, ranks_per_node: int | None) -> int:
-    if ranks_per_node is None or ranks_per_node < 1 or s.world_size % ranks_per_node:
-        raise ValueError(
-            f"strategy 'hierarchical' needs ranks_per_node, a positive divisor of the world size "
-            f"({s.world_size}), got {ranks_per_node!r}"
-        )
-    return ranks_per_node
-
-
-def predicted_level_bytes(s: CallShape, rank: int, ranks_per_node: int) -> dict[str, tuple[int, int]]:
-    """``hierarchical``: ``{"inner": (fwd, bwd), "outer": (fwd, bwd)}`` bytes sent by ``rank``.
-
-    Exactly what ``count_communication`` counts under ``inner.*`` and ``outer.*``.
-    """
-    node, local = divmod(rank, _check_ranks_per_node(s, ranks_per_node))
-    return {
-        "inner": predicted_bytes("q_allgather", _node_shape(s, node, ranks_per_node), local),
-        "outer": predicted_bytes("query_ring", _column_shape(s, local, ranks_per_node), node),
-    }
-
-
-def predicted_plan_bytes(q_lens: tuple[int, ...], kv_lens: tuple[int, ...], batch: int, num_ids: int, rank: int) -> int:
-    """Bytes ``rank`` sends building a :class:`~.mask_plan.MaskPlan` (once per micro-batch, not per
-    call): its uint8 mask rows (``num_ids`` per text token; 0 without ``q_image_mask``) and int32
-    image ids go to every other rank."""
-    n = len(q_lens)
-    return (n - 1) * batch * (q_lens[rank] * num_ids + kv_lens[rank] * 4)
-
-
-def predicted_bytes(strategy: str, s: CallShape, rank: int, ranks_per_node: int | None = None) -> tuple[int, int]:
-    """``(forward, backward)`` bytes sent by ``rank`` (exactly what ``count_communication`` counts).
-
-    ``ranks_per_node`` is needed by ``hierarchical`` only.
-    """
-    names = STRATEGY_NAMES + TWO_LEVEL_STRATEGY_NAMES
-    if strategy not in names:
-        raise ValueError(f"strategy must be one of {list(names)}, got {strategy!r}")
-    if strategy == "hierarchical":
-        levels = predicted_level_bytes(s, rank, ranks_per_node)
-        return levels["inner"][0] + levels["outer"][0], levels["inner"][1] + levels["outer"][1]
-    n, e, a = s.world_size, s.elem_bytes, s.acc_bytes
-    if n == 1:
-        return 0, 0
-    if strategy == "query_ring":
-        fwd_payload = [_q_bytes(s, rows, e) for rows in s.q_lens]
-        fwd_carry = [_q_bytes(s, rows, a) + _stat_bytes(s, rows) for rows in s.q_lens]
-        bwd_payload = [2 * _q_bytes(s, rows, e) + 2 * _stat_bytes(s, rows) for rows in s.q_lens]
-        bwd_carry = [_q_bytes(s, rows, a) for rows in s.q_lens]
-        return _ring_bytes(fwd_payload, fwd_carry, rank), _ring_bytes(bwd_payload, bwd_carry, rank)
-    if strategy == "kv_ring":
-        payload = [2 * _kv_bytes(s, rows, e) for rows in s.kv_lens]
-        carry = [2 * _kv_bytes(s, rows, a) for rows in s.kv_lens]
-        return _ring_bytes(payload, [0] * n, rank), _ring_bytes(payload, carry, rank)
-    own_q, own_kv = s.q_lens[rank], s.kv_lens[rank]
-    if strategy == "q_allgather":
-        gather_q = (n - 1) * _q_bytes(s, own_q, e)
-        # One LSE all-reduce per head chunk, each counted with integer division.
-        lse_all_reduce = sum(
-            2 * (2 * (n - 1) * s.batch * sum(s.q_lens) * heads * a) // n for heads in s.q_allgather_chunks()
-        )
-        scatter = (n - 1) * _q_bytes(s, max(s.q_lens), a)
-        gather_bwd = (n - 1) * (2 * _q_bytes(s, own_q, e) + 2 * _stat_bytes(s, own_q))
-        return gather_q + lse_all_reduce + scatter, gather_bwd + scatter
-    gather = (n - 1) * 2 * _kv_bytes(s, own_kv, e)  # kv_allgather
-    return gather, gather + (n - 1) * 2 * _kv_bytes(s, max(s.kv_lens), a)
-
-
-def _pipelined_seconds(gathers: list[float], computes: list[float], scatters: list[float]) -> float:
+def pipelined_seconds(gathers: list[float], computes: list[float], scatters: list[float]) -> float:
     """Chunks whose gather is in flight during the previous chunk's compute, and whose scatter during
     the next one's: the first gather, then per chunk the longer of its compute and the transfers
     beside it (next gather + previous scatter share the link), then the last scatter."""
@@ -285,76 +221,72 @@ def _pipelined_seconds(gathers: list[float], computes: list[float], scatters: li
     return total
 
 
-def _q_allgather_seconds(s: CallShape, link: Link, compute: ComputeModel, rank: int) -> tuple[float, float]:
-    n, e, a = s.world_size, s.elem_bytes, s.acc_bytes
-    own_q, total_q, skv = s.q_lens[rank], sum(s.q_lens), max(s.kv_lens)
-    msgs = n - 1  # ring steps of one collective
-    times = []
-    for backward in (False, True):
-        gathers, computes, scatters = [], [], []
-        for heads in s.q_allgather_chunks():
-            part = heads / s.q_heads
-            travelling = (2 * _q_bytes(s, own_q, e) + 2 * _stat_bytes(s, own_q)) if backward else _q_bytes(s, own_q, e)
-            gathered = (n - 1) * part * travelling
-            gathers.append(link.seconds(gathered, (4 if backward else 1) * msgs))
-            work = part * compute.seconds(s, total_q, skv, backward)
-            if not backward:  # the LSE all-reduces wait: they are not overlapped
-                work += link.seconds(2 * (2 * (n - 1) * s.batch * total_q * heads * a) / n, 2 * msgs)
-            computes.append(work)
-            scatters.append(link.seconds((n - 1) * part * _q_bytes(s, max(s.q_lens), a), msgs))
-        times.append(_pipelined_seconds(gathers, computes, scatters))
-    return times[0], times[1]
+def predicted_plan_bytes(q_lens: tuple[int, ...], kv_lens: tuple[int, ...], batch: int, num_ids: int, rank: int) -> int:
+    """Bytes ``rank`` sends building a :class:`~.mask_plan.MaskPlan` (once per micro-batch, not per
+    call): its uint8 mask rows (``num_ids`` per text token; 0 without ``q_image_mask``) and int32
+    image ids go to every other rank."""
+    n = len(q_lens)
+    return (n - 1) * batch * (q_lens[rank] * num_ids + kv_lens[rank] * 4)
+
+
+def busiest_rank(s: CallShape) -> int:
+    """The rank with the largest shards (the first of equals): the one whose time a call waits for."""
+    return max(range(s.world_size), key=lambda r: (s.q_lens[r] + s.kv_lens[r], -r))
+
+
+def _registered(strategy: str) -> "Strategy":
+    """The registered :class:`~.strategy.Strategy` named ``strategy``, or a ValueError listing the names."""
+    # Imported here: the registry imports every strategy, and their cost terms build on this module.
+    from .registry import REGISTRY
+
+    if strategy not in REGISTRY:
+        raise ValueError(f"strategy must be one of {list(REGISTRY)}, got {strategy!r}")
+    return REGISTRY[strategy]
+
+
+def predicted_bytes(strategy: str, s: CallShape, rank: int, ranks_per_node: int | None = None) -> tuple[int, int]:
+    """``(forward, backward)`` bytes sent by ``rank`` (exactly what ``count_communication`` counts).
+
+    ``ranks_per_node`` is needed by the two-level strategies only.
+    """
+    spec = _registered(strategy)
+    if not spec.two_level and s.world_size == 1:
+        return 0, 0
+    return spec.predicted_bytes(s, rank, ranks_per_node)
 
 
 def predict(strategy: str, s: CallShape, link: Link | Topology, compute: ComputeModel) -> Prediction:
     """Bytes and time of ``strategy`` on the busiest rank (largest shards).
 
     ``link``: one link for every hop, or a :class:`Topology` (strategies over all ranks then run
-    at its :meth:`~Topology.flat_link`; ``hierarchical`` needs one).
+    at its :meth:`~Topology.flat_link`; the two-level strategies need one).
     """
-    n = s.world_size
-    rank = max(range(n), key=lambda r: (s.q_lens[r] + s.kv_lens[r], -r))
-    if strategy == "hierarchical":
+    spec = _registered(strategy)
+    rank = busiest_rank(s)
+    if spec.two_level:
         if not isinstance(link, Topology):
-            raise ValueError("strategy 'hierarchical' needs link=Topology(ranks_per_node, inner, outer)")
-        per_node = link.ranks_per_node
-        levels = predicted_level_bytes(s, rank, per_node)
-        # The node's collectives (not overlapped) around a query ring of node-sized blocks across nodes.
-        ring = predict("query_ring", _column_shape(s, rank % per_node, per_node), link.outer, compute)
-        fwd_s = link.inner.seconds(levels["inner"][0], 4 * (per_node - 1)) + ring.forward_s
-        bwd_s = link.inner.seconds(levels["inner"][1], 5 * (per_node - 1)) + ring.backward_s
-        fwd_bytes, bwd_bytes = (levels["inner"][i] + levels["outer"][i] for i in range(2))
-        return Prediction(strategy, fwd_bytes, bwd_bytes, fwd_s, bwd_s)
-    if isinstance(link, Topology):
-        link = link.flat_link(n)
-    fwd_bytes, bwd_bytes = predicted_bytes(strategy, s, rank)
-    sq, skv = max(s.q_lens), max(s.kv_lens)
-    total_kv = sum(s.kv_lens)
-    if strategy in ("query_ring", "kv_ring"):
-        # n steps; each overlaps one block pair's compute with the next transfer.
-        steps = lambda nbytes, backward: (
-            n * max(compute.seconds(s, sq, skv, backward), link.seconds(nbytes / max(n, 1), 2 if n > 1 else 0))
-        )
-        fwd_s, bwd_s = steps(fwd_bytes, False), steps(bwd_bytes, True)
-    elif strategy == "q_allgather":  # all queries against the local shard, chunks pipelined
-        fwd_s, bwd_s = _q_allgather_seconds(s, link, compute, rank)
-    else:  # kv_allgather: the local queries against every key
-        fwd_s = compute.seconds(s, sq, total_kv, False) + link.seconds(fwd_bytes, 2 * (n - 1))
-        bwd_s = compute.seconds(s, sq, total_kv, True) + link.seconds(bwd_bytes, 4 * (n - 1))
-    return Prediction(strategy, fwd_bytes, bwd_bytes, fwd_s, bwd_s)
+            raise ValueError(f"strategy {strategy!r} needs link=Topology(ranks_per_node, inner, outer)")
+        nbytes = predicted_bytes(strategy, s, rank, link.ranks_per_node)
+    else:
+        if isinstance(link, Topology):
+            link = link.flat_link(s.world_size)
+        nbytes = predicted_bytes(strategy, s, rank)
+    fwd_s, bwd_s = spec.predicted_seconds(s, link, compute, rank, nbytes)
+    return Prediction(strategy, nbytes[0], nbytes[1], fwd_s, bwd_s)
 
 
 def choose_strategy(s: CallShape, link: Link | Topology, compute: ComputeModel) -> tuple[str, dict[str, Prediction]]:
     """The strategy with the smallest predicted forward + backward time, and every prediction.
 
-    With a :class:`Topology` whose ``ranks_per_node`` divides the world size, ``hierarchical`` is
-    a candidate too.
+    With a :class:`Topology` whose ``ranks_per_node`` divides the world size, the two-level
+    strategies are candidates too.
     """
-    names = STRATEGY_NAMES
-    if isinstance(link, Topology) and s.world_size % link.ranks_per_node == 0:
-        names += TWO_LEVEL_STRATEGY_NAMES
+    from .registry import REGISTRY  # see _registered
+
+    two_level = isinstance(link, Topology) and s.world_size % link.ranks_per_node == 0
+    names = [name for name, spec in REGISTRY.items() if two_level or not spec.two_level]
     predictions = {name: predict(name, s, link, compute) for name in names}
-    # Ties (e.g. one rank) go to the query ring, the order of the names.
+    # Ties (e.g. one rank) go to the first registered (the query ring).
     best = min(names, key=lambda name: (predictions[name].total_s, names.index(name)))
     return best, predictions
 

@@ -24,11 +24,13 @@ from torch import Tensor
 
 from .collectives import all_gather_rows, reduce_scatter_rows
 from .comm_stats import count_communication, record_bytes
+from .cost_model import CallShape, ComputeModel, Topology, busiest_rank
 from .groups import HierarchicalGroups
 from .layout import ShardLayout
 from .problem import CrossAttentionProblem, output_delta
-from .q_allgather import combine_partials
-from .query_ring import query_ring_backward, query_ring_forward
+from .q_allgather import combine_partials, q_allgather_bytes
+from .query_ring import query_ring_backward, query_ring_bytes, query_ring_forward, query_ring_seconds
+from .strategy import Strategy
 
 
 def _node_lens(p: CrossAttentionProblem, g: HierarchicalGroups) -> list[int]:
@@ -98,3 +100,72 @@ def hierarchical_backward(
     _counted_as("outer", ring_stats)
     dq = reduce_scatter_rows(dq_node.to(acc), lens, local, g.inner, "inner.dq")
     return dq.to(q.dtype), dk, dv
+
+
+def _node_shape(s: CallShape, node: int, ranks_per_node: int) -> CallShape:
+    """One node's ranks as a group: the inner level (an unchunked ``q_allgather``)."""
+    rows = slice(node * ranks_per_node, (node + 1) * ranks_per_node)
+    return dataclasses.replace(s, q_lens=s.q_lens[rows], kv_lens=s.kv_lens[rows], head_chunks=1)
+
+
+def _column_shape(s: CallShape, local: int, ranks_per_node: int) -> CallShape:
+    """The outer level: a query ring over the nodes with node-sized query blocks against the shards
+    of local index ``local``."""
+    nodes = s.world_size // ranks_per_node
+    q_lens = tuple(sum(s.q_lens[b * ranks_per_node : (b + 1) * ranks_per_node]) for b in range(nodes))
+    kv_lens = tuple(s.kv_lens[b * ranks_per_node + local] for b in range(nodes))
+    return dataclasses.replace(s, q_lens=q_lens, kv_lens=kv_lens)
+
+
+def _check_ranks_per_node(s: CallShape, ranks_per_node: int | None) -> int:
+    if ranks_per_node is None or ranks_per_node < 1 or s.world_size % ranks_per_node:
+        raise ValueError(
+            f"strategy 'hierarchical' needs ranks_per_node, a positive divisor of the world size "
+            f"({s.world_size}), got {ranks_per_node!r}"
+        )
+    return ranks_per_node
+
+
+def predicted_level_bytes(s: CallShape, rank: int, ranks_per_node: int) -> dict[str, tuple[int, int]]:
+    """``{"inner": (fwd, bwd), "outer": (fwd, bwd)}`` bytes sent by ``rank``.
+
+    Exactly what ``count_communication`` counts under ``inner.*`` and ``outer.*``.
+    """
+    node, local = divmod(rank, _check_ranks_per_node(s, ranks_per_node))
+    inner, outer = _node_shape(s, node, ranks_per_node), _column_shape(s, local, ranks_per_node)
+    return {
+        "inner": q_allgather_bytes(inner, local) if inner.world_size > 1 else (0, 0),
+        "outer": query_ring_bytes(outer, node) if outer.world_size > 1 else (0, 0),
+    }
+
+
+def hierarchical_bytes(s: CallShape, rank: int, ranks_per_node: int | None) -> tuple[int, int]:
+    """``(forward, backward)`` bytes ``rank`` sends over both levels."""
+    levels = predicted_level_bytes(s, rank, ranks_per_node)
+    return levels["inner"][0] + levels["outer"][0], levels["inner"][1] + levels["outer"][1]
+
+
+def hierarchical_seconds(
+    s: CallShape, link: Topology, compute: ComputeModel, rank: int, nbytes: tuple[int, int]
+) -> tuple[float, float]:
+    """``(forward, backward)`` seconds: the node's collectives (not overlapped) around a query ring
+    of node-sized blocks across nodes."""
+    per_node = link.ranks_per_node
+    levels = predicted_level_bytes(s, rank, per_node)
+    column = _column_shape(s, rank % per_node, per_node)
+    ring_rank = busiest_rank(column)
+    ring_bytes = query_ring_bytes(column, ring_rank) if column.world_size > 1 else (0, 0)
+    ring_fwd, ring_bwd = query_ring_seconds(column, link.outer, compute, ring_rank, ring_bytes)
+    fwd_s = link.inner.seconds(levels["inner"][0], 4 * (per_node - 1)) + ring_fwd
+    bwd_s = link.inner.seconds(levels["inner"][1], 5 * (per_node - 1)) + ring_bwd
+    return fwd_s, bwd_s
+
+
+STRATEGY = Strategy(
+    "hierarchical",
+    hierarchical_forward,
+    hierarchical_backward,
+    hierarchical_bytes,
+    hierarchical_seconds,
+    two_level=True,
+)

@@ -8,7 +8,9 @@ reduce-scatter of ``dK, dV`` (fp32) back to their owners.
 from torch import Tensor
 
 from .collectives import all_gather_rows, reduce_scatter_rows
+from .cost_model import CallShape, ComputeModel, Link, kv_bytes
 from .problem import ALL, CrossAttentionProblem, output_delta
+from .strategy import Strategy
 
 
 def _gather_kv(k: Tensor, v: Tensor, p: CrossAttentionProblem) -> tuple[Tensor, Tensor]:
@@ -35,3 +37,26 @@ def kv_allgather_backward(
     dk = reduce_scatter_rows(dk_all.to(p.acc_dtype), lens, rank, p.group, "dk")
     dv = reduce_scatter_rows(dv_all.to(p.acc_dtype), lens, rank, p.group, "dv")
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def kv_allgather_bytes(s: CallShape, rank: int, ranks_per_node: int | None = None) -> tuple[int, int]:
+    """``(forward, backward)`` bytes ``rank`` sends: its K/V to every rank (twice), the K/V gradients."""
+    n = s.world_size
+    gather = (n - 1) * 2 * kv_bytes(s, s.kv_lens[rank], s.elem_bytes)
+    return gather, gather + (n - 1) * 2 * kv_bytes(s, max(s.kv_lens), s.acc_bytes)
+
+
+def kv_allgather_seconds(
+    s: CallShape, link: Link, compute: ComputeModel, rank: int, nbytes: tuple[int, int]
+) -> tuple[float, float]:
+    """``(forward, backward)`` seconds: the local queries against every key, after the collectives
+    (not overlapped)."""
+    n, sq, total_kv = s.world_size, max(s.q_lens), sum(s.kv_lens)
+    fwd_s = compute.seconds(s, sq, total_kv, False) + link.seconds(nbytes[0], 2 * (n - 1))
+    bwd_s = compute.seconds(s, sq, total_kv, True) + link.seconds(nbytes[1], 4 * (n - 1))
+    return fwd_s, bwd_s
+
+
+STRATEGY = Strategy(
+    "kv_allgather", kv_allgather_forward, kv_allgather_backward, kv_allgather_bytes, kv_allgather_seconds
+)

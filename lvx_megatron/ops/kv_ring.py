@@ -8,10 +8,12 @@ travel: every rank's plan (:class:`~.mask_plan.MaskPlan`) holds every block's id
 
 from torch import Tensor
 
+from .cost_model import CallShape, ComputeModel, Link, kv_bytes, ring_bytes, ring_seconds
 from .merge import merge_partials
 from .problem import CrossAttentionProblem, accumulate, output_delta
 from .ring import Ring
 from .ring_pass import ring_pass
+from .strategy import Strategy
 
 
 def kv_ring_forward(q: Tensor, k: Tensor, v: Tensor, p: CrossAttentionProblem) -> tuple[Tensor, Tensor]:
@@ -51,3 +53,20 @@ def kv_ring_backward(
         lambda j: [p.kv_spec(j, acc), p.kv_spec(j, acc)],
     )
     return local["dq"].to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def kv_ring_bytes(s: CallShape, rank: int, ranks_per_node: int | None = None) -> tuple[int, int]:
+    """``(forward, backward)`` bytes ``rank`` sends: the K/V blocks, and backward their gradients."""
+    payload = [2 * kv_bytes(s, rows, s.elem_bytes) for rows in s.kv_lens]
+    carry = [2 * kv_bytes(s, rows, s.acc_bytes) for rows in s.kv_lens]
+    return ring_bytes(payload, [0] * s.world_size, rank), ring_bytes(payload, carry, rank)
+
+
+def kv_ring_seconds(
+    s: CallShape, link: Link, compute: ComputeModel, rank: int, nbytes: tuple[int, int]
+) -> tuple[float, float]:
+    """``(forward, backward)`` seconds: ring steps overlapping compute and transfer."""
+    return ring_seconds(s, link, compute, nbytes)
+
+
+STRATEGY = Strategy("kv_ring", kv_ring_forward, kv_ring_backward, kv_ring_bytes, kv_ring_seconds)

@@ -19,9 +19,11 @@ import torch
 from torch import Tensor
 
 from .collectives import Pending, all_reduce_lse, post_all_gather_rows, post_reduce_scatter_rows
+from .cost_model import CallShape, ComputeModel, Link, pipelined_seconds, q_bytes, stat_bytes
 from .head_chunks import head_chunk_bounds
 from .merge import safe_lse
 from .problem import ALL, CrossAttentionProblem, output_delta
+from .strategy import Strategy
 
 
 def post_combine_partials(
@@ -121,3 +123,45 @@ def q_allgather_backward(
     dq = _cat_heads(_pipeline(len(slices), post_inputs, work))
     dk, dv = (_cat_heads([part[i] for part in dkv]) for i in range(2))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def q_allgather_bytes(s: CallShape, rank: int, ranks_per_node: int | None = None) -> tuple[int, int]:
+    """``(forward, backward)`` bytes ``rank`` sends: its queries (backward also ``dO``, LSE, delta) to
+    every rank, the LSE all-reduces of every head chunk, the reduce-scatter of ``O`` / ``dQ``."""
+    n, e, a = s.world_size, s.elem_bytes, s.acc_bytes
+    own_q = s.q_lens[rank]
+    gather_q = (n - 1) * q_bytes(s, own_q, e)
+    # One LSE all-reduce per head chunk, each counted with integer division.
+    lse_all_reduce = sum(
+        2 * (2 * (n - 1) * s.batch * sum(s.q_lens) * heads * a) // n for heads in s.q_allgather_chunks()
+    )
+    scatter = (n - 1) * q_bytes(s, max(s.q_lens), a)
+    gather_bwd = (n - 1) * (2 * q_bytes(s, own_q, e) + 2 * stat_bytes(s, own_q))
+    return gather_q + lse_all_reduce + scatter, gather_bwd + scatter
+
+
+def q_allgather_seconds(
+    s: CallShape, link: Link, compute: ComputeModel, rank: int, nbytes: tuple[int, int]
+) -> tuple[float, float]:
+    """``(forward, backward)`` seconds: all queries against the local shard, chunks pipelined."""
+    n, e, a = s.world_size, s.elem_bytes, s.acc_bytes
+    own_q, total_q, skv = s.q_lens[rank], sum(s.q_lens), max(s.kv_lens)
+    msgs = n - 1  # ring steps of one collective
+    times = []
+    for backward in (False, True):
+        gathers, computes, scatters = [], [], []
+        for heads in s.q_allgather_chunks():
+            part = heads / s.q_heads
+            travelling = (2 * q_bytes(s, own_q, e) + 2 * stat_bytes(s, own_q)) if backward else q_bytes(s, own_q, e)
+            gathered = (n - 1) * part * travelling
+            gathers.append(link.seconds(gathered, (4 if backward else 1) * msgs))
+            work = part * compute.seconds(s, total_q, skv, backward)
+            if not backward:  # the LSE all-reduces wait: they are not overlapped
+                work += link.seconds(2 * (2 * (n - 1) * s.batch * total_q * heads * a) / n, 2 * msgs)
+            computes.append(work)
+            scatters.append(link.seconds((n - 1) * part * q_bytes(s, max(s.q_lens), a), msgs))
+        times.append(pipelined_seconds(gathers, computes, scatters))
+    return times[0], times[1]
+
+
+STRATEGY = Strategy("q_allgather", q_allgather_forward, q_allgather_backward, q_allgather_bytes, q_allgather_seconds)

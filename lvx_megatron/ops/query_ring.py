@@ -9,10 +9,12 @@ every rank's plan (:class:`~.mask_plan.MaskPlan`) holds every block's mask rows.
 
 from torch import Tensor
 
+from .cost_model import CallShape, ComputeModel, Link, q_bytes, ring_bytes, ring_seconds, stat_bytes
 from .merge import merge_partials
 from .problem import CrossAttentionProblem, accumulate, output_delta
 from .ring import Ring
 from .ring_pass import ring_pass
+from .strategy import Strategy
 
 
 def query_ring_forward(q: Tensor, k: Tensor, v: Tensor, p: CrossAttentionProblem) -> tuple[Tensor, Tensor]:
@@ -75,3 +77,23 @@ def query_ring_backward(
         lambda j: [p.q_spec(j, acc)],
     )
     return dq.to(q.dtype), local["dk"].to(k.dtype), local["dv"].to(v.dtype)
+
+
+def query_ring_bytes(s: CallShape, rank: int, ranks_per_node: int | None = None) -> tuple[int, int]:
+    """``(forward, backward)`` bytes ``rank`` sends: the query blocks and their carries."""
+    e, a = s.elem_bytes, s.acc_bytes
+    fwd_payload = [q_bytes(s, rows, e) for rows in s.q_lens]
+    fwd_carry = [q_bytes(s, rows, a) + stat_bytes(s, rows) for rows in s.q_lens]
+    bwd_payload = [2 * q_bytes(s, rows, e) + 2 * stat_bytes(s, rows) for rows in s.q_lens]
+    bwd_carry = [q_bytes(s, rows, a) for rows in s.q_lens]
+    return ring_bytes(fwd_payload, fwd_carry, rank), ring_bytes(bwd_payload, bwd_carry, rank)
+
+
+def query_ring_seconds(
+    s: CallShape, link: Link, compute: ComputeModel, rank: int, nbytes: tuple[int, int]
+) -> tuple[float, float]:
+    """``(forward, backward)`` seconds: ring steps overlapping compute and transfer."""
+    return ring_seconds(s, link, compute, nbytes)
+
+
+STRATEGY = Strategy("query_ring", query_ring_forward, query_ring_backward, query_ring_bytes, query_ring_seconds)

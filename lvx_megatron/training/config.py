@@ -5,15 +5,25 @@ one line naming the field, e.g. ``config error: model.text.hidden_size: Input sh
 than 0 (got -4)``.
 """
 
+import dataclasses
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
-from ..ops import BACKENDS, STRATEGIES
-from ..ops.api import TWO_LEVEL_STRATEGIES
+from ..core.config import SECTION_FIELDS, CrossAttentionTransformerConfig
+from ..ops import AUTO, BACKENDS, STRATEGIES, TWO_LEVEL_STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -121,41 +131,54 @@ class VisionModelConfig(_Section):
     activation_checkpointing: bool = False
 
 
-class CrossAttentionSettings(_Section):
-    """How the cross-attention layers run; ``heads``, ``head_dim``, ``ff_mult``: OpenFlamingo's
-    gated blocks (8, 64, 4), whatever the decoder's width."""
+class _ModelCrossAttentionSettings(_Section):
+    """``model.cross_attention`` without the core config's settings (added by :data:`CrossAttentionSettings`):
+    what the model builders read (``heads``, ``head_dim``, ``ff_mult``: OpenFlamingo's gated blocks,
+    8, 64, 4, whatever the decoder's width), the checks that span settings, and their hand-over."""
 
-    strategy: str | list[str] = "auto"  # auto: the cost model picks per layer at its first call
-    backend: str = "auto"
-    recompute_visual_kv: bool = True
-    # Initial gate: tanh gates (mllama, openflamingo); mplug_owl3's per-channel gate before its sigmoid.
-    gate_init: float = 0.0
     heads: PositiveInt | None = None
     head_dim: PositiveInt | None = None
     ff_mult: PositiveInt | None = None
     # Text tokens that see no image: "zero" output (Meta's reference) or "attend_all" visual tokens
     # (Hugging Face's MllamaForConditionalGeneration; set by tools/convert_hf_checkpoint.py for parity).
     blind_rows: Literal["zero", "attend_all"] = "zero"
-    link_gbps: PositiveFloat | None = None  # the CP ring's link for "auto" (None: by NCCL/gloo backend)
-    link_latency_us: PositiveFloat | None = None
-    # CP ranks per node (consecutive CP ranks): enables "hierarchical" and lets "auto" consider it;
-    # link_gbps/link_latency_us are then the link between nodes, inner_link_* the one inside.
-    ranks_per_node: PositiveInt | None = None
-    inner_link_gbps: PositiveFloat | None = None
-    inner_link_latency_us: PositiveFloat | None = None
-    link: Literal["config", "probe"] = "config"  # probe: measure the links at the first "auto" call
 
     @model_validator(mode="after")
-    def _check(self) -> "CrossAttentionSettings":
-        allowed = ["auto", *sorted(STRATEGIES), *sorted(TWO_LEVEL_STRATEGIES)]
+    def _check(self) -> "_ModelCrossAttentionSettings":
+        allowed = [AUTO, *sorted(STRATEGIES), *sorted(TWO_LEVEL_STRATEGIES)]
         for name in [self.strategy] if isinstance(self.strategy, str) else self.strategy:
             if name not in allowed:
                 raise FieldError("strategy", f"must be one of {allowed} (or a list, one per layer), got {name!r}")
-            if name == "hierarchical" and self.ranks_per_node is None:
-                raise FieldError("ranks_per_node", "required by strategy 'hierarchical' (the CP ranks of one node)")
+            if name in TWO_LEVEL_STRATEGIES and self.ranks_per_node is None:
+                raise FieldError("ranks_per_node", f"required by strategy {name!r} (the CP ranks of one node)")
         if self.backend not in BACKENDS:
             raise FieldError("backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
         return self
+
+    def core_fields(self) -> dict[str, Any]:
+        """The core config's fields these settings are (``CrossAttentionTransformerConfig(**...)``)."""
+        return {core: getattr(self, name) for name, core in SECTION_FIELDS.items()}
+
+
+# The one default a run sets apart from the library's: the cost model picks each layer's strategy
+# (docs/ops.md, "Strategy settings").
+_RUN_DEFAULTS = {"strategy": AUTO}
+
+
+def _core_setting(name: str) -> tuple[Any, Any]:
+    """``(type, default)`` of section setting ``name``: its core config field's."""
+    f = next(f for f in dataclasses.fields(CrossAttentionTransformerConfig) if f.name == SECTION_FIELDS[name])
+    return f.type, _RUN_DEFAULTS.get(name, f.default)
+
+
+# How the cross-attention layers run: the core config's settings (core.config.SECTION_FIELDS, each
+# defined and documented there) and the model builders' own.
+CrossAttentionSettings = create_model(
+    "CrossAttentionSettings",
+    __base__=_ModelCrossAttentionSettings,
+    __doc__="The section ``model.cross_attention``: how the cross-attention layers run.",
+    **{name: _core_setting(name) for name in SECTION_FIELDS},
+)
 
 
 class PerceiverSettings(_Section):

@@ -92,16 +92,7 @@ def transformer_config(cfg: RunConfig) -> CrossAttentionTransformerConfig:
         calculate_per_token_loss=True,
         cross_attention_layers=list(t.cross_attention_layers),
         visual_hidden_size=visual,
-        cross_attention_strategy=x.strategy,
-        cross_attention_backend=x.backend,
-        recompute_visual_kv=x.recompute_visual_kv,
-        cross_attention_gate_init=x.gate_init,
-        cross_attention_link_gbps=x.link_gbps,
-        cross_attention_link_latency_us=x.link_latency_us,
-        cross_attention_ranks_per_node=x.ranks_per_node,
-        cross_attention_inner_link_gbps=x.inner_link_gbps,
-        cross_attention_inner_link_latency_us=x.inner_link_latency_us,
-        cross_attention_link=x.link,
+        **x.core_fields(),
     )
 
 

@@ -1,0 +1,41 @@
+"""Every strategy, registered once: the public API, the cost model and the configs read this.
+
+A strategy is one file with its passes and cost terms ending in ``STRATEGY = Strategy(...)``
+(:class:`~.strategy.Strategy`); registering it is one entry in ``_REGISTERED``. The order is the
+cost model's order of preference between equal predictions.
+"""
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from . import hierarchical, kv_allgather, kv_ring, q_allgather, query_ring
+from .strategy import Strategy
+
+_REGISTERED = (
+    query_ring.STRATEGY,
+    kv_ring.STRATEGY,
+    q_allgather.STRATEGY,
+    kv_allgather.STRATEGY,
+    hierarchical.STRATEGY,
+)
+# The library's strategy when none is given: LV-XAttn's query ring (run configs default to AUTO).
+DEFAULT_STRATEGY = query_ring.STRATEGY.name
+# The cost model picks one of the others per layer at its first call (lvx_megatron.ops.policy).
+AUTO = "auto"
+
+REGISTRY: Mapping[str, Strategy] = MappingProxyType({s.name: s for s in _REGISTERED})
+# Strategies over any one process group, and those over the two levels of a HierarchicalGroups.
+STRATEGIES: Mapping[str, Strategy] = MappingProxyType({n: s for n, s in REGISTRY.items() if not s.two_level})
+TWO_LEVEL_STRATEGIES: Mapping[str, Strategy] = MappingProxyType({n: s for n, s in REGISTRY.items() if s.two_level})
+
+
+def check_strategy_name(name: object, field: str, ranks_per_node: int | None, ranks_field: str) -> None:
+    """Raise ValueError naming ``field`` unless ``name`` is ``"auto"`` or a registered strategy whose
+    group the settings can make (a two-level one needs ``ranks_field``, the CP ranks of one node)."""
+    if name != AUTO and name not in REGISTRY:
+        raise ValueError(
+            f"{field} must be {AUTO!r} or one of {sorted(STRATEGIES)} (or {sorted(TWO_LEVEL_STRATEGIES)}, "
+            f"with {ranks_field}), got {name!r}"
+        )
+    if name in TWO_LEVEL_STRATEGIES and ranks_per_node is None:
+        raise ValueError(f"{field} {name!r} needs {ranks_field} (the CP ranks of one node)")
