@@ -237,10 +237,10 @@ class _Prefetcher:
         # config's 77 MB of pixels per sample took ~12 ms from pageable memory on an H200).
         return [{k: t.pin_memory() for k, t in b.items()} for b in batches] if pin else batches
 
-    def micro_batches(self, iteration: int, device: torch.device, prefetch_next: bool = True) -> list[dict]:
+    def micro_batches(self, iteration: int, device: torch.device | str, prefetch_next: bool = True) -> list[dict]:
         """The micro-batches of ``iteration`` on ``device``; starts reading the next iteration's."""
         # Every read runs on the one worker thread: the dataset's file handles are not shared.
-        pin = device.type == "cuda"
+        pin = torch.device(device).type == "cuda"
         pending = self._pending.pop(iteration, None) or self._pool.submit(self._read, iteration, pin)
         batches = pending.result()
         self._pending.clear()
