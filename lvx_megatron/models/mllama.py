@@ -18,6 +18,11 @@ from .mllama_vision import MllamaVisionEncoder, MultiModalProjector, VisionEncod
 from .vlm import ImageBatch, TextSettings, VisionLanguageModel
 
 
+def visual_tokens_per_image(vision: VisionEncoderConfig, num_tiles: int) -> int:
+    """Visual tokens one image of ``num_tiles`` tiles contributes: every tile's patches plus its class token."""
+    return num_tiles * (vision.num_patches + 1)
+
+
 class MllamaModel(VisionLanguageModel):
     """Vision encoder + projector (first stage), gated cross-attention decoder, LM head (last stage).
 
@@ -66,8 +71,8 @@ class MllamaModel(VisionLanguageModel):
                 self.vision_model.requires_grad_(False)
 
     def visual_tokens_per_image(self, num_tiles: int) -> int:
-        """Visual tokens one image contributes: every tile's patches plus its class token."""
-        return num_tiles * (self.vision_config.num_patches + 1)
+        """Visual tokens one image contributes (:func:`visual_tokens_per_image`)."""
+        return visual_tokens_per_image(self.vision_config, num_tiles)
 
     def encode_images(self, batch: ImageBatch) -> Tensor:
         """This rank's images ``[B, n, T, C, H, W]`` -> visual shard ``X`` ``[n*T*(P+1), B, hidden]``."""
@@ -95,5 +100,5 @@ class MllamaModel(VisionLanguageModel):
         else:
             rows_see_image = q_mask.any(-1)
             q_mask = q_mask | ~rows_see_image.unsqueeze(-1)
-        kv_ids = ids.reshape(b, -1).repeat_interleave(self.vision_config.num_patches + 1, dim=1)
+        kv_ids = ids.reshape(b, -1).repeat_interleave(self.visual_tokens_per_image(1), dim=1)  # per tile
         return CrossAttentionMask(q_image_mask=q_mask, kv_image_ids=kv_ids, rows_see_image=rows_see_image)

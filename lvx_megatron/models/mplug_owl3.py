@@ -20,6 +20,11 @@ from .vit import ViTConfig
 from .vlm import ImageBatch, TextSettings
 
 
+def visual_tokens_per_image(vision: ViTConfig) -> int:
+    """Visual tokens one image contributes: the tower's patches."""
+    return vision.num_patches
+
+
 class MplugOwl3Model(TowerVisionLanguageModel):
     """SigLIP tower + projector (first stage), hyper-attention decoder, LM head (last stage).
 
@@ -60,8 +65,8 @@ class MplugOwl3Model(TowerVisionLanguageModel):
             self.vision2text_model = nn.Linear(vision.hidden_size, config.hidden_size)
 
     def visual_tokens_per_image(self, num_tiles: int) -> int:
-        """The tower's patches (each image is one tile)."""
-        return self.vision_config.num_patches
+        """The tower's patches (each image is one tile; :func:`visual_tokens_per_image`)."""
+        return visual_tokens_per_image(self.vision_config)
 
     def encode_images(self, batch: ImageBatch) -> Tensor:
         """This rank's images ``[B, n, 1, C, H, W]`` -> ``X`` ``[n * patches, B, hidden]``."""
@@ -82,5 +87,5 @@ class MplugOwl3Model(TowerVisionLanguageModel):
         """``[X, cos, sin]``: MI-Rope rotates each image's keys to its ``<image>`` token's position."""
         positions = self.image_positions(batch)[:, slice(*batch.images)].clamp(min=0)  # padding images: never seen
         freqs = self.rotary.get_emb(seq_length)[:, 0, 0, : self.config.kv_channels // 2].to(x.device)  # [S, d/2]
-        per_token = freqs[positions].repeat_interleave(self.vision_config.num_patches, dim=1)  # [B, s_vis, d/2]
+        per_token = freqs[positions].repeat_interleave(self.visual_tokens_per_image(1), dim=1)  # [B, s_vis, d/2]
         return hyper_context(x, per_token.transpose(0, 1))

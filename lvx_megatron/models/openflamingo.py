@@ -31,6 +31,11 @@ def latest_image_mask(image_positions: Tensor, rows: tuple[int, int]) -> Tensor:
     return seen & (torch.arange(image_positions.shape[1], device=seen.device) == latest)
 
 
+def visual_tokens_per_image(perceiver: PerceiverConfig) -> int:
+    """Visual tokens one image contributes: the resampler's latents."""
+    return perceiver.num_latents
+
+
 class OpenFlamingoModel(TowerVisionLanguageModel):
     """CLIP tower + Perceiver Resampler (first stage), Flamingo decoder, LM head (last stage).
 
@@ -79,8 +84,8 @@ class OpenFlamingoModel(TowerVisionLanguageModel):
             self.perceiver = PerceiverResampler(perceiver)
 
     def visual_tokens_per_image(self, num_tiles: int) -> int:
-        """The resampler's latents (each image is one tile)."""
-        return self.perceiver_config.num_latents
+        """The resampler's latents (each image is one tile; :func:`visual_tokens_per_image`)."""
+        return visual_tokens_per_image(self.perceiver_config)
 
     def encode_images(self, batch: ImageBatch) -> Tensor:
         """This rank's images ``[B, n, 1, C, H, W]`` -> ``X`` ``[n * num_latents, B, width]``."""
