@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from lvx_megatron.models.mllama_vision import MllamaVisionEncoder
 from lvx_megatron.results import write_results
 from lvx_megatron.training.config import load_config
-from lvx_megatron.training.flops import PEAK_BF16_FLOPS, forward_flops_per_sample
 from lvx_megatron.training.families.mllama import vision_config
+from lvx_megatron.training.flops import PEAK_BF16_FLOPS, forward_flops_per_sample
 
 
 def median_ms(fn, iters: int, warmup: int = 3) -> float:

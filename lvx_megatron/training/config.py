@@ -113,7 +113,7 @@ class VisionModelConfig(_Section):
 
     ``num_global_layers`` and ``intermediate_layers_indices`` are mllama's, ``feature_layer`` the
     ViTs' (the hidden state used as features, HF's ``hidden_states[feature_layer]``).
-    ``max_num_tiles`` (mllama 4, ViTs 1) and ``norm_eps`` (1e-5; SigLIP 1e-6) default by architecture.
+    ``max_num_tiles`` (mllama 4, ViTs 1) and ``norm_eps`` (1e-5; SigLIP 1e-6) default by model family.
     """
 
     hidden_size: PositiveInt

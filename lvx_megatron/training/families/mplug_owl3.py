@@ -76,8 +76,7 @@ MPLUG_OWL3 = ModelFamily(
     build=_build,
     visual_width=lambda cfg: cfg.model.text.hidden_size,  # the projector maps to the text width
     visual_tokens_per_image=_visual_tokens_per_image,
-    # VisionLanguageModel.forward's mllama-named masks give the image count and this rank's share.
-    model_inputs=("tokens", "cross_attention_mask", "aspect_ratio_mask", "pixel_values", "labels", "image_positions"),
+    model_inputs=("tokens", "image_positions", "pixel_values", "labels"),
     tp_divides=lambda cfg: {},
     encoder_tokens_per_image=lambda cfg: vit.encoder_tokens_per_image(cfg, "siglip"),
     encoder_layers=vit.encoder_layers,

@@ -110,8 +110,7 @@ OPENFLAMINGO = ModelFamily(
     build=_build,
     visual_width=lambda cfg: cfg.model.vision.hidden_size,  # the gated blocks read the latents at the tower's width
     visual_tokens_per_image=lambda cfg: openflamingo.visual_tokens_per_image(perceiver_config(cfg)),
-    # VisionLanguageModel.forward's mllama-named masks give the image count and this rank's share.
-    model_inputs=("tokens", "cross_attention_mask", "aspect_ratio_mask", "pixel_values", "labels", "image_positions"),
+    model_inputs=("tokens", "image_positions", "pixel_values", "labels"),
     tp_divides=lambda cfg: {"model.cross_attention.heads": cfg.model.cross_attention.heads},
     encoder_tokens_per_image=lambda cfg: vit.encoder_tokens_per_image(cfg, "clip"),
     encoder_layers=vit.encoder_layers,
