@@ -111,7 +111,8 @@ def _connector_flops(cfg: RunConfig) -> float:
 
 
 def _cross_layer_params(cfg: RunConfig, self_layer: int) -> int:
-    """q, k/v, output; q/k head norms; MLP; two norms; two tanh gates."""
+    """The gated layer replaces the decoder layer: q, k/v, output; q/k head norms; MLP; two norms;
+    two tanh gates."""
     t = cfg.model.text
     h, f, d = t.hidden_size, t.ffn_hidden_size, t.hidden_size // t.num_attention_heads
     return h * h + 2 * h * kv_width(t) + h * h + 2 * d + mlp_matrices(t) * h * f + 2 * h + 2

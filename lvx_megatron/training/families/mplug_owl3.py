@@ -19,7 +19,8 @@ def _defaults(data: dict[str, Any]) -> dict[str, Any]:
 
 def _check(m: ModelConfig) -> None:
     x = m.cross_attention
-    unused = vit.check_vit(m, "mplug_owl3")
+    vit.check_vit(m, "mplug_owl3")
+    unused = vit.unused_by_towers(m)
     unused.update({f"cross_attention.{k}": getattr(x, k) for k in ("heads", "head_dim", "ff_mult")})
     unused["perceiver"] = m.perceiver
     reject_unused("mplug_owl3", unused)

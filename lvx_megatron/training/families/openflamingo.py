@@ -40,7 +40,8 @@ def _defaults(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check(m: ModelConfig) -> None:
-    reject_unused("openflamingo", vit.check_vit(m, "openflamingo"))
+    vit.check_vit(m, "openflamingo")
+    reject_unused("openflamingo", vit.unused_by_towers(m))
 
 
 def _build(

@@ -26,9 +26,8 @@ def vit_config(cfg: RunConfig, kind: Kind) -> ViTConfig:
     )
 
 
-def check_vit(m: ModelConfig, architecture: str) -> dict[str, object]:
-    """Raise ``FieldError`` for what the towers need beyond the field types; returns the fields the
-    towers leave unused (for ``reject_unused``)."""
+def check_vit(m: ModelConfig, architecture: str) -> None:
+    """Raise ``FieldError`` for what the towers need beyond the field types."""
     v = m.vision
     if v.max_num_tiles != 1:
         raise FieldError("vision.max_num_tiles", f"must be 1 for architecture {architecture!r} (one tile per image)")
@@ -40,9 +39,13 @@ def check_vit(m: ModelConfig, architecture: str) -> dict[str, object]:
             "vision.feature_layer",
             f"must be in [-vision.num_hidden_layers, -1] = [{-v.num_hidden_layers}, -1], got {v.feature_layer}",
         )
+
+
+def unused_by_towers(m: ModelConfig) -> dict[str, object]:
+    """The fields only mllama reads (for ``reject_unused``)."""
     return {
-        "vision.num_global_layers": v.num_global_layers is not None,
-        "vision.intermediate_layers_indices": v.intermediate_layers_indices,
+        "vision.num_global_layers": m.vision.num_global_layers is not None,
+        "vision.intermediate_layers_indices": m.vision.intermediate_layers_indices,
         "cross_attention.blind_rows": m.cross_attention.blind_rows != "zero",
     }
 
