@@ -279,16 +279,8 @@ def models_and_references(rank: int, world_size: int) -> dict:
         _, model = build_model(cfg, vocab_size=29, pg=pg, device=torch.device("cpu"))
         model = model.double()
         _randomize(model, 4)
-        mask = torch.ones(2, 12, 3, 1, dtype=torch.long)  # the mllama mask: unused by these architectures
         with torch.no_grad():
-            logits = model(
-                tokens=tokens,
-                cross_attention_mask=mask,
-                aspect_ratio_mask=torch.ones(2, 3, 1, dtype=torch.long),
-                pixel_values=pixel_values,
-                aspect_ratio_ids=torch.ones(2, 3, dtype=torch.long),
-                image_positions=image_positions,
-            )
+            logits = model(tokens=tokens, image_positions=image_positions, pixel_values=pixel_values)
             params = {k: w.detach() for k, w in model.named_parameters()}
             reference = model_reference(cfg, params, tokens, pixel_values, image_positions)
         errors[name] = float((logits - reference).abs().max()), float(reference.abs().max())

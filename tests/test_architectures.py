@@ -13,6 +13,7 @@ from train_harness import TINY, run_configs, small_run, train_losses
 
 from lvx_megatron.launch import spawn_gloo
 from lvx_megatron.training.config import ConfigError, load_config
+from lvx_megatron.training.families import family
 from lvx_megatron.training.layout import validate_layout
 from lvx_megatron.training.memory import parameter_counts
 
@@ -72,19 +73,21 @@ def test_checkpoint_resumes_into_another_layout(runs, arch):
     assert all(abs(x - y) <= TOLERANCE * abs(y) for x, y in zip(resumed, uninterrupted, strict=True))
 
 
-def _batch() -> dict:
-    """Two images in the first sample (at tokens 2 and 5), one in the second; a padding image slot."""
+def _batch(cfg) -> dict:
+    """Two images in the first sample (at tokens 2 and 5), one in the second; a padding image slot;
+    the inputs ``cfg``'s model family takes."""
     gen = torch.Generator().manual_seed(7)
     b, s, n = 2, 24, 2
-    return dict(
+    batch = dict(
         tokens=torch.randint(4, 29, (b, s), generator=gen),
         labels=torch.randint(4, 29, (b, s), generator=gen),
         pixel_values=torch.randn(b, n, 1, 3, 32, 32, generator=gen),
         aspect_ratio_ids=torch.ones(b, n, dtype=torch.long),
         aspect_ratio_mask=torch.ones(b, n, 1, dtype=torch.long),
-        cross_attention_mask=torch.ones(b, s, n, 1, dtype=torch.long),  # mllama's: unused here
+        cross_attention_mask=torch.ones(b, s, n, 1, dtype=torch.long),
         image_positions=torch.tensor([[2, 5], [4, -1]]),
     )
+    return {k: batch[k] for k in family(cfg).model_inputs}
 
 
 def _pipeline_loss(model, batch: dict) -> torch.Tensor:
@@ -134,7 +137,7 @@ def _loss_and_grads(config, overrides: dict) -> tuple[float, dict, int]:
         for name, p in model.named_parameters():
             if name.startswith("vision_model.") and name.rsplit(".", 1)[-1].startswith("gate"):
                 p.fill_(0.5)
-    total = _pipeline_loss(model, _batch())
+    total = _pipeline_loss(model, _batch(cfg))
     for group in (pg.cp, pg.pp):  # each CP rank holds its text rows' losses; the last stage holds them all
         dist.all_reduce(total, group=group)
     names, grads = global_parameter_names(model), {}
@@ -242,7 +245,7 @@ def plans_per_forward(rank: int, world_size: int) -> dict:
         cfg = load_config(config, {"parallel.context_parallel_size": 1})
         pg = init_model_parallel(cfg)
         _, model = build_model(cfg, vocab_size=29, pg=pg, device=torch.device("cpu"))
-        _pipeline_loss(model, _batch())
+        _pipeline_loss(model, _batch(cfg))
         out[arch] = (len(built), len(seen), all(plan is built[0] for plan in seen))
         from megatron.core import parallel_state as ps
 

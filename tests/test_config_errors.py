@@ -16,6 +16,7 @@ from train_harness import TINY
 from lvx_megatron.torchrun import ERROR_FILE_KEY, one_line_errors
 from lvx_megatron.training import setup
 from lvx_megatron.training.config import ConfigError, load_config
+from lvx_megatron.training.families import mllama, openflamingo, vit
 from lvx_megatron.training.layout import validate_layout
 
 REPO = TINY.parents[2]
@@ -198,14 +199,17 @@ MUTATIONS = {
 ARCH_CONFIGS = [TINY, TINY.parent / "tiny-openflamingo.yaml", TINY.parent / "tiny-mplug-owl3.yaml"]
 
 
+# The model configs each family builds from the run config (they validate again).
+FAMILY_MODEL_CONFIGS = {
+    "mllama": lambda cfg: [mllama.vision_config(cfg)],
+    "openflamingo": lambda cfg: [vit.vit_config(cfg, "clip"), openflamingo.perceiver_config(cfg)],
+    "mplug_owl3": lambda cfg: [vit.vit_config(cfg, "siglip")],
+}
+
+
 def _model_configs(cfg) -> None:
     setup.transformer_config(cfg)
-    if cfg.model.architecture == "mllama":
-        setup.vision_config(cfg)
-    else:
-        setup.vit_config(cfg)
-    if cfg.model.architecture == "openflamingo":
-        setup.perceiver_config(cfg)
+    FAMILY_MODEL_CONFIGS[cfg.model.architecture](cfg)
 
 
 @pytest.mark.parametrize("config", ARCH_CONFIGS, ids=lambda p: p.stem)

@@ -18,6 +18,7 @@ from train_harness import TINY
 
 from lvx_megatron.launch import spawn_gloo
 from lvx_megatron.training.config import RunConfig, load_config
+from lvx_megatron.training.families import family
 from lvx_megatron.training.flops import flops_per_sample, forward_flops_per_sample
 
 CONFIGS = {
@@ -53,7 +54,7 @@ def _count(arch: str) -> tuple[int, int, int]:
     )
     forward, backward = FlopCounterMode(display=False), FlopCounterMode(display=False)
     with forward, sdpa_kernel(SDPBackend.MATH):
-        loss, _ = model(**batch)
+        loss, _ = model(**{k: batch[k] for k in family(cfg).model_inputs})
     with backward:
         loss.sum().backward()
     parallel_state.destroy_model_parallel()

@@ -8,9 +8,9 @@ from train_harness import TINY
 
 from lvx_megatron.models.mllama_vision import MllamaVisionEncoder
 from lvx_megatron.training.config import load_config
+from lvx_megatron.training.families.mllama import vision_config
 from lvx_megatron.training.layout import Layout
 from lvx_megatron.training.memory import estimate_memory, parameter_counts
-from lvx_megatron.training.setup import vision_config
 
 CONFIGS = TINY.parent
 ELEVEN_B = CONFIGS / "llama-3.2-11b-vision.yaml"

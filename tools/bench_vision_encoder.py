@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from lvx_megatron.models.mllama_vision import MllamaVisionEncoder
 from lvx_megatron.results import rows_table, write_results
 from lvx_megatron.training.config import load_config
+from lvx_megatron.training.families.mllama import vision_config
 from lvx_megatron.training.flops import forward_flops_per_sample, peak_flops
-from lvx_megatron.training.setup import vision_config
 
 # What README's table shows (render_results.py rows_table with the same columns).
 TABLE_COLUMNS = [

@@ -37,7 +37,8 @@ def build_skeleton(cfg, vocab_size: int, pg, device: torch.device, dtype: torch.
 
     from lvx_megatron.core.cpu_compat import mark_cpu_parameters
     from lvx_megatron.models.mllama import MllamaModel
-    from lvx_megatron.training.setup import text_settings, transformer_config, vision_config
+    from lvx_megatron.training.families.mllama import vision_config
+    from lvx_megatron.training.setup import text_settings, transformer_config
 
     config = transformer_config(cfg)
     config.params_dtype = dtype

@@ -7,6 +7,7 @@ context-parallel cross-attention layers at ``config.cross_attention_layers``; th
 the pipeline plumbing are :class:`~.vlm.VisionLanguageModel`'s.
 """
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -16,6 +17,22 @@ from torch import Tensor
 from ..core import CrossAttentionMask, CrossAttentionTransformerConfig, cross_attention_layer_spec
 from .mllama_vision import MllamaVisionEncoder, MultiModalProjector, VisionEncoderConfig
 from .vlm import ImageBatch, TextSettings, VisionLanguageModel
+
+
+@dataclass
+class MllamaImageBatch(ImageBatch):
+    """This rank's images with mllama's inputs: ``aspect_ratio_ids [B, n]`` (first stage only) and
+    ``aspect_ratio_mask [B, n, T]`` of this rank's ``n`` images, ``cross_attention_mask [B, S, N, T]``
+    of all."""
+
+    aspect_ratio_ids: Tensor | None
+    aspect_ratio_mask: Tensor
+    cross_attention_mask: Tensor
+
+
+def visual_tokens_per_image(vision: VisionEncoderConfig, num_tiles: int) -> int:
+    """Visual tokens one image of ``num_tiles`` tiles contributes: every tile's patches plus its class token."""
+    return num_tiles * (vision.num_patches + 1)
 
 
 class MllamaModel(VisionLanguageModel):
@@ -66,10 +83,40 @@ class MllamaModel(VisionLanguageModel):
                 self.vision_model.requires_grad_(False)
 
     def visual_tokens_per_image(self, num_tiles: int) -> int:
-        """Visual tokens one image contributes: every tile's patches plus its class token."""
-        return num_tiles * (self.vision_config.num_patches + 1)
+        """Visual tokens one image contributes (:func:`visual_tokens_per_image`)."""
+        return visual_tokens_per_image(self.vision_config, num_tiles)
 
-    def encode_images(self, batch: ImageBatch) -> Tensor:
+    def forward(
+        self,
+        tokens: Tensor,
+        cross_attention_mask: Tensor,
+        aspect_ratio_mask: Tensor,
+        pixel_values: Tensor | None = None,
+        aspect_ratio_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+    ):
+        """:meth:`~.vlm.VisionLanguageModel.run` on HF mllama's inputs (full-length; each rank takes its share).
+
+        Args:
+            tokens: ``[B, S]`` token ids.
+            cross_attention_mask: ``[B, S, N, T]`` 1 where a token may see a tile (HF mllama convention).
+            aspect_ratio_mask: ``[B, N, T]`` 1 for real tiles.
+            pixel_values: ``[B, N, T, C, H, W]`` (first stage only).
+            aspect_ratio_ids: ``[B, N]``, 0 for padding images (first stage only).
+            labels: ``[B, S]`` next-token targets (last stage).
+        """
+        images = self.local_images(cross_attention_mask.shape[2])
+        mine = slice(*images)
+        batch = MllamaImageBatch(
+            images=images,
+            pixel_values=None if pixel_values is None else pixel_values[:, mine],
+            aspect_ratio_ids=None if aspect_ratio_ids is None else aspect_ratio_ids[:, mine],
+            aspect_ratio_mask=aspect_ratio_mask[:, mine],
+            cross_attention_mask=cross_attention_mask,
+        )
+        return self.run(tokens, batch, labels)
+
+    def encode_images(self, batch: MllamaImageBatch) -> Tensor:
         """This rank's images ``[B, n, T, C, H, W]`` -> visual shard ``X`` ``[n*T*(P+1), B, hidden]``."""
         dtype = self.multi_modal_projector.weight.dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_vision_encoder):
@@ -77,17 +124,15 @@ class MllamaModel(VisionLanguageModel):
         x = self.multi_modal_projector(features)  # [B, n, T, P+1, hidden]
         return x.flatten(1, 3).transpose(0, 1).contiguous()
 
-    def cross_attention_mask(
-        self, cross_attention_mask: Tensor, batch: ImageBatch, text: tuple[int, int]
-    ) -> CrossAttentionMask:
+    def cross_attention_mask(self, batch: MllamaImageBatch, text: tuple[int, int]) -> CrossAttentionMask:
         """This rank's ``CrossAttentionMask``: ids are ``image * T + tile``, -1 for padding tiles.
 
         With ``blind_rows="attend_all"`` padding tiles keep their ids (rows that see an image still
         skip them through ``q_mask``) and rows that see no image see every id.
         """
-        b, _, n, t = cross_attention_mask.shape
+        b, _, n, t = batch.cross_attention_mask.shape
         images = batch.images
-        q_mask = cross_attention_mask[:, text[0] : text[1]].reshape(b, text[1] - text[0], n * t).bool()
+        q_mask = batch.cross_attention_mask[:, text[0] : text[1]].reshape(b, text[1] - text[0], n * t).bool()
         ids = torch.arange(images[0] * t, images[1] * t, device=q_mask.device).view(1, -1, t).expand(b, -1, -1)
         rows_see_image = None
         if self.blind_rows == "zero":
@@ -95,5 +140,5 @@ class MllamaModel(VisionLanguageModel):
         else:
             rows_see_image = q_mask.any(-1)
             q_mask = q_mask | ~rows_see_image.unsqueeze(-1)
-        kv_ids = ids.reshape(b, -1).repeat_interleave(self.vision_config.num_patches + 1, dim=1)
+        kv_ids = ids.reshape(b, -1).repeat_interleave(self.visual_tokens_per_image(1), dim=1)  # per tile
         return CrossAttentionMask(q_image_mask=q_mask, kv_image_ids=kv_ids, rows_see_image=rows_see_image)

@@ -15,9 +15,14 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import Tensor, nn
 
 from ..core import CrossAttentionMask, CrossAttentionTransformerConfig, hyper_attention_layer_spec, hyper_context
-from .tower_vlm import TowerVisionLanguageModel
+from .tower_vlm import TowerImageBatch, TowerVisionLanguageModel
 from .vit import ViTConfig
-from .vlm import ImageBatch, TextSettings
+from .vlm import TextSettings
+
+
+def visual_tokens_per_image(vision: ViTConfig) -> int:
+    """Visual tokens one image contributes: the tower's patches."""
+    return vision.num_patches
 
 
 class MplugOwl3Model(TowerVisionLanguageModel):
@@ -60,27 +65,25 @@ class MplugOwl3Model(TowerVisionLanguageModel):
             self.vision2text_model = nn.Linear(vision.hidden_size, config.hidden_size)
 
     def visual_tokens_per_image(self, num_tiles: int) -> int:
-        """The tower's patches (each image is one tile)."""
-        return self.vision_config.num_patches
+        """The tower's patches (each image is one tile; :func:`visual_tokens_per_image`)."""
+        return visual_tokens_per_image(self.vision_config)
 
-    def encode_images(self, batch: ImageBatch) -> Tensor:
+    def encode_images(self, batch: TowerImageBatch) -> Tensor:
         """This rank's images ``[B, n, 1, C, H, W]`` -> ``X`` ``[n * patches, B, hidden]``."""
         b, n = batch.pixel_values.shape[:2]
         x = self.vision2text_model(self.tower_features(batch, self.vision2text_model.weight.dtype))
         return x.view(b, n * x.shape[1], x.shape[2]).transpose(0, 1).contiguous()
 
-    def cross_attention_mask(
-        self, cross_attention_mask: Tensor, batch: ImageBatch, text: tuple[int, int]
-    ) -> CrossAttentionMask:
+    def cross_attention_mask(self, batch: TowerImageBatch, text: tuple[int, int]) -> CrossAttentionMask:
         """Ids are image indices; row ``t`` sees the images whose ``<image>`` token is at ``<= t``."""
-        positions = self.image_positions(batch)
+        positions = batch.image_positions
         rows = torch.arange(text[0], text[1], device=positions.device)
         q_mask = (positions[:, None, :] >= 0) & (positions[:, None, :] <= rows[None, :, None])
         return CrossAttentionMask(q_image_mask=q_mask, kv_image_ids=self.visual_token_ids(batch))
 
-    def decoder_context(self, x: Tensor, batch: ImageBatch, seq_length: int) -> Tensor:
+    def decoder_context(self, x: Tensor, batch: TowerImageBatch, seq_length: int) -> Tensor:
         """``[X, cos, sin]``: MI-Rope rotates each image's keys to its ``<image>`` token's position."""
-        positions = self.image_positions(batch)[:, slice(*batch.images)].clamp(min=0)  # padding images: never seen
+        positions = batch.image_positions[:, slice(*batch.images)].clamp(min=0)  # padding images: never seen
         freqs = self.rotary.get_emb(seq_length)[:, 0, 0, : self.config.kv_channels // 2].to(x.device)  # [S, d/2]
-        per_token = freqs[positions].repeat_interleave(self.vision_config.num_patches, dim=1)  # [B, s_vis, d/2]
+        per_token = freqs[positions].repeat_interleave(self.visual_tokens_per_image(1), dim=1)  # [B, s_vis, d/2]
         return hyper_context(x, per_token.transpose(0, 1))

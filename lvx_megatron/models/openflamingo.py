@@ -17,9 +17,9 @@ from torch import Tensor
 
 from ..core import CrossAttentionMask, CrossAttentionTransformerConfig, flamingo_layer_spec
 from .perceiver import PerceiverConfig, PerceiverResampler
-from .tower_vlm import TowerVisionLanguageModel
+from .tower_vlm import TowerImageBatch, TowerVisionLanguageModel
 from .vit import ViTConfig
-from .vlm import ImageBatch, TextSettings
+from .vlm import TextSettings
 
 
 def latest_image_mask(image_positions: Tensor, rows: tuple[int, int]) -> Tensor:
@@ -29,6 +29,11 @@ def latest_image_mask(image_positions: Tensor, rows: tuple[int, int]) -> Tensor:
     seen = (image_positions[:, None, :] >= 0) & (image_positions[:, None, :] <= positions[None, :, None])
     latest = seen.sum(-1, keepdim=True) - 1  # images are in token order
     return seen & (torch.arange(image_positions.shape[1], device=seen.device) == latest)
+
+
+def visual_tokens_per_image(perceiver: PerceiverConfig) -> int:
+    """Visual tokens one image contributes: the resampler's latents."""
+    return perceiver.num_latents
 
 
 class OpenFlamingoModel(TowerVisionLanguageModel):
@@ -79,10 +84,10 @@ class OpenFlamingoModel(TowerVisionLanguageModel):
             self.perceiver = PerceiverResampler(perceiver)
 
     def visual_tokens_per_image(self, num_tiles: int) -> int:
-        """The resampler's latents (each image is one tile)."""
-        return self.perceiver_config.num_latents
+        """The resampler's latents (each image is one tile; :func:`visual_tokens_per_image`)."""
+        return visual_tokens_per_image(self.perceiver_config)
 
-    def encode_images(self, batch: ImageBatch) -> Tensor:
+    def encode_images(self, batch: TowerImageBatch) -> Tensor:
         """This rank's images ``[B, n, 1, C, H, W]`` -> ``X`` ``[n * num_latents, B, width]``."""
         b, n = batch.pixel_values.shape[:2]
         features = self.tower_features(batch, self.perceiver.latents.dtype)
@@ -90,9 +95,7 @@ class OpenFlamingoModel(TowerVisionLanguageModel):
         latents = self.perceiver(features.unsqueeze(1), media)  # one frame per medium
         return latents.view(b, n * latents.shape[1], latents.shape[2]).transpose(0, 1).contiguous()
 
-    def cross_attention_mask(
-        self, cross_attention_mask: Tensor, batch: ImageBatch, text: tuple[int, int]
-    ) -> CrossAttentionMask:
+    def cross_attention_mask(self, batch: TowerImageBatch, text: tuple[int, int]) -> CrossAttentionMask:
         """Ids are image indices; each row sees only its most recent image; padding images are -1."""
-        q_mask = latest_image_mask(self.image_positions(batch), text)
+        q_mask = latest_image_mask(batch.image_positions, text)
         return CrossAttentionMask(q_image_mask=q_mask, kv_image_ids=self.visual_token_ids(batch))

@@ -2,6 +2,8 @@
 image, a CLIP/SigLIP tower on the first pipeline stage, images placed in the text by the token index
 of their ``<image>`` token."""
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -10,6 +12,14 @@ from torch import Tensor
 from ..core import CrossAttentionTransformerConfig
 from .vit import ViTConfig, ViTVisionTower
 from .vlm import ImageBatch, TextSettings, VisionLanguageModel
+
+
+@dataclass
+class TowerImageBatch(ImageBatch):
+    """This rank's images (one tile each) and ``image_positions [B, N]``: the token index of each of
+    the sample's images' ``<image>`` token (-1: padding image), all images."""
+
+    image_positions: Tensor
 
 
 class TowerVisionLanguageModel(VisionLanguageModel):
@@ -41,21 +51,30 @@ class TowerVisionLanguageModel(VisionLanguageModel):
             if freeze_vision_encoder:
                 self.vision_model.requires_grad_(False)
 
-    def tower_features(self, batch: ImageBatch, dtype: torch.dtype) -> Tensor:
+    def forward(
+        self, tokens: Tensor, image_positions: Tensor, pixel_values: Tensor | None = None, labels: Tensor | None = None
+    ):
+        """:meth:`~.vlm.VisionLanguageModel.run` on a micro-batch (full-length; each rank takes its share).
+
+        Args:
+            tokens: ``[B, S]`` token ids.
+            image_positions: ``[B, N]`` token index of each image's ``<image>`` token, -1 for padding images.
+            pixel_values: ``[B, N, 1, C, H, W]`` (first stage only).
+            labels: ``[B, S]`` next-token targets (last stage).
+        """
+        images = self.local_images(image_positions.shape[1])
+        local_pixels = None if pixel_values is None else pixel_values[:, slice(*images)]
+        return self.run(tokens, TowerImageBatch(images, local_pixels, image_positions), labels)
+
+    def tower_features(self, batch: TowerImageBatch, dtype: torch.dtype) -> Tensor:
         """This rank's images ``[B, n, 1, C, H, W]`` -> patch features ``[B * n, patches, width]``."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_vision_encoder):
             return self.vision_model(batch.pixel_values.flatten(0, 2).to(dtype))
 
-    def image_positions(self, batch: ImageBatch) -> Tensor:
-        """``[B, N]`` token index of each image's ``<image>`` token (-1: padding image)."""
-        if batch.image_positions is None:
-            raise ValueError(f"{type(self).__name__} needs image_positions (the <image> token of each image)")
-        return batch.image_positions
-
-    def visual_token_ids(self, batch: ImageBatch) -> Tensor:
+    def visual_token_ids(self, batch: TowerImageBatch) -> Tensor:
         """``[B, n * tokens per image]``: the image index of each of this rank's visual tokens, -1 for
         padding images (never attended)."""
-        positions = self.image_positions(batch)
+        positions = batch.image_positions
         start, stop = batch.images
         ids = torch.arange(start, stop, device=positions.device).expand(positions.shape[0], -1)
         ids = torch.where(positions[:, start:stop] >= 0, ids, -1)

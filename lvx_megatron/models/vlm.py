@@ -57,18 +57,14 @@ class TextSettings:
 
 @dataclass
 class ImageBatch:
-    """This rank's share of a micro-batch's images (``images`` = ``(start, stop)`` of the sample's images).
+    """This rank's share of a micro-batch's images; a family's subclass adds its own inputs.
 
-    ``pixel_values [B, n, T, C, H, W]``, ``aspect_ratio_ids [B, n]``, ``aspect_ratio_mask [B, n, T]``
-    hold only this rank's ``n`` images; ``image_positions [B, N]`` is the token index of each of the
-    sample's ``N`` images' ``<image>`` token (-1 for padding images), all images.
+    ``images``: ``(start, stop)`` of this rank's images among the sample's ``N`` (whole images, see
+    :mod:`.sharding`); ``pixel_values [B, n, T, C, H, W]``: this rank's ``n`` images (first stage only).
     """
 
     images: tuple[int, int]
     pixel_values: Tensor | None
-    aspect_ratio_ids: Tensor | None
-    aspect_ratio_mask: Tensor
-    image_positions: Tensor | None
 
 
 class VisionLanguageModel(MegatronModule):
@@ -151,9 +147,7 @@ class VisionLanguageModel(MegatronModule):
         """This rank's images -> visual shard ``X`` ``[n * visual_tokens_per_image, B, visual_hidden_size]``."""
         raise NotImplementedError
 
-    def cross_attention_mask(
-        self, cross_attention_mask: Tensor, batch: ImageBatch, text: tuple[int, int]
-    ) -> CrossAttentionMask:
+    def cross_attention_mask(self, batch: ImageBatch, text: tuple[int, int]) -> CrossAttentionMask:
         """This rank's mask: its text rows ``text`` against its visual tokens."""
         raise NotImplementedError
 
@@ -177,8 +171,7 @@ class VisionLanguageModel(MegatronModule):
 
     def pipeline_tensor_shape(self, seq_length: int, micro_batch_size: int, num_images: int, num_tiles: int):
         """The ``[text; X]`` shape this rank sends and receives between pipeline stages."""
-        cp = self.pg_collection.cp
-        start, stop = image_range(num_images, cp.size(), cp.rank())
+        start, stop = self.local_images(num_images)
         visual = (stop - start) * self.visual_tokens_per_image(num_tiles) * self._rows_per_visual_token()
         return (self.local_text_rows(seq_length) + visual, micro_batch_size, self.config.hidden_size)
 
@@ -202,27 +195,19 @@ class VisionLanguageModel(MegatronModule):
 
     # --- forward -----------------------------------------------------------------------------
 
-    def forward(
-        self,
-        tokens: Tensor,
-        cross_attention_mask: Tensor,
-        aspect_ratio_mask: Tensor,
-        pixel_values: Tensor | None = None,
-        aspect_ratio_ids: Tensor | None = None,
-        labels: Tensor | None = None,
-        image_positions: Tensor | None = None,
-    ):
-        """Run this stage on one micro-batch (full-length tensors; each rank takes its share).
+    def local_images(self, num_images: int) -> tuple[int, int]:
+        """``(start, stop)`` of the images this CP rank encodes, of a sample's ``num_images``."""
+        cp = self.pg_collection.cp
+        return image_range(num_images, cp.size(), cp.rank())
+
+    def run(self, tokens: Tensor, batch: ImageBatch, labels: Tensor | None = None):
+        """Run this stage on one micro-batch (full-length ``tokens`` and ``labels``; each rank takes its
+        share); a family's ``forward`` builds ``batch`` from its inputs.
 
         Args:
             tokens: ``[B, S]`` token ids.
-            cross_attention_mask: ``[B, S, N, T]`` 1 where a token may see a tile (HF mllama convention).
-            aspect_ratio_mask: ``[B, N, T]`` 1 for real tiles.
-            pixel_values: ``[B, N, T, C, H, W]`` (first stage only).
-            aspect_ratio_ids: ``[B, N]``, 0 for padding images (first stage only).
+            batch: this rank's images and what the family's mask and vision side need.
             labels: ``[B, S]`` next-token targets (last stage).
-            image_positions: ``[B, N]`` token index of each image's ``<image>`` token, -1 for padding
-                images (the architectures whose masks follow the image tokens need it).
 
         Returns:
             Non-last stages: ``[text; X]`` for the next stage. Last stage: ``(loss [B, S_local],
@@ -230,19 +215,10 @@ class VisionLanguageModel(MegatronModule):
             vocabulary-parallel logits ``[B, S_local, V / tp]``.
         """
         cp = self.pg_collection.cp
-        seq_length, num_images = tokens.shape[1], cross_attention_mask.shape[2]
+        seq_length = tokens.shape[1]
         text = text_range(seq_length, cp.size(), cp.rank())
-        images = image_range(num_images, cp.size(), cp.rank())
-        mine = slice(*images)
-        batch = ImageBatch(
-            images=images,
-            pixel_values=None if pixel_values is None else pixel_values[:, mine],
-            aspect_ratio_ids=None if aspect_ratio_ids is None else aspect_ratio_ids[:, mine],
-            aspect_ratio_mask=aspect_ratio_mask[:, mine],
-            image_positions=image_positions,
-        )
         # One plan per micro-batch, shared by every cross-attention layer, forward and backward.
-        mask = self.cross_attention_mask(cross_attention_mask, batch, text).planned(cp, text[1] - text[0])
+        mask = self.cross_attention_mask(batch, text).planned(cp, text[1] - text[0])
         if self.pre_process:
             hidden = self.embedding(input_ids=tokens[:, text[0] : text[1]], position_ids=None)
             x = self.encode_images(batch)

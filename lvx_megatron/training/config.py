@@ -19,6 +19,7 @@ from pydantic import (
     PositiveInt,
     ValidationError,
     create_model,
+    field_validator,
     model_validator,
 )
 
@@ -114,7 +115,7 @@ class VisionModelConfig(_Section):
 
     ``num_global_layers`` and ``intermediate_layers_indices`` are mllama's, ``feature_layer`` the
     ViTs' (the hidden state used as features, HF's ``hidden_states[feature_layer]``).
-    ``max_num_tiles`` (mllama 4, ViTs 1) and ``norm_eps`` (1e-5; SigLIP 1e-6) default by architecture.
+    ``max_num_tiles`` (mllama 4, ViTs 1) and ``norm_eps`` (1e-5; SigLIP 1e-6) default by model family.
     """
 
     hidden_size: PositiveInt
@@ -194,9 +195,10 @@ class PerceiverSettings(_Section):
 
 
 class ModelConfig(_Section):
-    """``architecture`` picks the model; the sections that architecture does not use must be left out."""
+    """``architecture`` picks the model family (``training/families``); the sections that family does
+    not use must be left out."""
 
-    architecture: Literal["mllama", "openflamingo", "mplug_owl3"] = "mllama"
+    architecture: str = "mllama"
     text: TextModelConfig
     vision: VisionModelConfig
     cross_attention: CrossAttentionSettings = Field(default_factory=CrossAttentionSettings)
@@ -209,23 +211,20 @@ class ModelConfig(_Section):
         if not isinstance(data, dict):
             return data
         arch = data.get("architecture", "mllama")
-        data = dict(data)
-        if isinstance(data.get("vision"), dict):
-            defaults = {
-                "max_num_tiles": 4 if arch == "mllama" else 1,
-                "norm_eps": 1e-6 if arch == "mplug_owl3" else 1e-5,
-            }
-            data["vision"] = {**defaults, **data["vision"]}
-        if arch == "openflamingo":
-            data.setdefault("perceiver", {})
-            xattn = data.get("cross_attention") or {}
-            if isinstance(xattn, dict):
-                data["cross_attention"] = {"heads": 8, "head_dim": 64, "ff_mult": 4, **xattn}
-        return data
+        family = _families().get(arch) if isinstance(arch, str) else None
+        return family.defaults(dict(data)) if family else data  # an unknown name: the field's error
+
+    @field_validator("architecture", mode="before")
+    @classmethod
+    def _known_architecture(cls, name: Any) -> str:
+        if not isinstance(name, str) or name not in _families():
+            *others, last = [repr(n) for n in _families()]
+            raise ValueError(f"Input should be {', '.join(others)} or {last}" if others else f"Input should be {last}")
+        return name
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
-        arch, v, x = self.architecture, self.vision, self.cross_attention
+        x = self.cross_attention
         layers = self.text.cross_attention_layers
         if isinstance(x.strategy, list) and len(x.strategy) != len(layers):
             raise FieldError(
@@ -233,58 +232,16 @@ class ModelConfig(_Section):
                 f"needs one entry per cross-attention layer ({len(layers)}: model.text.cross_attention_layers = "
                 f"{layers}) or a single name, got {x.strategy}",
             )
-        if arch == "mllama":
-            _check_mllama_vision(v)
-            unused = {"vision.feature_layer": v.feature_layer != -1, "perceiver": self.perceiver}
-        else:
-            _check_vit(v, arch)
-            unused = {
-                "vision.num_global_layers": v.num_global_layers is not None,
-                "vision.intermediate_layers_indices": v.intermediate_layers_indices,
-                "cross_attention.blind_rows": x.blind_rows != "zero",
-            }
-        if arch != "openflamingo":
-            unused.update({f"cross_attention.{k}": getattr(x, k) for k in ("heads", "head_dim", "ff_mult")})
-        if arch == "mplug_owl3":
-            unused["perceiver"] = self.perceiver
-        for field, given in unused.items():
-            if given:
-                raise FieldError(field, f"not used by architecture {arch!r}; leave it out")
+        _families()[self.architecture].check(self)
         return self
 
 
-def _check_mllama_vision(v: VisionModelConfig) -> None:
-    """What the mllama vision encoder needs beyond the field types (see models/mllama_vision.py)."""
-    if v.num_global_layers is None:
-        raise FieldError("vision.num_global_layers", "required for architecture 'mllama'")
-    if v.image_size % v.patch_size:
-        divisors = [d for d in range(1, v.image_size + 1) if v.image_size % d == 0]
-        raise FieldError(
-            "vision.patch_size",
-            f"must divide vision.image_size ({v.image_size}) for architecture 'mllama': one of {divisors}, "
-            f"got {v.patch_size}",
-        )
-    indices = v.intermediate_layers_indices
-    if not indices or any(not 0 <= i < v.num_hidden_layers for i in indices):
-        raise FieldError(
-            "vision.intermediate_layers_indices",
-            "must be a non-empty list of local vision layer indices in "
-            f"[0, vision.num_hidden_layers={v.num_hidden_layers}), got {indices}",
-        )
+def _families() -> dict:
+    """The registered model families, imported when first needed: each family's module imports this
+    module's sections."""
+    from .families import FAMILIES
 
-
-def _check_vit(v: VisionModelConfig, arch: str) -> None:
-    """What the CLIP/SigLIP towers need beyond the field types (see models/vit.py)."""
-    if v.max_num_tiles != 1:
-        raise FieldError("vision.max_num_tiles", f"must be 1 for architecture {arch!r} (one tile per image)")
-    # Not necessarily a divisor: SigLIP so400m-patch14-384 drops the last 6 pixels.
-    if v.patch_size > v.image_size:
-        raise FieldError("vision.patch_size", f"must be in [1, vision.image_size={v.image_size}], got {v.patch_size}")
-    if v.feature_layer < -v.num_hidden_layers:
-        raise FieldError(
-            "vision.feature_layer",
-            f"must be in [-vision.num_hidden_layers, -1] = [{-v.num_hidden_layers}, -1], got {v.feature_layer}",
-        )
+    return FAMILIES
 
 
 class DataConfig(_Section):

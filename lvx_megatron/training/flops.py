@@ -11,82 +11,42 @@ padded to 8). ``tests/test_flops.py`` checks the forward and backward counts aga
 import torch
 
 from .config import RunConfig
+from .families import family
+from .families.spec import kv_width, mlp_matrices, patches
 
 # Dense bf16 peak of one accelerator, by a substring of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "B200": 2250e12, "GH200": 989.4e12}
 
 
 def visual_tokens_per_image(cfg: RunConfig) -> int:
-    """Rows of ``X`` one image contributes (mllama: every tile's patches and class token;
-    openflamingo: the resampler's latents; mplug_owl3: the SigLIP patches)."""
-    m, v = cfg.model, cfg.model.vision
-    patches = (v.image_size // v.patch_size) ** 2
-    if m.architecture == "openflamingo":
-        return m.perceiver.num_latents
-    if m.architecture == "mplug_owl3":
-        return patches
-    return v.max_num_tiles * (patches + 1)
+    """Rows of ``X`` one image contributes (the model family's count)."""
+    return family(cfg).visual_tokens_per_image(cfg)
 
 
-def _cross_layer_flops(cfg: RunConfig, self_layer: float, visual: int) -> float:
-    """Forward FLOPs of one decoder layer at ``cross_attention_layers`` (``visual`` tokens of ``X``)."""
-    m, t, s = cfg.model, cfg.model.text, cfg.data.seq_length
-    h, f = t.hidden_size, t.ffn_hidden_size
-    kv = (t.num_query_groups or t.num_attention_heads) * (h // t.num_attention_heads)
-    if m.architecture == "mllama":
-        mlp = 2 * (3 if t.mlp == "swiglu" else 2) * h * f
-        return s * (2 * h * h + 2 * h * h + mlp) + 4 * s * visual * h + visual * 2 * h * 2 * kv
-    if m.architecture == "openflamingo":  # the gated block, then the decoder layer
-        x, dv = m.cross_attention, m.vision.hidden_size
-        inner = x.heads * x.head_dim
-        block = s * (2 * h * inner + 2 * inner * h + 2 * 2 * h * x.ff_mult * h) + 4 * s * visual * inner
-        return self_layer + block + visual * 2 * dv * 2 * inner
-    return self_layer + 4 * s * visual * h + visual * 2 * h * 2 * kv  # hyper: visual K/V and attention
-
-
-def _vision_flops(cfg: RunConfig) -> tuple[float, float]:
-    """Forward FLOPs per sample of the vision encoder and of the connector (projector or resampler)."""
-    m, v, d, h = cfg.model, cfg.model.vision, cfg.data, cfg.model.text.hidden_size
+def _vision_flops(cfg: RunConfig) -> float:
+    """Forward FLOPs per sample of the vision encoder: its layers over each image's tokens and the RGB
+    patch convolution of each tile."""
+    f, v = family(cfg), cfg.model.vision
     hv, fv = v.hidden_size, v.intermediate_size
-    patches = (v.image_size // v.patch_size) ** 2
-    if m.architecture == "mllama":
-        tile = patches + 1
-        tokens = v.max_num_tiles * (tile + (8 - tile % 8) % 8)
-        layers = v.num_hidden_layers + v.num_global_layers
-    else:
-        tokens = patches + int(m.architecture == "openflamingo")
-        layers = v.num_hidden_layers + 1 + v.feature_layer
+    tokens = f.encoder_tokens_per_image(cfg)
     vision_layer = tokens * (2 * 4 * hv * hv + 2 * 2 * hv * fv) + 4 * tokens * tokens * hv
-    tiles = v.max_num_tiles if m.architecture == "mllama" else 1
-    patch_embedding = tiles * patches * 2 * 3 * v.patch_size**2 * hv  # the RGB patch convolution
-    vision = d.max_images * (layers * vision_layer + patch_embedding)
-    visual = d.max_images * visual_tokens_per_image(cfg)
-    if m.architecture == "mllama":
-        return vision, visual * 2 * hv * (1 + len(v.intermediate_layers_indices)) * h
-    if m.architecture == "mplug_owl3":
-        return vision, visual * 2 * hv * h
-    r = m.perceiver
-    inner, lat, keys = r.heads * r.head_dim, r.num_latents, patches + r.num_latents
-    layer = 2 * lat * hv * inner + 2 * keys * hv * 2 * inner + 4 * lat * keys * inner + 2 * lat * inner * hv
-    layer += 2 * 2 * lat * hv * r.ff_mult * hv
-    return vision, d.max_images * r.depth * layer
+    patch_embedding = v.max_num_tiles * patches(v) * 2 * 3 * v.patch_size**2 * hv
+    return cfg.data.max_images * (f.encoder_layers(cfg) * vision_layer + patch_embedding)
 
 
 def forward_flops_per_sample(cfg: RunConfig, padded_vocab_size: int) -> dict[str, float]:
     """Forward FLOPs of one sample (``seq_length`` text tokens, ``max_images`` images) by part:
     ``text`` (decoder and LM head), ``connector`` (projector or resampler), ``vision`` (encoder)."""
-    t, d = cfg.model.text, cfg.data
+    t, d, spec = cfg.model.text, cfg.data, family(cfg)
     s, h, f = d.seq_length, t.hidden_size, t.ffn_hidden_size
-    kv = (t.num_query_groups or t.num_attention_heads) * (h // t.num_attention_heads)
     visual = d.max_images * visual_tokens_per_image(cfg)
     n_cross = len(t.cross_attention_layers)
     n_self = t.num_layers - n_cross
-    mlp = 2 * (3 if t.mlp == "swiglu" else 2) * h * f
-    self_layer = s * (2 * h * (h + 2 * kv) + 2 * h * h + mlp) + 2 * s * s * h  # causal: half of 4*s*s*h
+    mlp = 2 * mlp_matrices(t) * h * f
+    self_layer = s * (2 * h * (h + 2 * kv_width(t)) + 2 * h * h + mlp) + 2 * s * s * h  # causal: half of 4*s*s*h
     vocab = s * 2 * h * padded_vocab_size
-    text = n_self * self_layer + n_cross * _cross_layer_flops(cfg, self_layer, visual) + vocab
-    vision, connector = _vision_flops(cfg)
-    return {"text": text, "connector": connector, "vision": vision}
+    text = n_self * self_layer + n_cross * spec.cross_layer_flops(cfg, self_layer, visual) + vocab
+    return {"text": text, "connector": spec.connector_flops(cfg), "vision": _vision_flops(cfg)}
 
 
 def flops_per_sample(cfg: RunConfig, padded_vocab_size: int) -> float:

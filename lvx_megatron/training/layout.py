@@ -8,6 +8,7 @@ the flag to change, not after dataset generation, model construction or a queue 
 from dataclasses import dataclass
 
 from .config import ConfigError, RunConfig
+from .families import family
 
 _FLAGS = {
     "tp": "--tensor-model-parallel-size",
@@ -53,15 +54,10 @@ def validate_layout(cfg: RunConfig, world_size: int) -> Layout:
         "ffn_hidden_size": t.ffn_hidden_size,
         "make_vocab_size_divisible_by": t.make_vocab_size_divisible_by,
     }
+    tp_divides = {f"model.text.{name}": value for name, value in tp_divides.items()} | family(cfg).tp_divides(cfg)
     for name, value in tp_divides.items():
         if value % tp:
-            _fail("tp", "parallel.tensor_model_parallel_size", f"{tp} must divide model.text.{name} ({value})")
-    if cfg.model.architecture == "openflamingo" and cfg.model.cross_attention.heads % tp:
-        _fail(
-            "tp",
-            "parallel.tensor_model_parallel_size",
-            f"{tp} must divide model.cross_attention.heads ({cfg.model.cross_attention.heads})",
-        )
+            _fail("tp", "parallel.tensor_model_parallel_size", f"{tp} must divide {name} ({value})")
     if t.num_layers % pp:
         _fail("pp", "parallel.pipeline_model_parallel_size", f"{pp} must divide model.text.num_layers ({t.num_layers})")
     per_node = cfg.model.cross_attention.ranks_per_node

@@ -23,6 +23,7 @@ from ..models.sharding import text_range
 from .checkpointing import load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .data import chance_levels, make_sources, make_tokenizer, prepare_datasets
+from .families import family
 from .flops import flops_per_sample, peak_flops, visual_tokens_per_image
 from .layout import validate_layout
 from .plots import plot_run
@@ -31,16 +32,6 @@ from .run_logger import RunLogger, format_duration
 from .setup import TrainState, build_train_state, init_distributed
 from .watchdog import HangWatchdog
 from .xattn_timer import CrossAttentionTimer, StepTimer, device_sync
-
-_MODEL_INPUTS = (
-    "tokens",
-    "cross_attention_mask",
-    "aspect_ratio_mask",
-    "pixel_values",
-    "aspect_ratio_ids",
-    "labels",
-    "image_positions",
-)
 
 
 def _loss_func(loss_mask: torch.Tensor, question_type: torch.Tensor, output):
@@ -54,11 +45,12 @@ def _loss_func(loss_mask: torch.Tensor, question_type: torch.Tensor, output):
     return loss_sum, tokens.to(torch.int), report
 
 
-def _forward_step(state: TrainState, data_iterator, model):
+def _forward_step(state: TrainState, model_inputs: tuple[str, ...], data_iterator, model):
+    """megatron forward step: the batch keys ``model_inputs`` (the family's) go to the model."""
     batch = next(data_iterator)
     cp = state.pg.cp
     start, stop = text_range(batch["tokens"].shape[1], cp.size(), cp.rank())
-    output = model(**{k: batch[k] for k in _MODEL_INPUTS})
+    output = model(**{k: batch[k] for k in model_inputs})
     return output, partial(_loss_func, batch["loss_mask"][:, start:stop], batch["question_type"])
 
 
@@ -156,7 +148,7 @@ class Trainer:
 
     def _run_schedule(self, batches: list[dict], forward_only: bool) -> list[dict]:
         return get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, self.state),
+            forward_step_func=partial(_forward_step, self.state, family(self.cfg).model_inputs),
             data_iterator=iter(batches),
             model=[self.state.model],
             num_microbatches=len(batches),

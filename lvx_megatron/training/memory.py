@@ -8,7 +8,8 @@ measurement: it counts the model's tensors exactly and the activations with per-
 from dataclasses import dataclass
 
 from .config import RunConfig
-from .flops import visual_tokens_per_image
+from .families import family
+from .families.spec import kv_width, mlp_matrices
 from .layout import Layout
 
 GIB = 2**30
@@ -16,69 +17,9 @@ GIB = 2**30
 
 def _self_layer_params(cfg: RunConfig) -> int:
     t = cfg.model.text
-    h, f, d = t.hidden_size, t.ffn_hidden_size, t.hidden_size // t.num_attention_heads
-    kv = (t.num_query_groups or t.num_attention_heads) * d
+    h, f, kv = t.hidden_size, t.ffn_hidden_size, kv_width(t)
     attention = h * h + 2 * h * kv + h * h + ((h + 2 * kv) if t.add_qkv_bias else 0)  # q, k and v, output
-    return attention + _mlp_matrices(cfg) * h * f + 2 * h  # MLP; input and pre-MLP norms
-
-
-def _mlp_matrices(cfg: RunConfig) -> int:
-    return 3 if cfg.model.text.mlp == "swiglu" else 2
-
-
-def _cross_layer_params(cfg: RunConfig) -> int:
-    """One decoder layer at ``cross_attention_layers``."""
-    m, t = cfg.model, cfg.model.text
-    h, f, d = t.hidden_size, t.ffn_hidden_size, t.hidden_size // t.num_attention_heads
-    kv = (t.num_query_groups or t.num_attention_heads) * d
-    if m.architecture == "mllama":  # q, k/v, output; q/k head norms; MLP; two norms; two tanh gates
-        return h * h + 2 * h * kv + h * h + 2 * d + _mlp_matrices(cfg) * h * f + 2 * h + 2
-    if m.architecture == "openflamingo":  # the gated block before the decoder layer
-        x, dv = m.cross_attention, m.vision.hidden_size
-        inner = x.heads * x.head_dim
-        block = 2 * 2 * h + h * inner + dv * 2 * inner + inner * h + 2 * h * x.ff_mult * h + 2
-        return _self_layer_params(cfg) + block
-    return _self_layer_params(cfg) + h * 2 * kv + 2 * kv + h  # hyper: visual K/V with bias, per-channel gate
-
-
-def _vision_params(cfg: RunConfig) -> int:
-    m, v = cfg.model, cfg.model.vision
-    hv, fv = v.hidden_size, v.intermediate_size
-    patches = (v.image_size // v.patch_size) ** 2
-    if m.architecture != "mllama":  # the CLIP / SigLIP tower up to feature_layer (HF layout, see models/vit.py)
-        clip = m.architecture == "openflamingo"
-        layer = 4 * hv * hv + 4 * hv + 2 * hv * fv + fv + hv + 4 * hv  # attention and MLP with biases, two LNs
-        embeddings = 3 * v.patch_size**2 * hv + (patches + 1) * hv + (3 * hv if clip else 0)  # class, pre-LN
-        return embeddings + (v.num_hidden_layers + 1 + v.feature_layer) * layer
-    aspect_ratios = sum(
-        1 for w in range(1, v.max_num_tiles + 1) for h in range(1, v.max_num_tiles + 1) if w * h <= v.max_num_tiles
-    )
-    layer = 4 * hv * hv + 2 * hv * fv + hv + fv + 4 * hv  # attention (no bias), MLP with biases, two LayerNorms
-    return (
-        3 * v.patch_size**2 * hv  # patch embedding
-        + hv  # class embedding
-        + (patches + 1) * hv
-        + 1
-        + (aspect_ratios + 1) * v.max_num_tiles * (patches + 1) * hv  # gated positional
-        + 2 * ((aspect_ratios + 1) * v.max_num_tiles * hv + 1)  # pre- and post-tile embeddings with gates
-        + 4 * hv  # layernorm_pre, layernorm_post
-        + (v.num_hidden_layers + v.num_global_layers) * layer
-        + 2 * v.num_global_layers  # global layers' gates
-    )
-
-
-def _connector_params(cfg: RunConfig) -> int:
-    """Vision features -> ``X``: mllama's and mPLUG-Owl3's linear projector, OpenFlamingo's resampler."""
-    m, h, hv = cfg.model, cfg.model.text.hidden_size, cfg.model.vision.hidden_size
-    if m.architecture == "mllama":
-        return hv * (1 + len(m.vision.intermediate_layers_indices)) * h + h
-    if m.architecture == "mplug_owl3":
-        return hv * h + h
-    r = m.perceiver
-    inner = r.heads * r.head_dim
-    layer = 4 * hv + hv * inner + hv * 2 * inner + inner * hv + 2 * hv + 2 * hv * r.ff_mult * hv
-    embeddings = (r.num_latents + (r.max_num_media or 0) + (r.max_num_frames or 0)) * hv
-    return embeddings + r.depth * layer + 2 * hv
+    return attention + mlp_matrices(t) * h * f + 2 * h  # MLP; input and pre-MLP norms
 
 
 def parameter_counts(cfg: RunConfig, vocab_size: int) -> dict[str, int]:
@@ -87,35 +28,19 @@ def parameter_counts(cfg: RunConfig, vocab_size: int) -> dict[str, int]:
     ``projector`` is what maps the vision features to ``X``: a linear layer (mllama, mplug_owl3) or
     the Perceiver Resampler (openflamingo).
     """
-    t = cfg.model.text
+    t, spec = cfg.model.text, family(cfg)
     multiple = t.make_vocab_size_divisible_by
     padded_vocab = -(-vocab_size // multiple) * multiple
     n_cross = len(t.cross_attention_layers)
-    decoder = (t.num_layers - n_cross) * _self_layer_params(cfg) + n_cross * _cross_layer_params(cfg)
+    self_layer = _self_layer_params(cfg)
+    decoder = (t.num_layers - n_cross) * self_layer + n_cross * spec.cross_layer_params(cfg, self_layer)
     return {
         "embedding": padded_vocab * t.hidden_size,
         "decoder": decoder + t.hidden_size,  # + final norm
         "output": padded_vocab * t.hidden_size,
-        "vision": _vision_params(cfg),
-        "projector": _connector_params(cfg),
+        "vision": spec.vision_params(cfg),
+        "projector": spec.connector_params(cfg),
     }
-
-
-def _encoder_tokens_per_image(cfg: RunConfig) -> int:
-    """Tokens one image runs through the vision encoder (mllama pads each tile to a multiple of 8)."""
-    v = cfg.model.vision
-    patches = (v.image_size // v.patch_size) ** 2
-    if cfg.model.architecture == "mllama":
-        tile = patches + 1
-        return v.max_num_tiles * (tile + (8 - tile % 8) % 8)
-    return patches + int(cfg.model.architecture == "openflamingo")  # CLIP's class token
-
-
-def _encoder_layers(cfg: RunConfig) -> int:
-    v = cfg.model.vision
-    if cfg.model.architecture == "mllama":
-        return v.num_hidden_layers + v.num_global_layers
-    return v.num_hidden_layers + 1 + v.feature_layer
 
 
 @dataclass
@@ -147,7 +72,7 @@ def estimate_memory(cfg: RunConfig, layout: Layout, vocab_size: int) -> MemoryEs
     rank's images (inputs only with activation checkpointing; none when frozen; OpenFlamingo's
     resampler, a few small layers over the same tokens, is not counted).
     """
-    t, v, d, tr = cfg.model.text, cfg.model.vision, cfg.data, cfg.training
+    t, v, d, tr, spec = cfg.model.text, cfg.model.vision, cfg.data, cfg.training, family(cfg)
     counts = parameter_counts(cfg, vocab_size)
     width = 2 if tr.precision == "bf16" else 4
     decoder_share = counts["decoder"] / (layout.tp * layout.pp)
@@ -159,16 +84,15 @@ def estimate_memory(cfg: RunConfig, layout: Layout, vocab_size: int) -> MemoryEs
     text_rows = d.seq_length / layout.cp / (layout.tp if layout.tp > 1 and cfg.parallel.sequence_parallel else 1)
     text = 34 * text_rows * t.hidden_size * (t.num_layers / layout.pp) * in_flight * width / 2
     images = -(-d.max_images // layout.cp)
-    visual_width = v.hidden_size if cfg.model.architecture == "openflamingo" else t.hidden_size
-    visual = images * visual_tokens_per_image(cfg) * visual_width * width * in_flight
-    vision_tokens = images * _encoder_tokens_per_image(cfg) * in_flight
+    visual = images * spec.visual_tokens_per_image(cfg) * spec.visual_width(cfg) * width * in_flight
+    vision_tokens = images * spec.encoder_tokens_per_image(cfg) * in_flight
     if cfg.model.freeze_vision_encoder:
         encoder = 0.0
     else:
         per_layer = (2 if v.activation_checkpointing else 34) * vision_tokens * v.hidden_size * width / 2
-        encoder = _encoder_layers(cfg) * per_layer
-        if cfg.model.architecture == "mllama":  # HF's dense padding mask
-            encoder += images * in_flight * _encoder_tokens_per_image(cfg) ** 2 * width
+        encoder = spec.encoder_layers(cfg) * per_layer
+        if spec.dense_encoder_mask:
+            encoder += images * in_flight * spec.encoder_tokens_per_image(cfg) ** 2 * width
     return MemoryEstimate(
         parameters=params * width / GIB,
         gradients=trainable * 4 / GIB,

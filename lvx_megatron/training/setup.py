@@ -25,14 +25,9 @@ from megatron.core.transformer.module import Float16Module
 from ..core import CrossAttentionTransformerConfig, llama_style_config
 from ..core.cpu_compat import enable_cpu_compat, mark_cpu_parameters
 from ..models.init import initialize_by_name
-from ..models.mllama import MllamaModel
-from ..models.mllama_vision import VisionEncoderConfig
-from ..models.mplug_owl3 import MplugOwl3Model
-from ..models.openflamingo import OpenFlamingoModel
-from ..models.perceiver import PerceiverConfig
-from ..models.vit import ViTConfig
 from ..models.vlm import TextSettings, VisionLanguageModel
 from .config import RunConfig
+from .families import family
 
 
 def init_distributed() -> torch.device:
@@ -66,8 +61,6 @@ def transformer_config(cfg: RunConfig) -> CrossAttentionTransformerConfig:
     """The decoder's megatron config from the run config."""
     t, p, x = cfg.model.text, cfg.parallel, cfg.model.cross_attention
     bf16 = cfg.training.precision == "bf16"
-    # OpenFlamingo's gated blocks read the resampled ViT features at the ViT's width; the others project to the text.
-    visual = cfg.model.vision.hidden_size if cfg.model.architecture == "openflamingo" else None
     dtype = torch.bfloat16 if bf16 else torch.float32
     return llama_style_config(
         num_layers=t.num_layers,
@@ -91,55 +84,8 @@ def transformer_config(cfg: RunConfig) -> CrossAttentionTransformerConfig:
         sequence_parallel=p.sequence_parallel and p.tensor_model_parallel_size > 1,
         calculate_per_token_loss=True,
         cross_attention_layers=list(t.cross_attention_layers),
-        visual_hidden_size=visual,
+        visual_hidden_size=family(cfg).visual_width(cfg),
         **x.core_fields(),
-    )
-
-
-def vision_config(cfg: RunConfig) -> VisionEncoderConfig:
-    """The mllama vision encoder's config."""
-    v = cfg.model.vision
-    return VisionEncoderConfig(
-        hidden_size=v.hidden_size,
-        num_hidden_layers=v.num_hidden_layers,
-        num_global_layers=v.num_global_layers,
-        attention_heads=v.attention_heads,
-        intermediate_size=v.intermediate_size,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        max_num_tiles=v.max_num_tiles,
-        intermediate_layers_indices=list(v.intermediate_layers_indices),
-        norm_eps=v.norm_eps,
-    )
-
-
-def vit_config(cfg: RunConfig) -> ViTConfig:
-    """The CLIP (openflamingo) or SigLIP (mplug_owl3) tower's config."""
-    v = cfg.model.vision
-    return ViTConfig(
-        kind="clip" if cfg.model.architecture == "openflamingo" else "siglip",
-        hidden_size=v.hidden_size,
-        num_hidden_layers=v.num_hidden_layers,
-        attention_heads=v.attention_heads,
-        intermediate_size=v.intermediate_size,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        norm_eps=v.norm_eps,
-        feature_layer=v.feature_layer,
-    )
-
-
-def perceiver_config(cfg: RunConfig) -> PerceiverConfig:
-    r = cfg.model.perceiver
-    return PerceiverConfig(
-        dim=cfg.model.vision.hidden_size,
-        depth=r.depth,
-        heads=r.heads,
-        head_dim=r.head_dim,
-        num_latents=r.num_latents,
-        ff_mult=r.ff_mult,
-        max_num_media=r.max_num_media,
-        max_num_frames=r.max_num_frames,
     )
 
 
@@ -176,22 +122,7 @@ def build_model(cfg: RunConfig, vocab_size: int, pg: ProcessGroupCollection, dev
     # Megatron-LM's seeding: the model-parallel RNG tracker (TP-distinct dropout streams).
     torch.manual_seed(cfg.training.seed + 100 * pp_rank)
     model_parallel_cuda_manual_seed(cfg.training.seed)
-    m = cfg.model
-    common = dict(
-        pre_process=pp_rank == 0,
-        post_process=pp_rank == pp - 1,
-        freeze_vision_encoder=m.freeze_vision_encoder,
-        vision_activation_checkpointing=m.vision.activation_checkpointing,
-    )
-    if m.architecture == "mllama":
-        model = MllamaModel(config, text, vision_config(cfg), pg, blind_rows=m.cross_attention.blind_rows, **common)
-    elif m.architecture == "openflamingo":
-        x = m.cross_attention
-        model = OpenFlamingoModel(
-            config, text, vit_config(cfg), perceiver_config(cfg), pg, x.heads, x.head_dim, x.ff_mult, **common
-        )
-    else:
-        model = MplugOwl3Model(config, text, vit_config(cfg), pg, **common)
+    model = family(cfg).build(cfg, config, text, pg, pp_rank == 0, pp_rank == pp - 1)
     initialize_by_name(model, cfg.training.seed)
     model.model_type = ModelType.encoder_or_decoder
     model = model.to(device)
