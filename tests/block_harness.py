@@ -14,7 +14,7 @@ import torch.distributed as dist
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 warnings.filterwarnings("ignore", message=".*absl.logging.*")
 
-from lvx_megatron.core.tp_layout import full_shape, shard_full, unshard  # noqa: E402
+from lvx_megatron.core.tp_shards import full_shape, shard_full, unshard  # noqa: E402
 
 TEXT, VISUAL, BATCH, N_IDS, MICROBATCHES = 12, 14, 2, 3, 2
 HIDDEN, VIS_HIDDEN, HEADS, GROUPS, HEAD_DIM, FFN = 32, 24, 4, 2, 8, 48

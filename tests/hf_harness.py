@@ -146,7 +146,7 @@ def train_state_from_import(rank: int, world_size: int, ckpt: str, precision: st
     """
     from megatron.core import parallel_state as ps
 
-    from lvx_megatron.core.tp_layout import unshard
+    from lvx_megatron.core.tp_shards import unshard
     from lvx_megatron.training.checkpointing import load_checkpoint
     from lvx_megatron.training.config import load_config
     from lvx_megatron.training.setup import build_train_state, init_distributed

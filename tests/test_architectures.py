@@ -14,7 +14,7 @@ from train_harness import TINY, run_configs, small_run, train_losses
 from lvx_megatron.launch import spawn_gloo
 from lvx_megatron.training.config import ConfigError, load_config
 from lvx_megatron.training.families import family
-from lvx_megatron.training.layout import validate_layout
+from lvx_megatron.training.layout_check import validate_layout
 from lvx_megatron.training.memory import parameter_counts
 
 CONFIGS = TINY.parent
@@ -126,8 +126,8 @@ def _loss_and_grads(config, overrides: dict) -> tuple[float, dict, int]:
     leaves them: sequence-parallel norms summed over TP), gathered over TP, CP and PP."""
     from megatron.core import parallel_state as ps
 
-    from lvx_megatron.core.tp_layout import unshard
-    from lvx_megatron.models.init import global_parameter_names
+    from lvx_megatron.core.tp_shards import unshard
+    from lvx_megatron.models.weight_init import global_parameter_names
     from lvx_megatron.training.setup import build_model, init_model_parallel
 
     cfg = load_config(config, {**overrides, **OPEN_GATES})

@@ -17,7 +17,7 @@ from lvx_megatron.torchrun import ERROR_FILE_KEY, one_line_errors
 from lvx_megatron.training import setup
 from lvx_megatron.training.config import ConfigError, load_config
 from lvx_megatron.training.families import mllama, openflamingo, vit
-from lvx_megatron.training.layout import validate_layout
+from lvx_megatron.training.layout_check import validate_layout
 
 REPO = TINY.parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -4,7 +4,7 @@ import pytest
 from train_harness import TINY
 
 from lvx_megatron.training.config import ConfigError, load_config
-from lvx_megatron.training.layout import Layout, validate_layout
+from lvx_megatron.training.layout_check import Layout, validate_layout
 
 ELEVEN_B = TINY.parent / "llama-3.2-11b-vision.yaml"
 

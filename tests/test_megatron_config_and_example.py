@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from train_harness import TINY
 
 from lvx_megatron.core import CrossAttentionTransformerConfig
-from lvx_megatron.core.config import SECTION_FIELDS
+from lvx_megatron.core.transformer_config import SECTION_FIELDS
 from lvx_megatron.ops import AUTO
 from lvx_megatron.training import setup
 from lvx_megatron.training.config import CrossAttentionSettings, load_config

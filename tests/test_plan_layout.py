@@ -9,7 +9,7 @@ from train_harness import TINY
 from lvx_megatron.models.mllama_vision import MllamaVisionEncoder
 from lvx_megatron.training.config import load_config
 from lvx_megatron.training.families.mllama import vision_config
-from lvx_megatron.training.layout import Layout
+from lvx_megatron.training.layout_check import Layout
 from lvx_megatron.training.memory import estimate_memory, parameter_counts
 
 CONFIGS = TINY.parent

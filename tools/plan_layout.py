@@ -13,7 +13,7 @@ import warnings
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|absl).*")
 
 from lvx_megatron.training.config import ConfigError, load_config  # noqa: E402
-from lvx_megatron.training.layout import validate_layout  # noqa: E402
+from lvx_megatron.training.layout_check import validate_layout  # noqa: E402
 from lvx_megatron.training.memory import estimate_memory, parameter_counts  # noqa: E402
 
 

@@ -1,11 +1,10 @@
 """megatron-core integration: context-parallel cross-attention layers and specs."""
 
-from .config import CrossAttentionTransformerConfig, llama_style_config
+from .context_mask import CrossAttentionMask
 from .cross_attention import ContextParallelCrossAttention, ContextParallelCrossAttentionSubmodules
 from .flamingo_layer import FlamingoLayer, FlamingoLayerSubmodules
 from .gated_layer import GatedCrossAttentionLayer, GatedCrossAttentionLayerSubmodules
 from .hyper_attention import HyperAttentionLayer, HyperCoreAttention, VisualCrossAttention, hyper_context
-from .masks import CrossAttentionMask
 from .norm import HeadRMSNorm, LayerNorm, RMSNorm
 from .specs import (
     cross_attention_decoder_block_spec,
@@ -15,6 +14,7 @@ from .specs import (
     self_attention_layer_spec,
 )
 from .text_attention import TextContextParallelAttention
+from .transformer_config import CrossAttentionTransformerConfig, llama_style_config
 
 __all__ = [
     "ContextParallelCrossAttention",

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from ..ops import CrossAttentionOp
 from ..ops.registry import DEFAULT_STRATEGY
-from .config import CrossAttentionTransformerConfig
-from .masks import CrossAttentionMask
+from .context_mask import CrossAttentionMask
+from .transformer_config import CrossAttentionTransformerConfig
 
 
 @dataclass

@@ -25,8 +25,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 from torch import Tensor
 
-from .config import CrossAttentionTransformerConfig
-from .masks import CrossAttentionMask
+from .context_mask import CrossAttentionMask
+from .transformer_config import CrossAttentionTransformerConfig
 
 
 def flamingo_block_config(

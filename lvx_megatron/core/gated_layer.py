@@ -17,8 +17,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer, get_transformer_layer_offset
 from torch import Tensor
 
-from .config import CrossAttentionTransformerConfig
-from .masks import CrossAttentionMask
+from .context_mask import CrossAttentionMask
+from .transformer_config import CrossAttentionTransformerConfig
 
 
 @dataclass

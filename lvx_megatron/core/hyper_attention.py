@@ -33,11 +33,11 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
 
-from .config import CrossAttentionTransformerConfig
+from .context_mask import CrossAttentionMask
 from .cross_attention import ContextParallelCrossAttention, ContextParallelCrossAttentionSubmodules
-from .masks import CrossAttentionMask
 from .norm import RMSNorm
 from .text_attention import TextContextParallelAttention
+from .transformer_config import CrossAttentionTransformerConfig
 
 
 def hyper_context(x: Tensor, freqs: Tensor) -> Tensor:

@@ -24,13 +24,13 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from .config import CrossAttentionTransformerConfig
 from .cross_attention import ContextParallelCrossAttention, ContextParallelCrossAttentionSubmodules
 from .flamingo_layer import FlamingoLayer, FlamingoLayerSubmodules
 from .gated_layer import GatedCrossAttentionLayer, GatedCrossAttentionLayerSubmodules
 from .hyper_attention import HyperAttentionLayer, HyperCoreAttention
 from .norm import HeadRMSNorm, LayerNorm, RMSNorm
 from .text_attention import TextContextParallelAttention
+from .transformer_config import CrossAttentionTransformerConfig
 
 
 def _mlp_spec():

@@ -73,7 +73,7 @@ def export_checkpoint(
     from megatron.core import parallel_state as ps
 
     from lvx_megatron.models import hf_mapping
-    from lvx_megatron.models.init import global_parameter_names
+    from lvx_megatron.models.weight_init import global_parameter_names
     from lvx_megatron.training.checkpointing import load_model_weights
     from lvx_megatron.training.setup import init_model_parallel
 

@@ -78,7 +78,7 @@ def import_checkpoint(hf_dir: Path, out: Path, dtype: str = "float32") -> Path:
     from megatron.core import parallel_state as ps
 
     from lvx_megatron.models import hf_mapping
-    from lvx_megatron.models.init import global_parameter_names
+    from lvx_megatron.models.weight_init import global_parameter_names
     from lvx_megatron.training.checkpointing import write_checkpoint
     from lvx_megatron.training.setup import init_model_parallel
 

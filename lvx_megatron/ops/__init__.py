@@ -10,10 +10,10 @@ from .backends import (
     get_backend,
 )
 from .comm_stats import CommStats, count_communication
+from .dense_reference import dense_cross_attention
 from .mask_plan import MaskPlan
 from .masks import BlockMask
 from .policy import CrossAttentionOp, LinkSettings, SharedComm
-from .reference import dense_cross_attention
 from .registry import AUTO, REGISTRY, STRATEGIES, TWO_LEVEL_STRATEGIES
 from .strategy import Strategy
 

@@ -11,10 +11,10 @@ from torch import Tensor
 from .backends import BlockAttentionBackend, get_backend
 from .groups import HierarchicalGroups, check_hierarchical_groups, rank_and_size
 from .head_chunks import head_chunk_count
-from .layout import exchange_layout
 from .mask_plan import MaskPlan
 from .problem import CrossAttentionProblem
 from .registry import DEFAULT_STRATEGY, REGISTRY, STRATEGIES, TWO_LEVEL_STRATEGIES
+from .shard_layout import exchange_layout
 from .strategy import Strategy
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

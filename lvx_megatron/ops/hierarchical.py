@@ -26,10 +26,10 @@ from .collectives import all_gather_rows, reduce_scatter_rows
 from .comm_stats import count_communication, record_bytes
 from .cost_model import CallShape, ComputeModel, Topology, busiest_rank
 from .groups import HierarchicalGroups
-from .layout import ShardLayout
 from .problem import CrossAttentionProblem, output_delta
 from .q_allgather import combine_partials, q_allgather_bytes
 from .query_ring import query_ring_backward, query_ring_bytes, query_ring_forward, query_ring_seconds
+from .shard_layout import ShardLayout
 from .strategy import Strategy
 
 

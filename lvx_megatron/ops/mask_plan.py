@@ -16,8 +16,8 @@ from torch import Tensor
 
 from .collectives import all_gather_rows
 from .groups import rank_and_size
-from .layout import ShardLayout
 from .masks import BlockMask
+from .shard_layout import ShardLayout
 
 
 def _check_local(q_image_mask: Tensor | None, kv_image_ids: Tensor) -> None:

@@ -7,11 +7,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backends import BlockAttentionBackend
-from .layout import ShardLayout
 from .mask_plan import MaskPlan
 from .masks import BlockMask
 from .merge import accumulation_dtype
 from .ring import TensorSpec
+from .shard_layout import ShardLayout
 
 ALL = None  # a block index meaning "every block of the problem"
 

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..core.config import SECTION_FIELDS, CrossAttentionTransformerConfig
+from ..core.transformer_config import SECTION_FIELDS, CrossAttentionTransformerConfig
 from ..ops import AUTO, BACKENDS, STRATEGIES, TWO_LEVEL_STRATEGIES
 
 
@@ -172,7 +172,7 @@ def _core_setting(name: str) -> tuple[Any, Any]:
     return f.type, _RUN_DEFAULTS.get(name, f.default)
 
 
-# How the cross-attention layers run: the core config's settings (core.config.SECTION_FIELDS, each
+# How the cross-attention layers run: the core config's settings (core.transformer_config.SECTION_FIELDS, each
 # defined and documented there) and the model builders' own.
 CrossAttentionSettings = create_model(
     "CrossAttentionSettings",

@@ -25,7 +25,7 @@ from .config import RunConfig
 from .data import chance_levels, make_sources, make_tokenizer, prepare_datasets
 from .families import family
 from .flops import flops_per_sample, peak_flops, visual_tokens_per_image
-from .layout import validate_layout
+from .layout_check import validate_layout
 from .plots import plot_run
 from .profiling import StepProfiler, loop_phase
 from .run_logger import RunLogger, format_duration

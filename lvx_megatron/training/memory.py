@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from .config import RunConfig
 from .families import family
 from .families.spec import kv_width, mlp_matrices
-from .layout import Layout
+from .layout_check import Layout
 
 GIB = 2**30
 

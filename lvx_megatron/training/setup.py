@@ -24,8 +24,8 @@ from megatron.core.transformer.module import Float16Module
 
 from ..core import CrossAttentionTransformerConfig, llama_style_config
 from ..core.cpu_compat import enable_cpu_compat, mark_cpu_parameters
-from ..models.init import initialize_by_name
 from ..models.vlm import TextSettings, VisionLanguageModel
+from ..models.weight_init import initialize_by_name
 from .config import RunConfig
 from .families import family
 

@@ -13,7 +13,7 @@ import zlib
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from ..core.tp_layout import full_shape, shard_full
+from ..core.tp_shards import full_shape, shard_full
 
 _ONES = ("norm.weight", "norm1.weight", "norm2.weight", "layernorm_pre.weight", "layernorm_post.weight")
 # Llama-3.2-Vision draws these with std hidden**-0.5 (not init_method_std): at 0.02 the patch
