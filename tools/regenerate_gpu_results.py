@@ -44,11 +44,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_TESTS = (
-    "tests/test_cuda_ops.py",
-    "tests/test_triton_backend.py",
-    "tests/test_mllama_vision.py",
-    "tests/test_norm.py",
-    "tests/test_profiling.py::test_the_gpu_profile_times_kernels_and_the_device_idle_time",
+    "tests/ops/test_cuda_ops.py",
+    "tests/ops/test_triton_backend.py",
+    "tests/models/test_mllama_vision.py",
+    "tests/core/test_norm.py",
+    "tests/training/test_profiling.py::test_the_gpu_profile_times_kernels_and_the_device_idle_time",
 )
 TRAIN_CONFIGS = {
     "train": "examples/configs/single-gpu-1b.yaml",

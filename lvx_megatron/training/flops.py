@@ -4,7 +4,7 @@ Counts the matmul and convolution FLOPs of the model as defined (2 per multiply-
 for trained parts (forward + backward), x1 for a frozen vision encoder, and no recomputation: the
 usual "model FLOPs" of MFU. Attention is counted over the positions actually attended (causal
 text: half; cross-attention: every visual token; mllama's vision encoder: all tiles of an image,
-padded to 8). ``tests/test_flops.py`` checks the forward and backward counts against
+padded to 8). ``tests/training/test_flops.py`` checks the forward and backward counts against
 ``torch.utils.flop_counter`` on the tiny configs of every architecture.
 """
 

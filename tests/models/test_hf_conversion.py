@@ -19,7 +19,7 @@ from hf_harness import hf_logits, make_hf_checkpoint, make_inputs, our_runs
 from lvx_megatron.launch import spawn_gloo
 from lvx_megatron.models import hf_mapping
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONVERT = ROOT / "tools" / "convert_hf_checkpoint.py"
 
 

@@ -14,7 +14,7 @@ from lvx_megatron.training.config import load_config
 from lvx_megatron.training.plots import accuracy_keys, plot_run, read_metrics
 from lvx_megatron.training.run_logger import RunLogger, format_duration
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _config(tmp_path, **overrides):

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from train_harness import TINY
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_short_demo_learns_from_the_frames_and_ends_with_its_picture(tmp_path):

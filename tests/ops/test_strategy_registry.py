@@ -25,7 +25,7 @@ from lvx_megatron.ops import (
 from lvx_megatron.ops.cost_model import CallShape, ComputeModel, Link, Topology, choose_strategy, uniform_lengths
 from lvx_megatron.ops.registry import check_strategy_name
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lvx_megatron"
+PACKAGE = Path(__file__).resolve().parents[2] / "lvx_megatron"
 SHAPE = CallShape(uniform_lengths(96, 4), uniform_lengths(4096, 4), batch=1, q_heads=8, kv_heads=2, head_dim=64)
 FLAT = ComputeModel(flat=(1e12, 5e11))
 

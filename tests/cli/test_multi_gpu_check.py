@@ -12,7 +12,7 @@ from lvx_megatron.ops import STRATEGIES
 from lvx_megatron.ops.auto import CPU_RATE, DEFAULT_LINKS
 from lvx_megatron.ops.cost_model import CallShape, ComputeModel, predict, predicted_bytes, uniform_lengths
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_multi_gpu_check_on_two_cpu_ranks(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from lvx_megatron.ops import TorchReferenceBackend
 from tools import gpu_check
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 
 

@@ -145,7 +145,7 @@ def test_simulator_prints_every_strategy_and_draws_the_speedup(tmp_path):
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     png = tmp_path / "speedup.png"
     args = ["--config", str(repo / "examples/configs/llama-3.2-11b-vision.yaml"), "--frames", "64", "--nodes", "4"]
     args += ["--gpus-per-node", "4", "--inter-gbps", "25", "--gpu", "a100", "--mask", "none"]

@@ -13,7 +13,7 @@ import pytest
 from lvx_megatron.training.config import load_config
 from tools import regenerate_gpu_results as regen
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_fused_config_is_the_1b_config_with_the_fused_backend():

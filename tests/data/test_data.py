@@ -39,7 +39,7 @@ from lvx_megatron.data.video_qa import (
 )
 from tools import folder_to_wds, make_video_qa
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _gen(n=40, split="train", seed=0, frames=6, size=32):

@@ -1,6 +1,6 @@
 """Fuzz the distributed ops: random world sizes, shard sizes (some empty), GQA ratios, masks, batch,
 head dims and dtypes against the float64 reference. A new seed every run; a failure prints it
-(re-run with ``LVX_FUZZ_SEED=<seed> pytest tests/test_ops_fuzz.py``)."""
+(re-run with ``LVX_FUZZ_SEED=<seed> pytest tests/ops/test_ops_fuzz.py``)."""
 
 import math
 import os

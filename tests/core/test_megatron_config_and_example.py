@@ -16,7 +16,7 @@ from lvx_megatron.ops import AUTO
 from lvx_megatron.training import setup
 from lvx_megatron.training.config import CrossAttentionSettings, load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _config(**overrides):

@@ -11,7 +11,7 @@ import pytest
 
 from tools import render_results as rr
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_docs_agree_with_their_results_files(capsys):

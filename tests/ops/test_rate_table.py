@@ -13,7 +13,7 @@ from lvx_megatron.ops import rate_table
 from lvx_megatron.ops.auto import CPU_RATE, default_compute_model
 from lvx_megatron.ops.rate_table import RateTableError, compute_model, load_rate_table
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CUDA = torch.device("cuda")  # only the device type is read: no GPU needed
 
 

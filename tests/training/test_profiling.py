@@ -28,7 +28,7 @@ from lvx_megatron.training.profiling import (
     union_seconds,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class _Toy(nn.Module):
