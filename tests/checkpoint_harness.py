@@ -217,7 +217,7 @@ class Loaders:
 
         def load():
             state = self.state(self.config(ckpt, **overrides))
-            return load_checkpoint(state, ckpt), _weights(state.mllama)
+            return load_checkpoint(state, ckpt), _weights(state.stage)
 
         with own_process_groups():
             loaded, error, out, err = _captured(load)
@@ -262,7 +262,7 @@ def perturbed(loaders: Loaders, base: Path, **overrides):
         state = loaders.state(cfg)
         load_checkpoint(state, base)
         with torch.no_grad():
-            for param in state.mllama.parameters():
+            for param in state.stage.parameters():
                 param.add_(0.25)
         state.optimizer.reload_model_params()
         try:
@@ -322,7 +322,7 @@ def _resume(loaders: Loaders, ckpt: Path, spec: dict) -> dict:
             return {"error": error, "stdout": out, "stderr": err}
         try:
             _, error, run_out, run_err = _captured(trainer.run)
-            final = _weights(trainer.state.mllama)
+            final = _weights(trainer.state.stage)
         finally:
             trainer.close()
     again = loaders.train(ckpt)

@@ -155,7 +155,7 @@ def train_state_from_import(rank: int, world_size: int, ckpt: str, precision: st
     overrides = {"parallel.tensor_model_parallel_size": world_size, "training.precision": precision}
     state = build_train_state(load_config(Path(ckpt) / "model.yaml", overrides), VOCAB + 1, device)
     iteration = load_checkpoint(state, ckpt)
-    weight = state.mllama.embedding.word_embeddings.weight
+    weight = state.stage.embedding.word_embeddings.weight
     full = unshard(weight.detach().float(), weight, "embedding.word_embeddings.weight", True, state.pg.tp)
     gap = 0.0
     for opt in getattr(state.optimizer, "chained_optimizers", [state.optimizer]):

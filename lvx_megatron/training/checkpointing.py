@@ -152,7 +152,7 @@ def _load_optimizer(optimizer, state_dict: dict) -> None:
 
 def _sharded_state(state: TrainState, is_loading: bool) -> dict:
     # Self- and cross-attention layers differ, so layers are keyed one by one, not stacked.
-    model_sd = state.mllama.sharded_state_dict(metadata={"non_homogeneous_layers": True})
+    model_sd = state.stage.sharded_state_dict(metadata={"non_homogeneous_layers": True})
     return {
         "model": model_sd,
         "optimizer": state.optimizer.sharded_state_dict(
@@ -407,7 +407,7 @@ def load_checkpoint(
         return 0
     _, path = found
     if is_model_only(path):
-        load_model_weights(state.mllama, path)
+        load_model_weights(state.stage, path)
         state.optimizer.reload_model_params()  # main (fp32) parameter copies were made from the random init
         if dist.get_rank() == 0:
             print(
@@ -422,7 +422,7 @@ def load_checkpoint(
         loaded = dist_checkpointing.load(sharded, str(path))
     except CHECKPOINT_ERRORS as exc:
         raise _mismatch(path, exc) from exc
-    state.mllama.load_state_dict(loaded["model"])
+    state.stage.load_state_dict(loaded["model"])
     _load_optimizer(state.optimizer, loaded["optimizer"])
     state.scheduler.load_state_dict(loaded["scheduler"])
     if restore_data is not None:

@@ -101,14 +101,14 @@ class Trainer:
         self.logger = RunLogger(cfg, writer=dist.get_rank() == 0)
         sync = device_sync(self.device)
         self.step_timer = StepTimer(
-            CrossAttentionTimer(self.state.mllama, sync), cfg.training.xattn_timing_interval, sync
+            CrossAttentionTimer(self.state.stage, sync), cfg.training.xattn_timing_interval, sync
         )
-        self.flops_per_sample = flops_per_sample(cfg, self.state.mllama.text.padded_vocab_size)
+        self.flops_per_sample = flops_per_sample(cfg, self.state.stage.text.padded_vocab_size)
         self.peak = peak_flops(self.device)
         tr = cfg.training
         self.profiler = (
             StepProfiler(
-                self.state.mllama,
+                self.state.stage,
                 tr.profile_step_start,
                 tr.profile_step_end,
                 cfg.output_dir / "profile",
@@ -141,7 +141,7 @@ class Trainer:
         if self.state.pg.pp.size() == 1:
             return None
         d, v = self.cfg.data, self.cfg.model.vision
-        shape = self.state.mllama.pipeline_tensor_shape(
+        shape = self.state.stage.pipeline_tensor_shape(
             d.seq_length, self.cfg.training.micro_batch_size, d.max_images, v.max_num_tiles
         )
         return lambda recv, send: ([shape] * len(recv), [shape] * len(send))

@@ -96,7 +96,7 @@ class TrainState:
     config: CrossAttentionTransformerConfig
     pg: ProcessGroupCollection
     model: DistributedDataParallel
-    mllama: VisionLanguageModel  # the unwrapped stage (any architecture), for shapes and checkpoints
+    stage: VisionLanguageModel  # this rank's unwrapped model stage (any family), for shapes and checkpoints
     optimizer: object
     scheduler: OptimizerParamScheduler
     device: torch.device
@@ -133,8 +133,8 @@ def build_model(cfg: RunConfig, vocab_size: int, pg: ProcessGroupCollection, dev
 def build_train_state(cfg: RunConfig, vocab_size: int, device: torch.device) -> TrainState:
     """Groups, model (DDP-wrapped), optimizer and LR scheduler."""
     pg = init_model_parallel(cfg)
-    config, mllama = build_model(cfg, vocab_size, pg, device)
-    module = Float16Module(config, mllama) if config.bf16 else mllama
+    config, stage = build_model(cfg, vocab_size, pg, device)
+    module = Float16Module(config, stage) if config.bf16 else stage
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -170,4 +170,4 @@ def build_train_state(cfg: RunConfig, vocab_size: int, device: torch.device) -> 
     )
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
-    return TrainState(config, pg, model, mllama, optimizer, scheduler, device)
+    return TrainState(config, pg, model, stage, optimizer, scheduler, device)
