@@ -28,6 +28,7 @@ from ..models.vlm import TextSettings, VisionLanguageModel
 from ..models.weight_init import initialize_by_name
 from .config import RunConfig
 from .families import family
+from .families.spec import StageParts
 
 
 def init_distributed() -> torch.device:
@@ -122,7 +123,17 @@ def build_model(cfg: RunConfig, vocab_size: int, pg: ProcessGroupCollection, dev
     # Megatron-LM's seeding: the model-parallel RNG tracker (TP-distinct dropout streams).
     torch.manual_seed(cfg.training.seed + 100 * pp_rank)
     model_parallel_cuda_manual_seed(cfg.training.seed)
-    model = family(cfg).build(cfg, config, text, pg, pp_rank == 0, pp_rank == pp - 1)
+    m = cfg.model
+    parts = StageParts(
+        config,
+        text,
+        pg,
+        pre_process=pp_rank == 0,
+        post_process=pp_rank == pp - 1,
+        freeze_vision_encoder=m.freeze_vision_encoder,
+        vision_activation_checkpointing=m.vision.activation_checkpointing,
+    )
+    model = family(cfg).build(cfg, parts)
     initialize_by_name(model, cfg.training.seed)
     model.model_type = ModelType.encoder_or_decoder
     model = model.to(device)

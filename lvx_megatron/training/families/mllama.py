@@ -3,14 +3,10 @@ gated cross-attention layers (``models/mllama.py``)."""
 
 from typing import Any
 
-from megatron.core.process_groups_config import ProcessGroupCollection
-
-from ...core import CrossAttentionTransformerConfig
 from ...models import mllama
 from ...models.mllama_vision import VisionEncoderConfig
-from ...models.vlm import TextSettings
 from ..config import FieldError, ModelConfig, RunConfig, VisionModelConfig
-from .spec import ModelFamily, kv_width, mlp_matrices, patches, reject_unused, with_vision_defaults
+from .spec import ModelFamily, StageParts, kv_width, mlp_matrices, patches, reject_unused, with_vision_defaults
 
 
 def vision_config(cfg: RunConfig) -> VisionEncoderConfig:
@@ -67,25 +63,14 @@ def _check_vision(v: VisionModelConfig) -> None:
         )
 
 
-def _build(
-    cfg: RunConfig,
-    config: CrossAttentionTransformerConfig,
-    text: TextSettings,
-    pg: ProcessGroupCollection,
-    pre_process: bool,
-    post_process: bool,
-) -> mllama.MllamaModel:
-    m = cfg.model
+def _build(cfg: RunConfig, parts: StageParts) -> mllama.MllamaModel:
     return mllama.MllamaModel(
-        config,
-        text,
+        parts.config,
+        parts.text,
         vision_config(cfg),
-        pg,
-        pre_process=pre_process,
-        post_process=post_process,
-        freeze_vision_encoder=m.freeze_vision_encoder,
-        vision_activation_checkpointing=m.vision.activation_checkpointing,
-        blind_rows=m.cross_attention.blind_rows,
+        parts.pg,
+        **parts.stage_kwargs(),
+        blind_rows=cfg.model.cross_attention.blind_rows,
     )
 
 

@@ -3,14 +3,10 @@ decoder layers (``models/mplug_owl3.py``)."""
 
 from typing import Any
 
-from megatron.core.process_groups_config import ProcessGroupCollection
-
-from ...core import CrossAttentionTransformerConfig
 from ...models import mplug_owl3
-from ...models.vlm import TextSettings
 from ..config import ModelConfig, RunConfig
 from . import vit
-from .spec import ModelFamily, kv_width, reject_unused, with_vision_defaults
+from .spec import ModelFamily, StageParts, kv_width, reject_unused, with_vision_defaults
 
 
 def _defaults(data: dict[str, Any]) -> dict[str, Any]:
@@ -26,24 +22,13 @@ def _check(m: ModelConfig) -> None:
     reject_unused("mplug_owl3", unused)
 
 
-def _build(
-    cfg: RunConfig,
-    config: CrossAttentionTransformerConfig,
-    text: TextSettings,
-    pg: ProcessGroupCollection,
-    pre_process: bool,
-    post_process: bool,
-) -> mplug_owl3.MplugOwl3Model:
-    m = cfg.model
+def _build(cfg: RunConfig, parts: StageParts) -> mplug_owl3.MplugOwl3Model:
     return mplug_owl3.MplugOwl3Model(
-        config,
-        text,
+        parts.config,
+        parts.text,
         vit.vit_config(cfg, "siglip"),
-        pg,
-        pre_process=pre_process,
-        post_process=post_process,
-        freeze_vision_encoder=m.freeze_vision_encoder,
-        vision_activation_checkpointing=m.vision.activation_checkpointing,
+        parts.pg,
+        **parts.stage_kwargs(),
     )
 
 

@@ -3,15 +3,11 @@ cross-attention block before every n-th decoder layer (``models/openflamingo.py`
 
 from typing import Any
 
-from megatron.core.process_groups_config import ProcessGroupCollection
-
-from ...core import CrossAttentionTransformerConfig
 from ...models import openflamingo
 from ...models.perceiver import PerceiverConfig
-from ...models.vlm import TextSettings
 from ..config import ModelConfig, RunConfig
 from . import vit
-from .spec import ModelFamily, patches, reject_unused, with_vision_defaults
+from .spec import ModelFamily, StageParts, patches, reject_unused, with_vision_defaults
 
 
 def perceiver_config(cfg: RunConfig) -> PerceiverConfig:
@@ -44,28 +40,18 @@ def _check(m: ModelConfig) -> None:
     reject_unused("openflamingo", vit.unused_by_towers(m))
 
 
-def _build(
-    cfg: RunConfig,
-    config: CrossAttentionTransformerConfig,
-    text: TextSettings,
-    pg: ProcessGroupCollection,
-    pre_process: bool,
-    post_process: bool,
-) -> openflamingo.OpenFlamingoModel:
-    m, x = cfg.model, cfg.model.cross_attention
+def _build(cfg: RunConfig, parts: StageParts) -> openflamingo.OpenFlamingoModel:
+    x = cfg.model.cross_attention
     return openflamingo.OpenFlamingoModel(
-        config,
-        text,
+        parts.config,
+        parts.text,
         vit.vit_config(cfg, "clip"),
         perceiver_config(cfg),
-        pg,
+        parts.pg,
         x.heads,
         x.head_dim,
         x.ff_mult,
-        pre_process=pre_process,
-        post_process=post_process,
-        freeze_vision_encoder=m.freeze_vision_encoder,
-        vision_activation_checkpointing=m.vision.activation_checkpointing,
+        **parts.stage_kwargs(),
     )
 
 

@@ -12,6 +12,28 @@ from ..config import FieldError, ModelConfig, RunConfig, TextModelConfig, Vision
 
 
 @dataclass(frozen=True)
+class StageParts:
+    """What every family's model of one pipeline stage is built from, besides its own config sections."""
+
+    config: CrossAttentionTransformerConfig
+    text: TextSettings
+    pg: ProcessGroupCollection
+    pre_process: bool
+    post_process: bool
+    freeze_vision_encoder: bool
+    vision_activation_checkpointing: bool
+
+    def stage_kwargs(self) -> dict[str, bool]:
+        """The keyword arguments every family's model class takes about its stage and its vision tower."""
+        return {
+            "pre_process": self.pre_process,
+            "post_process": self.post_process,
+            "freeze_vision_encoder": self.freeze_vision_encoder,
+            "vision_activation_checkpointing": self.vision_activation_checkpointing,
+        }
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """One model family, registered once in :data:`lvx_megatron.training.families.FAMILIES`.
 
@@ -22,8 +44,7 @@ class ModelFamily:
         check: raises ``FieldError`` for what the field types cannot say (a required field, a field
             this family does not use).
     Model:
-        build: ``(cfg, decoder config, text settings, process groups, pre_process, post_process)``
-            -> this pipeline stage's model (weights not yet initialised by name).
+        build: ``(cfg, StageParts)`` -> this pipeline stage's model (weights not yet initialised by name).
         visual_width: width of ``X`` (the decoder config's ``visual_hidden_size``).
         visual_tokens_per_image: rows of ``X`` one image contributes (the model's own count).
         model_inputs: the batch keys the model's ``forward`` takes, as keyword arguments.
@@ -43,10 +64,7 @@ class ModelFamily:
     name: str
     defaults: Callable[[dict[str, Any]], dict[str, Any]]
     check: Callable[[ModelConfig], None]
-    build: Callable[
-        [RunConfig, CrossAttentionTransformerConfig, TextSettings, ProcessGroupCollection, bool, bool],
-        VisionLanguageModel,
-    ]
+    build: Callable[[RunConfig, StageParts], VisionLanguageModel]
     visual_width: Callable[[RunConfig], int]
     visual_tokens_per_image: Callable[[RunConfig], int]
     model_inputs: tuple[str, ...]
