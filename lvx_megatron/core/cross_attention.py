@@ -19,8 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import divide
 from torch import Tensor
 
-from ..ops import CrossAttentionOp
-from ..ops.registry import DEFAULT_STRATEGY
+from ..ops import AUTO, CrossAttentionOp
 from .context_mask import CrossAttentionMask
 from .transformer_config import CrossAttentionTransformerConfig
 
@@ -44,7 +43,7 @@ class ContextParallelCrossAttention(MegatronModule):
         submodules: the linears and optional norms.
         layer_number: 1-based layer number in the whole decoder.
         pg_collection: process groups; ``.tp`` splits heads, ``.cp`` carries the ring.
-        strategy: ops strategy (default: the config's for this layer).
+        strategy: ops strategy (default: the config's for ``layer_index``, else ``"auto"``).
         layer_index: 0-based decoder index, used to look the strategy up in the config.
     """
 
@@ -73,7 +72,7 @@ class ContextParallelCrossAttention(MegatronModule):
         self.heads_per_rank = divide(heads, tp)
         self.groups_per_rank = divide(groups, tp)
         if strategy is None:
-            strategy = config.strategy_for_layer(layer_index) if layer_index is not None else DEFAULT_STRATEGY
+            strategy = config.strategy_for_layer(layer_index) if layer_index is not None else AUTO
         self.op = CrossAttentionOp(
             strategy,
             config.cross_attention_link_settings(),

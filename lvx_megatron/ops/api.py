@@ -13,7 +13,7 @@ from .groups import HierarchicalGroups, check_hierarchical_groups, rank_and_size
 from .head_chunks import head_chunk_count
 from .mask_plan import MaskPlan
 from .problem import CrossAttentionProblem
-from .registry import DEFAULT_STRATEGY, REGISTRY, STRATEGIES, TWO_LEVEL_STRATEGIES
+from .registry import AUTO, REGISTRY, STRATEGIES, TWO_LEVEL_STRATEGIES
 from .shard_layout import exchange_layout
 from .strategy import Strategy
 
@@ -22,9 +22,9 @@ _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, strategy: str, head_chunks: int | None) -> None:
     """Raise ValueError naming the offending argument."""
-    if strategy not in REGISTRY:
+    if strategy != AUTO and strategy not in REGISTRY:
         raise ValueError(
-            f"strategy must be one of {sorted(STRATEGIES)} (or, with group=HierarchicalGroups, "
+            f"strategy must be {AUTO!r} or one of {sorted(STRATEGIES)} (or, with group=HierarchicalGroups, "
             f"{sorted(TWO_LEVEL_STRATEGIES)}), got {strategy!r}"
         )
     if head_chunks is not None and (
@@ -115,13 +115,26 @@ def resolve_strategy(strategy: str, group: dist.ProcessGroup | HierarchicalGroup
     return replace(s, forward=partial(s.forward, groups=group), backward=partial(s.backward, groups=group))
 
 
+def call_strategy(
+    strategy: str, problem: CrossAttentionProblem, q: Tensor, group: dist.ProcessGroup | HierarchicalGroups | None
+) -> Strategy:
+    """The :class:`~.strategy.Strategy` a call runs: ``strategy``, or for ``"auto"`` the cost model's
+    choice for the call's global shapes (the same on every rank; one rank needs no choice)."""
+    if strategy == AUTO:
+        from .auto import choose_for_problem  # auto imports this module
+
+        one_rank = problem.layout.world_size == 1
+        strategy = next(iter(STRATEGIES)) if one_rank else choose_for_problem(problem, q.element_size(), q.device)[0]
+    return resolve_strategy(strategy, group)
+
+
 def prepare_call(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
     group: dist.ProcessGroup | HierarchicalGroups | None = None,
-    strategy: str = DEFAULT_STRATEGY,
+    strategy: str = AUTO,
     softmax_scale: float | None = None,
     q_image_mask: Tensor | None = None,
     kv_image_ids: Tensor | None = None,
@@ -138,7 +151,8 @@ def prepare_call(
     """
     _check_inputs(q, k, v, strategy, head_chunks)
     groups = group if isinstance(group, HierarchicalGroups) else None
-    resolve_strategy(strategy, group)  # raises for a two-level strategy without HierarchicalGroups
+    if strategy != AUTO:
+        resolve_strategy(strategy, group)  # raises for a two-level strategy without HierarchicalGroups
     if groups is not None:
         group = groups.parent  # the flat, node-major group: shard layout, and other strategies run on it
     if softmax_scale is not None and not softmax_scale > 0:
@@ -208,7 +222,7 @@ def distributed_cross_attention(
     v: Tensor,
     *,
     group: dist.ProcessGroup | HierarchicalGroups | None = None,
-    strategy: str = DEFAULT_STRATEGY,
+    strategy: str = AUTO,
     softmax_scale: float | None = None,
     q_image_mask: Tensor | None = None,
     kv_image_ids: Tensor | None = None,
@@ -226,9 +240,11 @@ def distributed_cross_attention(
             ``torch.distributed`` is initialised, the default group). A
             :class:`~.groups.HierarchicalGroups` for ``strategy="hierarchical"`` (other strategies
             then run over its parent group).
-        strategy: ``"query_ring"`` (LV-XAttn: queries travel, K/V stay) or ``"kv_ring"``
-            (Ring Attention: K/V travel), ``"q_allgather"``, ``"kv_allgather"``, or
-            ``"hierarchical"`` (``q_allgather`` inside a node, the query ring across nodes; needs
+        strategy: ``"auto"`` (the cost model's fastest for this call's global shapes and the
+            group's backend: :func:`~.auto.choose_for_problem`; the query ring on one rank),
+            ``"query_ring"`` (LV-XAttn: queries travel, K/V stay) or ``"kv_ring"`` (Ring
+            Attention: K/V travel), ``"q_allgather"``, ``"kv_allgather"``, or ``"hierarchical"``
+            (``q_allgather`` inside a node, the query ring across nodes; needs
             ``group=HierarchicalGroups``).
         softmax_scale: defaults to ``D ** -0.5``.
         q_image_mask: ``[B, Sq_local, N_ids]`` bool, which image ids each text token may see.
@@ -260,7 +276,7 @@ def distributed_cross_attention(
         backend=backend,
         head_chunks=head_chunks,
     )
-    return DistributedCrossAttentionFunction.apply(q, k, v, problem, resolve_strategy(strategy, group))
+    return DistributedCrossAttentionFunction.apply(q, k, v, problem, call_strategy(strategy, problem, q, group))
 
 
 class RecomputedKVCrossAttentionFunction(torch.autograd.Function):
@@ -298,7 +314,7 @@ def recomputed_kv_cross_attention(
     kv_projection: Callable[[Tensor], tuple[Tensor, Tensor]],
     *,
     group: dist.ProcessGroup | HierarchicalGroups | None = None,
-    strategy: str = DEFAULT_STRATEGY,
+    strategy: str = AUTO,
     softmax_scale: float | None = None,
     mask_plan: MaskPlan | None = None,
     backend: str | BlockAttentionBackend = "auto",
@@ -327,5 +343,5 @@ def recomputed_kv_cross_attention(
         head_chunks=head_chunks,
     )
     return RecomputedKVCrossAttentionFunction.apply(
-        q, x, k, v, problem, resolve_strategy(strategy, group), kv_projection
+        q, x, k, v, problem, call_strategy(strategy, problem, q, group), kv_projection
     )

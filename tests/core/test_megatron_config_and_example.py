@@ -66,7 +66,7 @@ def test_config_defaults_and_per_layer_strategy():
     cfg = _config(cross_attention_layers=[3, 1], cross_attention_strategy=["kv_ring", "query_ring"])
     assert cfg.cross_attention_layers == [1, 3] and cfg.visual_hidden_size == 32 and cfg.recompute_visual_kv
     assert cfg.strategy_for_layer(1) == "kv_ring" and cfg.strategy_for_layer(3) == "query_ring"
-    assert _config(activation_func=F.silu).cross_attention_strategy == "query_ring"
+    assert _config(activation_func=F.silu).cross_attention_strategy == "auto"
     two_nodes = _config(
         context_parallel_size=4, cross_attention_strategy="hierarchical", cross_attention_ranks_per_node=2
     )
