@@ -66,8 +66,8 @@ def choose_for_call(
     ``link``: the group's link (None: by backend), or a :class:`~.cost_model.Topology`, which
     makes ``"hierarchical"`` a candidate. ``head_chunks`` as in ``distributed_cross_attention``.
     """
-    from .api import prepare_call  # the api imports this module for strategy="auto"
+    from .api import CallOptions, prepare_call  # the api imports this module for strategy="auto"
 
     k = q.new_empty(()).expand(kv_shape)  # only the shape travels
-    p = prepare_call(q, k, k, group=group, mask_plan=mask_plan, head_chunks=head_chunks)
+    p = prepare_call(q, k, k, CallOptions(group, mask_plan=mask_plan, head_chunks=head_chunks))
     return choose_for_problem(p, q.element_size(), q.device, link)

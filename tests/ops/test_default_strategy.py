@@ -10,15 +10,16 @@ from cases import run_default_strategy
 
 from lvx_megatron.core import CrossAttentionTransformerConfig
 from lvx_megatron.launch import spawn_gloo
-from lvx_megatron.ops import AUTO, distributed_cross_attention, prepare_call, recomputed_kv_cross_attention
+from lvx_megatron.ops import AUTO, CallOptions, distributed_cross_attention, recomputed_kv_cross_attention
 from lvx_megatron.training.config import CrossAttentionSettings
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-@pytest.mark.parametrize("call", [distributed_cross_attention, recomputed_kv_cross_attention, prepare_call])
+@pytest.mark.parametrize("call", [distributed_cross_attention, recomputed_kv_cross_attention])
 def test_library_calls_default_to_auto(call):
     assert inspect.signature(call).parameters["strategy"].default == AUTO
+    assert CallOptions().strategy == AUTO  # what prepare_call is given
 
 
 def test_core_and_run_configs_default_to_auto():
