@@ -25,7 +25,6 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 from torch import Tensor
 
-from .context_mask import CrossAttentionMask
 from .transformer_config import CrossAttentionTransformerConfig
 
 
@@ -81,19 +80,9 @@ class FlamingoLayer(MegatronModule, BaseTransformerLayer):
         self.decoder_layer = build_module(submodules.decoder_layer, config=config, **common)
         self.layer_number = self.decoder_layer.layer_number  # global, read by TransformerBlock's checkpointing
 
-    def forward(
-        self,
-        hidden_states: Tensor,
-        attention_mask: Tensor | None = None,
-        context: Tensor | None = None,
-        context_mask: CrossAttentionMask | None = None,
-        **kwargs,
-    ) -> tuple[Tensor, Tensor | None]:
+    def forward(self, hidden_states: Tensor, **layer_args) -> tuple[Tensor, Tensor | None]:
+        """megatron's layer call (``layer_args``: ``context``, ``context_mask``, ``attention_mask``, ...):
+        the gated block reads the visual context, the decoder layer gets every argument."""
+        context, context_mask = layer_args.get("context"), layer_args.get("context_mask")
         hidden_states, _ = self.gated_cross_attention(hidden_states, context=context, context_mask=context_mask)
-        return self.decoder_layer(
-            hidden_states=hidden_states,
-            attention_mask=attention_mask,
-            context=context,
-            context_mask=context_mask,
-            **kwargs,
-        )
+        return self.decoder_layer(hidden_states=hidden_states, **layer_args)

@@ -161,6 +161,13 @@ class _ModelCrossAttentionSettings(_Section):
         return {core: getattr(self, name) for name, core in SECTION_FIELDS.items()}
 
 
+def from_section[T](target: type[T], section: BaseModel, **given: Any) -> T:
+    """The dataclass ``target`` with ``given``, and for its other fields the section's settings of the
+    same name (a field the section lacks keeps its default)."""
+    names = [f.name for f in dataclasses.fields(target) if f.name not in given and f.name in type(section).model_fields]
+    return target(**{name: getattr(section, name) for name in names}, **given)
+
+
 def _core_setting(name: str) -> tuple[Any, Any]:
     """``(type, default)`` of section setting ``name``: its core config field's."""
     f = next(f for f in dataclasses.fields(CrossAttentionTransformerConfig) if f.name == SECTION_FIELDS[name])

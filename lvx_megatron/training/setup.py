@@ -24,11 +24,10 @@ from megatron.core.transformer.module import Float16Module
 
 from ..core import CrossAttentionTransformerConfig, llama_style_config
 from ..core.cpu_compat import enable_cpu_compat, mark_cpu_parameters
-from ..models.vlm import TextSettings, VisionLanguageModel
+from ..models.vlm import StageParts, TextSettings, VisionLanguageModel
 from ..models.weight_init import initialize_by_name
-from .config import RunConfig
+from .config import RunConfig, from_section
 from .families import family
-from .families.spec import StageParts
 
 
 def init_distributed() -> torch.device:
@@ -105,14 +104,7 @@ class TrainState:
 
 def text_settings(cfg: RunConfig, vocab_size: int) -> TextSettings:
     """The decoder's vocabulary and RoPE settings from the run config."""
-    t = cfg.model.text
-    return TextSettings(
-        vocab_size=vocab_size,
-        rotary_base=t.rotary_base,
-        rope_scaling=t.rope_scaling,
-        rope_scaling_factor=t.rope_scaling_factor,
-        make_vocab_size_divisible_by=t.make_vocab_size_divisible_by,
-    )
+    return from_section(TextSettings, cfg.model.text, vocab_size=vocab_size)
 
 
 def build_model(cfg: RunConfig, vocab_size: int, pg: ProcessGroupCollection, device: torch.device):
