@@ -43,8 +43,8 @@ class ContextParallelCrossAttention(MegatronModule):
         submodules: the linears and optional norms.
         layer_number: 1-based layer number in the whole decoder.
         pg_collection: process groups; ``.tp`` splits heads, ``.cp`` carries the ring.
-        strategy: ops strategy (default: the config's for ``layer_index``, else ``"auto"``).
-        layer_index: 0-based decoder index, used to look the strategy up in the config.
+        layer_index: 0-based decoder index, used to look the strategy up in the config (None:
+            ``"auto"``).
     """
 
     def __init__(
@@ -53,7 +53,6 @@ class ContextParallelCrossAttention(MegatronModule):
         submodules: ContextParallelCrossAttentionSubmodules,
         layer_number: int,
         pg_collection: ProcessGroupCollection | None = None,
-        strategy: str | None = None,
         layer_index: int | None = None,
     ) -> None:
         super().__init__(config=config)
@@ -71,8 +70,7 @@ class ContextParallelCrossAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.heads_per_rank = divide(heads, tp)
         self.groups_per_rank = divide(groups, tp)
-        if strategy is None:
-            strategy = config.strategy_for_layer(layer_index) if layer_index is not None else AUTO
+        strategy = config.strategy_for_layer(layer_index) if layer_index is not None else AUTO
         self.op = CrossAttentionOp(
             strategy,
             config.cross_attention_link_settings(),
