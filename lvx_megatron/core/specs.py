@@ -55,9 +55,7 @@ def self_attention_layer_spec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=core_attention,
-                    linear_proj=RowParallelLinear,
+                    linear_qkv=ColumnParallelLinear, core_attention=core_attention, linear_proj=RowParallelLinear
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,

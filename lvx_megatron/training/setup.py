@@ -62,14 +62,11 @@ def transformer_config(cfg: RunConfig) -> CrossAttentionTransformerConfig:
     t, p, x = cfg.model.text, cfg.parallel, cfg.model.cross_attention
     bf16 = cfg.training.precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
+    # The text section's sizes, named as the core config's fields.
+    sizes = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "add_qkv_bias")
     return llama_style_config(
-        num_layers=t.num_layers,
-        hidden_size=t.hidden_size,
-        ffn_hidden_size=t.ffn_hidden_size,
-        num_attention_heads=t.num_attention_heads,
-        num_query_groups=t.num_query_groups,
+        **{name: getattr(t, name) for name in sizes},
         kv_channels=t.hidden_size // t.num_attention_heads,
-        add_qkv_bias=t.add_qkv_bias,
         gated_linear_unit=t.mlp == "swiglu",
         activation_func=F.silu if t.mlp == "swiglu" else F.gelu,
         layernorm_epsilon=t.norm_epsilon,
