@@ -14,7 +14,8 @@
 import torch
 from torch import Tensor
 
-from ..core import CrossAttentionMask, flamingo_layer_spec
+from ..core import CrossAttentionMask, FlamingoBlockSizes, flamingo_layer_spec
+from ..core.flamingo_layer import OPENFLAMINGO_BLOCK
 from .perceiver import PerceiverConfig, PerceiverResampler
 from .tower_vlm import TowerImageBatch, TowerVisionLanguageModel
 from .vit import ViTConfig
@@ -45,7 +46,7 @@ class OpenFlamingoModel(TowerVisionLanguageModel):
             trains here).
         vision: the CLIP tower (``kind="clip"``).
         perceiver: the resampler (``dim`` = the tower's width).
-        cross_attention_heads, cross_attention_head_dim, ff_mult: the gated blocks' sizes.
+        block: the gated blocks' sizes.
     """
 
     def __init__(
@@ -53,9 +54,7 @@ class OpenFlamingoModel(TowerVisionLanguageModel):
         parts: StageParts,
         vision: ViTConfig,
         perceiver: PerceiverConfig,
-        cross_attention_heads: int = 8,
-        cross_attention_head_dim: int = 64,
-        ff_mult: int = 4,
+        block: FlamingoBlockSizes = OPENFLAMINGO_BLOCK,
     ) -> None:
         config = parts.config
         if vision.kind != "clip":
@@ -65,8 +64,7 @@ class OpenFlamingoModel(TowerVisionLanguageModel):
                 f"visual_hidden_size ({config.visual_hidden_size}), perceiver.dim ({perceiver.dim}) and the "
                 f"vision tower's hidden_size ({vision.hidden_size}) must be equal"
             )
-        spec = flamingo_layer_spec(cross_attention_heads, cross_attention_head_dim, ff_mult)
-        super().__init__(parts, spec, vision)
+        super().__init__(parts, flamingo_layer_spec(block), vision)
         self.perceiver_config = perceiver
         if parts.pre_process:
             self.perceiver = PerceiverResampler(perceiver)

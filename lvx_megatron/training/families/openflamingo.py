@@ -3,6 +3,7 @@ cross-attention block before every n-th decoder layer (``models/openflamingo.py`
 
 from typing import Any
 
+from ...core import FlamingoBlockSizes
 from ...models import openflamingo
 from ...models.perceiver import PerceiverConfig
 from ..config import ModelConfig, RunConfig
@@ -43,7 +44,7 @@ def _check(m: ModelConfig) -> None:
 def _build(cfg: RunConfig, parts: StageParts) -> openflamingo.OpenFlamingoModel:
     x = cfg.model.cross_attention
     return openflamingo.OpenFlamingoModel(
-        parts, vit.vit_config(cfg, "clip"), perceiver_config(cfg), x.heads, x.head_dim, x.ff_mult
+        parts, vit.vit_config(cfg, "clip"), perceiver_config(cfg), FlamingoBlockSizes(x.heads, x.head_dim, x.ff_mult)
     )
 
 
