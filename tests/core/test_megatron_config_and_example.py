@@ -74,18 +74,18 @@ def test_config_defaults_and_per_layer_strategy():
 
 
 # One value per setting of the run config's section model.cross_attention, none of them its default.
-SECTION_VALUES = dict(
-    strategy="kv_ring",
-    backend="torch",
-    recompute_visual_kv=False,
-    gate_init=0.25,
-    link_gbps=3.0,
-    link_latency_us=7.0,
-    ranks_per_node=1,
-    inner_link_gbps=50.0,
-    inner_link_latency_us=2.0,
-    link="config",
-)
+SECTION_VALUES = {
+    "strategy": "kv_ring",
+    "backend": "torch",
+    "recompute_visual_kv": False,
+    "gate_init": 0.25,
+    "link_gbps": 3.0,
+    "link_latency_us": 7.0,
+    "ranks_per_node": 1,
+    "inner_link_gbps": 50.0,
+    "inner_link_latency_us": 2.0,
+    "link": "config",
+}
 
 
 def test_the_run_config_section_is_made_of_the_core_config_settings():
