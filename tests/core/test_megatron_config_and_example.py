@@ -12,7 +12,6 @@ from train_harness import TINY
 
 from lvx_megatron.core import CrossAttentionTransformerConfig
 from lvx_megatron.core.transformer_config import SECTION_FIELDS
-from lvx_megatron.ops import AUTO
 from lvx_megatron.training import setup
 from lvx_megatron.training.config import CrossAttentionSettings, load_config
 
@@ -93,8 +92,8 @@ def test_the_run_config_section_is_made_of_the_core_config_settings():
     assert set(SECTION_VALUES) == set(SECTION_FIELDS)
     section = CrossAttentionSettings()
     for name, core in SECTION_FIELDS.items():
-        # One default per setting; the strategy's differs on purpose (docs/ops.md, "Strategy settings").
-        assert getattr(section, name) == (AUTO if name == "strategy" else fields[core].default), name
+        # One default per setting: the core config field's, the strategy's too (docs/ops.md, "Strategy settings").
+        assert getattr(section, name) == fields[core].default, name
         assert CrossAttentionSettings.model_fields[name].annotation == fields[core].type, name
     given = CrossAttentionSettings(**{k: v for k, v in SECTION_VALUES.items() if k != "link"})
     cfg = _config(cross_attention_layers=[1], **given.core_fields())

@@ -54,7 +54,7 @@ def test_vision_tower_matches_transformers(kind, image_size, feature_layer):
     _randomize(hf, 0)
     norm_eps = hf.config.layer_norm_eps
     config = ViTConfig(
-        kind, **sizes, attention_heads=4, image_size=image_size, norm_eps=norm_eps, feature_layer=feature_layer
+        kind=kind, **sizes, attention_heads=4, image_size=image_size, norm_eps=norm_eps, feature_layer=feature_layer
     )
     ours = ViTVisionTower(config).double()
     hf_weights = {k.removeprefix("vision_model."): v for k, v in hf.state_dict().items()}
