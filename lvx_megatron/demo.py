@@ -37,16 +37,8 @@ def make_video_problem(args: argparse.Namespace, world_size: int) -> dict:
     # Text token i sees the frames shown before it; the first tokens precede every frame.
     frames_seen = (torch.arange(sq) * (args.frames + 1)) // sq
     q_mask = (torch.arange(args.frames)[None, :] < frames_seen[:, None])[None]
-    return dict(
-        q=q,
-        k=k,
-        v=v,
-        dout=dout,
-        ids=ids,
-        q_mask=q_mask,
-        q_lens=_split(sq, world_size, gen),
-        kv_lens=_split(skv, world_size, gen),
-    )
+    q_lens, kv_lens = _split(sq, world_size, gen), _split(skv, world_size, gen)
+    return dict(q=q, k=k, v=v, dout=dout, ids=ids, q_mask=q_mask, q_lens=q_lens, kv_lens=kv_lens)
 
 
 def _rows(t: torch.Tensor, lens: list[int], rank: int) -> torch.Tensor:

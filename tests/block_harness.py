@@ -18,6 +18,9 @@ from lvx_megatron.core.tp_shards import full_shape, shard_full, unshard  # noqa:
 
 TEXT, VISUAL, BATCH, N_IDS, MICROBATCHES = 12, 14, 2, 3, 2
 HIDDEN, VIS_HIDDEN, HEADS, GROUPS, HEAD_DIM, FFN = 32, 24, 4, 2, 8, 48
+SIZES = dict(
+    hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS, kv_channels=HEAD_DIM, ffn_hidden_size=FFN
+)
 
 
 def make_config(
@@ -28,11 +31,7 @@ def make_config(
 
     fields = dict(
         num_layers=num_layers,
-        hidden_size=HIDDEN,
-        num_attention_heads=HEADS,
-        num_query_groups=GROUPS,
-        kv_channels=HEAD_DIM,
-        ffn_hidden_size=FFN,
+        **SIZES,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
         tensor_model_parallel_size=tp,

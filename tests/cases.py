@@ -11,7 +11,7 @@ from lvx_megatron.ops import STRATEGIES, dense_cross_attention, distributed_cros
 
 @dataclass(frozen=True)
 class Case:
-    strategy: str
+    strategy: str | None  # None: leave the argument out (the library's default)
     hq: int
     hkv: int
     masks: str  # "none", "padding" (ids only) or "images" (ids and per-token visibility)
@@ -98,6 +98,8 @@ def _sharded_call(case: Case, prob: dict, rank: int, group, q_lens, kv_lens) -> 
         backend=case.backend,
         head_chunks=case.head_chunks,
     )
+    if case.strategy is None:
+        del kwargs["strategy"]
     return q, k, v, kwargs
 
 
@@ -163,6 +165,17 @@ def run_matrix(rank: int, world_size: int) -> list[tuple[Case, dict[str, float]]
         (case, run_case(case, rank, world_size, dist.group.WORLD if i % 2 else None))
         for i, case in enumerate(case_matrix(world_size))
     ]
+
+
+def run_default_strategy(rank: int, world_size: int) -> list[tuple[Case, dict[str, float]]]:
+    """Worker: calls that name no strategy (unmasked, image masks; GQA; float64 and float32)."""
+    cases = [
+        Case(None, 8, hkv, masks, dtype, seed=7000 + i)
+        for i, (hkv, masks, dtype) in enumerate(
+            itertools.product((8, 2), ("none", "images"), (torch.float64, torch.float32))
+        )
+    ]
+    return [(case, run_case(case, rank, world_size, dist.group.WORLD)) for case in cases]
 
 
 def fuzz_cases(world_size: int, seed: int, count: int) -> list[Case]:

@@ -14,13 +14,12 @@ def hf_config():
     """GQA 4/2, cross-attention at 1 and 4 of 6 layers, 2 local + 1 global vision layers, Llama-3 RoPE."""
     from transformers import MllamaConfig
 
+    sizes = dict(
+        hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96
+    )
     text = dict(
         vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=96,
+        **sizes,
         cross_attention_layers=[1, 4],
         rope_scaling=dict(
             rope_type="llama3",
@@ -87,13 +86,9 @@ def make_inputs(seed: int = 0) -> dict:
             xmask[sample, pos:, image, : tiles[sample][image]] = 1
     xmask[1, -3:] = 0
     pixels = torch.randn(b, n, TILES, 3, TILE, TILE, generator=gen)
+    text = dict(input_ids=ids, attention_mask=attention)
     return dict(
-        input_ids=ids,
-        attention_mask=attention,
-        pixel_values=pixels,
-        aspect_ratio_ids=ratio_ids,
-        aspect_ratio_mask=ratio_mask,
-        cross_attention_mask=xmask,
+        text, pixel_values=pixels, aspect_ratio_ids=ratio_ids, aspect_ratio_mask=ratio_mask, cross_attention_mask=xmask
     )
 
 

@@ -25,14 +25,14 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from lvx_megatron.core import CrossAttentionMask, cross_attention_decoder_block_spec, llama_style_config
 from lvx_megatron.results import write_results
 
+# The parity block (GQA 8/2, cross-attention at layers 1 and 3) and one Llama-3.2-11B layer's widths.
+SMALL_BLOCK = dict(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=2, ffn_hidden_size=512)
+LLAMA_11B_LAYER = dict(hidden_size=4096, num_attention_heads=32, num_query_groups=8, ffn_hidden_size=14336)
 
-def _config(num_layers, cross_layers, hidden, heads, groups, ffn, visual_hidden, recompute, dtype, backend):
+
+def _config(dtype, cross_layers, visual_hidden, recompute, backend, **sizes):
     return llama_style_config(
-        num_layers=num_layers,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_query_groups=groups,
-        ffn_hidden_size=ffn,
+        **sizes,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         cross_attention_layers=list(cross_layers),
@@ -66,7 +66,7 @@ def parity() -> list[dict]:
         ("cuda-fp32", "cuda", torch.float32, "auto"),
         ("cuda-bf16", "cuda", torch.bfloat16, "auto"),
     ):
-        cfg = _config(4, [1, 3], 256, 8, 2, 512, 192, True, dtype, backend)
+        cfg = _config(dtype, [1, 3], 192, True, backend, **SMALL_BLOCK)
         block = _block(cfg, device)
         with torch.no_grad():
             for pname, p in block.named_parameters():
@@ -99,7 +99,7 @@ def parity() -> list[dict]:
 
 def memory(layers: int, recompute: bool, text: int, visual: int) -> dict:
     """Peak bytes above the block's weights and inputs for one forward+backward."""
-    cfg = _config(layers, range(layers), 4096, 32, 8, 14336, 4096, recompute, torch.bfloat16, "auto")
+    cfg = _config(torch.bfloat16, range(layers), 4096, recompute, "auto", num_layers=layers, **LLAMA_11B_LAYER)
     block = _block(cfg, "cuda")
     h = torch.randn(text, 1, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     x = torch.randn(visual, 1, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -114,15 +114,8 @@ def memory(layers: int, recompute: bool, text: int, visual: int) -> dict:
     kv_per_layer = 2 * visual * 8 * 128 * 2
     del block, h, x, out
     torch.cuda.empty_cache()
-    return dict(
-        layers=layers,
-        recompute=recompute,
-        text=text,
-        visual=visual,
-        kept_after_forward=after_forward,
-        peak=peak,
-        kv_bytes_per_layer=kv_per_layer,
-    )
+    case = dict(layers=layers, recompute=recompute, text=text, visual=visual)
+    return dict(case, kept_after_forward=after_forward, peak=peak, kv_bytes_per_layer=kv_per_layer)
 
 
 def main(argv: list[str] | None = None) -> int:

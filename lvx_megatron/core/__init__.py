@@ -2,7 +2,7 @@
 
 from .context_mask import CrossAttentionMask
 from .cross_attention import ContextParallelCrossAttention, ContextParallelCrossAttentionSubmodules
-from .flamingo_layer import FlamingoLayer, FlamingoLayerSubmodules
+from .flamingo_layer import FlamingoBlockSizes, FlamingoLayer, FlamingoLayerSubmodules
 from .gated_layer import GatedCrossAttentionLayer, GatedCrossAttentionLayerSubmodules
 from .hyper_attention import HyperAttentionLayer, HyperCoreAttention, VisualCrossAttention, hyper_context
 from .norm import HeadRMSNorm, LayerNorm, RMSNorm
@@ -21,6 +21,7 @@ __all__ = [
     "ContextParallelCrossAttentionSubmodules",
     "CrossAttentionMask",
     "CrossAttentionTransformerConfig",
+    "FlamingoBlockSizes",
     "FlamingoLayer",
     "FlamingoLayerSubmodules",
     "GatedCrossAttentionLayer",

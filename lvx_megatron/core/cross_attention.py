@@ -19,8 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import divide
 from torch import Tensor
 
-from ..ops import CrossAttentionOp
-from ..ops.registry import DEFAULT_STRATEGY
+from ..ops import AUTO, CrossAttentionOp
 from .context_mask import CrossAttentionMask
 from .transformer_config import CrossAttentionTransformerConfig
 
@@ -44,8 +43,8 @@ class ContextParallelCrossAttention(MegatronModule):
         submodules: the linears and optional norms.
         layer_number: 1-based layer number in the whole decoder.
         pg_collection: process groups; ``.tp`` splits heads, ``.cp`` carries the ring.
-        strategy: ops strategy (default: the config's for this layer).
-        layer_index: 0-based decoder index, used to look the strategy up in the config.
+        layer_index: 0-based decoder index, used to look the strategy up in the config (None:
+            ``"auto"``).
     """
 
     def __init__(
@@ -54,7 +53,6 @@ class ContextParallelCrossAttention(MegatronModule):
         submodules: ContextParallelCrossAttentionSubmodules,
         layer_number: int,
         pg_collection: ProcessGroupCollection | None = None,
-        strategy: str | None = None,
         layer_index: int | None = None,
     ) -> None:
         super().__init__(config=config)
@@ -72,8 +70,7 @@ class ContextParallelCrossAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.heads_per_rank = divide(heads, tp)
         self.groups_per_rank = divide(groups, tp)
-        if strategy is None:
-            strategy = config.strategy_for_layer(layer_index) if layer_index is not None else DEFAULT_STRATEGY
+        strategy = config.strategy_for_layer(layer_index) if layer_index is not None else AUTO
         self.op = CrossAttentionOp(
             strategy,
             config.cross_attention_link_settings(),
@@ -81,53 +78,31 @@ class ContextParallelCrossAttention(MegatronModule):
             f"cross-attention layer {layer_number}",
         )
 
+        linear = dict(config=config, bias=config.add_bias_linear, is_expert=False, tp_group=pg_collection.tp)
+        column = dict(linear, init_method=config.init_method, gather_output=False, skip_bias_add=False)
         self.linear_q = build_module(
-            submodules.linear_q,
-            config.hidden_size,
-            heads * self.head_dim,
-            config=config,
-            init_method=config.init_method,
-            gather_output=False,
-            bias=config.add_bias_linear,
-            skip_bias_add=False,
-            is_expert=False,
-            tp_comm_buffer_name="q",
-            tp_group=pg_collection.tp,
+            submodules.linear_q, config.hidden_size, heads * self.head_dim, tp_comm_buffer_name="q", **column
         )
         # X is replicated over TP (it is split over CP, not over the sequence-parallel region),
         # so its projection must not all-gather along the sequence.
         kv_config = copy.copy(config)
         kv_config.sequence_parallel = False
+        kv_column = dict(column, config=kv_config)
         self.linear_kv = build_module(
             submodules.linear_kv,
             config.visual_hidden_size,
             2 * groups * self.head_dim,
-            config=kv_config,
-            init_method=config.init_method,
-            gather_output=False,
-            bias=config.add_bias_linear,
-            skip_bias_add=False,
-            is_expert=False,
             tp_comm_buffer_name="kv",
-            tp_group=pg_collection.tp,
+            **kv_column,
         )
         norm_kwargs = dict(
             config=config, hidden_size=self.head_dim, eps=config.layernorm_epsilon, tp_group=pg_collection.tp
         )
         self.q_norm = build_module(submodules.q_norm, **norm_kwargs) if submodules.q_norm else None
         self.k_norm = build_module(submodules.k_norm, **norm_kwargs) if submodules.k_norm else None
+        row = dict(linear, init_method=config.output_layer_init_method, input_is_parallel=True, skip_bias_add=True)
         self.linear_proj = build_module(
-            submodules.linear_proj,
-            heads * self.head_dim,
-            config.hidden_size,
-            config=config,
-            init_method=config.output_layer_init_method,
-            bias=config.add_bias_linear,
-            input_is_parallel=True,
-            skip_bias_add=True,
-            is_expert=False,
-            tp_comm_buffer_name="proj",
-            tp_group=pg_collection.tp,
+            submodules.linear_proj, heads * self.head_dim, config.hidden_size, tp_comm_buffer_name="proj", **row
         )
 
     @property

@@ -19,25 +19,36 @@ import copy
 from dataclasses import dataclass
 
 import torch.nn.functional as F
-from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 from torch import Tensor
 
-from .context_mask import CrossAttentionMask
 from .transformer_config import CrossAttentionTransformerConfig
 
 
+@dataclass(frozen=True)
+class FlamingoBlockSizes:
+    """The gated block's sizes, whatever the LM's width: ``heads`` x ``head_dim`` attention and a
+    ``ff_mult`` x hidden feed-forward (OpenFlamingo: 8, 64, 4)."""
+
+    heads: int = 8
+    head_dim: int = 64
+    ff_mult: int = 4
+
+
+OPENFLAMINGO_BLOCK = FlamingoBlockSizes()
+
+
 def flamingo_block_config(
-    config: CrossAttentionTransformerConfig, heads: int, head_dim: int, ff_mult: int
+    config: CrossAttentionTransformerConfig, sizes: FlamingoBlockSizes
 ) -> CrossAttentionTransformerConfig:
     """The decoder's config with the gated block's attention and feed-forward sizes."""
     block = copy.copy(config)
-    block.num_attention_heads = heads
-    block.num_query_groups = heads
-    block.kv_channels = head_dim
-    block.ffn_hidden_size = ff_mult * config.hidden_size
+    block.num_attention_heads = sizes.heads
+    block.num_query_groups = sizes.heads
+    block.kv_channels = sizes.head_dim
+    block.ffn_hidden_size = sizes.ff_mult * config.hidden_size
     block.gated_linear_unit = False
     block.activation_func = F.gelu
     return block
@@ -57,43 +68,30 @@ class FlamingoLayer(MegatronModule, BaseTransformerLayer):
     Args:
         config: the decoder's config.
         submodules: the two parts.
-        layer_number: 1-based index in this pipeline stage (megatron adds the stage offset).
-        heads, head_dim, ff_mult: the gated block's sizes (OpenFlamingo: 8, 64, 4).
+        block: the gated block's sizes.
+        layer_args: megatron's layer arguments (``layer_number``: 1-based index in this pipeline
+            stage, megatron adds the stage offset; ``pg_collection``, ``vp_stage``), for both parts.
     """
 
     def __init__(
         self,
         config: CrossAttentionTransformerConfig,
         submodules: FlamingoLayerSubmodules,
-        layer_number: int = 1,
-        pg_collection: ProcessGroupCollection | None = None,
-        vp_stage: int | None = None,
-        heads: int = 8,
-        head_dim: int = 64,
-        ff_mult: int = 4,
-        **kwargs,
+        block: FlamingoBlockSizes = OPENFLAMINGO_BLOCK,
+        **layer_args,
     ) -> None:
         super().__init__(config=config)
-        common = dict(layer_number=layer_number, pg_collection=pg_collection, vp_stage=vp_stage)
         self.gated_cross_attention = build_module(
-            submodules.gated_cross_attention, config=flamingo_block_config(config, heads, head_dim, ff_mult), **common
+            submodules.gated_cross_attention,
+            config=flamingo_block_config(config, block),
+            **layer_args,
         )
-        self.decoder_layer = build_module(submodules.decoder_layer, config=config, **common)
+        self.decoder_layer = build_module(submodules.decoder_layer, config=config, **layer_args)
         self.layer_number = self.decoder_layer.layer_number  # global, read by TransformerBlock's checkpointing
 
-    def forward(
-        self,
-        hidden_states: Tensor,
-        attention_mask: Tensor | None = None,
-        context: Tensor | None = None,
-        context_mask: CrossAttentionMask | None = None,
-        **kwargs,
-    ) -> tuple[Tensor, Tensor | None]:
+    def forward(self, hidden_states: Tensor, **layer_args) -> tuple[Tensor, Tensor | None]:
+        """megatron's layer call (``layer_args``: ``context``, ``context_mask``, ``attention_mask``, ...):
+        the gated block reads the visual context, the decoder layer gets every argument."""
+        context, context_mask = layer_args.get("context"), layer_args.get("context_mask")
         hidden_states, _ = self.gated_cross_attention(hidden_states, context=context, context_mask=context_mask)
-        return self.decoder_layer(
-            hidden_states=hidden_states,
-            attention_mask=attention_mask,
-            context=context,
-            context_mask=context_mask,
-            **kwargs,
-        )
+        return self.decoder_layer(hidden_states=hidden_states, **layer_args)

@@ -28,8 +28,6 @@ import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
-from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
 
@@ -107,31 +105,22 @@ class VisualCrossAttention(ContextParallelCrossAttention):
         return rotate(k, cos, sin).transpose(0, 1), v.transpose(0, 1)
 
 
-class HyperCoreAttention(MegatronModule):
-    """megatron ``core_attention`` of a hyper layer: the text attention and the gated visual branch.
+class HyperCoreAttention(TextContextParallelAttention):
+    """megatron ``core_attention`` of a hyper layer: the text attention (its parent's) and the gated
+    visual branch.
 
     Without visual inputs (set by :class:`HyperAttentionLayer` for each call) it is the plain
     causal text attention. ``hyper_gate`` holds one value per output channel (``heads * head_dim``),
-    replicated over TP; each rank uses its heads' slice.
+    replicated over TP; each rank uses its heads' slice. ``core_attention_args``: megatron's other
+    ``core_attention`` arguments, as the parent takes them.
     """
 
-    def __init__(
-        self,
-        config: CrossAttentionTransformerConfig,
-        layer_number: int,
-        attn_mask_type: AttnMaskType,
-        attention_type: str,
-        cp_comm_type: str | None = None,
-        softmax_scale: float | None = None,
-        pg_collection: ProcessGroupCollection | None = None,
-    ) -> None:
-        super().__init__(config=config)
+    def __init__(self, config: CrossAttentionTransformerConfig, layer_number: int, **core_attention_args) -> None:
+        pg_collection = core_attention_args.pop("pg_collection", None)
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        super().__init__(config, layer_number, pg_collection=pg_collection, **core_attention_args)
         self.pg_collection = pg_collection
-        self.text_attention = TextContextParallelAttention(
-            config, layer_number, attn_mask_type, attention_type, cp_comm_type, softmax_scale, pg_collection
-        )
         self.visual_attention = VisualCrossAttention(config, layer_number, pg_collection)
         channels = config.num_attention_heads * config.kv_channels
         self.hyper_gate = torch.nn.Parameter(
@@ -146,25 +135,10 @@ class HyperCoreAttention(MegatronModule):
             gate = copy_to_tensor_model_parallel_region(gate, group=tp).chunk(tp.size())[tp.rank()]
         return gate
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        attention_mask: Tensor | None,
-        attn_mask_type: AttnMaskType | None = None,
-        attention_bias: Tensor | None = None,
-        packed_seq_params=None,
-    ) -> Tensor:
-        text = self.text_attention(
-            query,
-            key,
-            value,
-            attention_mask,
-            attn_mask_type=attn_mask_type,
-            attention_bias=attention_bias,
-            packed_seq_params=packed_seq_params,
-        )
+    def forward(self, query: Tensor, *args, **kwargs) -> Tensor:
+        """megatron's ``core_attention`` call (the parent's arguments): the text attention, gated
+        towards the visual branch when the layer set visual inputs."""
+        text = super().forward(query, *args, **kwargs)
         if self.visual_inputs is None:
             return text
         context, mask = self.visual_inputs

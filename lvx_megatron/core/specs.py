@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from .cross_attention import ContextParallelCrossAttention, ContextParallelCrossAttentionSubmodules
-from .flamingo_layer import FlamingoLayer, FlamingoLayerSubmodules
+from .flamingo_layer import OPENFLAMINGO_BLOCK, FlamingoBlockSizes, FlamingoLayer, FlamingoLayerSubmodules
 from .gated_layer import GatedCrossAttentionLayer, GatedCrossAttentionLayerSubmodules
 from .hyper_attention import HyperAttentionLayer, HyperCoreAttention
 from .norm import HeadRMSNorm, LayerNorm, RMSNorm
@@ -55,9 +55,7 @@ def self_attention_layer_spec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=core_attention,
-                    linear_proj=RowParallelLinear,
+                    linear_qkv=ColumnParallelLinear, core_attention=core_attention, linear_proj=RowParallelLinear
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -96,7 +94,7 @@ def hyper_attention_layer_spec() -> ModuleSpec:
     return self_attention_layer_spec(module=HyperAttentionLayer, core_attention=HyperCoreAttention)
 
 
-def flamingo_layer_spec(heads: int = 8, head_dim: int = 64, ff_mult: int = 4) -> ModuleSpec:
+def flamingo_layer_spec(block: FlamingoBlockSizes = OPENFLAMINGO_BLOCK) -> ModuleSpec:
     """OpenFlamingo's gated cross-attention block (LayerNorms with bias, no q/k norms, a GELU
     feed-forward on every row) followed by the self-attention decoder layer."""
     gated = ModuleSpec(
@@ -116,7 +114,7 @@ def flamingo_layer_spec(heads: int = 8, head_dim: int = 64, ff_mult: int = 4) ->
     )
     return ModuleSpec(
         module=FlamingoLayer,
-        params={"heads": heads, "head_dim": head_dim, "ff_mult": ff_mult},
+        params={"block": block},
         submodules=FlamingoLayerSubmodules(gated_cross_attention=gated, decoder_layer=self_attention_layer_spec()),
     )
 

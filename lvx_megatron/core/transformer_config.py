@@ -11,7 +11,7 @@ from pydantic import PositiveFloat, PositiveInt
 
 from ..ops import BACKENDS, LinkSettings, SharedComm
 from ..ops.policy import LINK_SOURCES
-from ..ops.registry import DEFAULT_STRATEGY, check_strategy_name
+from ..ops.registry import AUTO, check_strategy_name
 
 # The settings of a run config's section ``model.cross_attention`` (lvx_megatron.training.config),
 # by their name there, and the field of this config each one is. The section's fields are made
@@ -64,12 +64,12 @@ class CrossAttentionTransformerConfig(TransformerConfig):
         cross_attention_shared: not a setting: the groups and links the model's cross-attention
             layers share (:class:`~lvx_megatron.ops.SharedComm`, filled at their first calls).
 
-    The strategy defaults to the query ring here and to ``"auto"`` in a run config: see
-    ``docs/ops.md`` ("Strategy settings").
+    The strategy defaults to ``"auto"``, as in a run config and the ops: see ``docs/ops.md``
+    ("Strategy settings").
     """
 
     cross_attention_layers: list[int] = field(default_factory=list)
-    cross_attention_strategy: str | list[str] = DEFAULT_STRATEGY
+    cross_attention_strategy: str | list[str] = AUTO
     cross_attention_backend: str = "auto"
     recompute_visual_kv: bool = True
     visual_hidden_size: int | None = None

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from lvx_megatron.data.checks import check_positive
 from lvx_megatron.data.tiling import cross_attention_token_mask, tile_images
 from lvx_megatron.data.tokenizer import Tokenizer
 
@@ -49,14 +50,7 @@ def collate(
     """
     if not samples:
         raise ValueError("samples must be a non-empty list")
-    for name, value in (
-        ("seq_length", seq_length),
-        ("max_images", max_images),
-        ("max_num_tiles", max_num_tiles),
-        ("tile_size", tile_size),
-    ):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    check_positive(seq_length=seq_length, max_images=max_images, max_num_tiles=max_num_tiles, tile_size=tile_size)
     b, s, n, t = len(samples), seq_length, max_images, max_num_tiles
     tokens = torch.full((b, s), tokenizer.pad_id, dtype=torch.int64)
     labels = torch.zeros((b, s), dtype=torch.int64)

@@ -12,6 +12,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from lvx_megatron.data.checks import check_positive
+
 
 @lru_cache(maxsize=4)
 def _epoch_permutation(seed: int, epoch: int, num_samples: int) -> np.ndarray:
@@ -32,14 +34,9 @@ def micro_batches(
     ``num_microbatches = global_batch_size // (micro_batch_size * dp_size)``. Every sample appears exactly once
     per epoch of the global stream, over all ranks.
     """
-    for name, value in (
-        ("global_batch_size", global_batch_size),
-        ("micro_batch_size", micro_batch_size),
-        ("dp_size", dp_size),
-        ("num_samples", num_samples),
-    ):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    check_positive(
+        global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, dp_size=dp_size, num_samples=num_samples
+    )
     if iteration < 0:
         raise ValueError(f"iteration must be >= 0, got {iteration}")
     if not 0 <= dp_rank < dp_size:

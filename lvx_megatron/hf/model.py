@@ -37,6 +37,7 @@ def build_skeleton(cfg, vocab_size: int, pg, device: torch.device, dtype: torch.
 
     from lvx_megatron.core.cpu_compat import mark_cpu_parameters
     from lvx_megatron.models.mllama import MllamaModel
+    from lvx_megatron.models.vlm import StageParts
     from lvx_megatron.training.families.mllama import vision_config
     from lvx_megatron.training.setup import text_settings, transformer_config
 
@@ -45,15 +46,10 @@ def build_skeleton(cfg, vocab_size: int, pg, device: torch.device, dtype: torch.
     text = text_settings(cfg, vocab_size)
     model_parallel_cuda_manual_seed(cfg.training.seed)  # megatron's RNG tracker (forks it under SP)
     with torch.device("meta"):
-        model = MllamaModel(
-            config,
-            text,
-            vision_config(cfg),
-            pg,
-            pre_process=pg.pp.rank() == 0,
-            post_process=pg.pp.rank() == pg.pp.size() - 1,
-            blind_rows=cfg.model.cross_attention.blind_rows,
+        parts = StageParts(
+            config, text, pg, pre_process=pg.pp.rank() == 0, post_process=pg.pp.rank() == pg.pp.size() - 1
         )
+        model = MllamaModel(parts, vision_config(cfg), blind_rows=cfg.model.cross_attention.blind_rows)
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and param.is_meta:

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import Tensor
 
-from ..core import CrossAttentionMask, CrossAttentionTransformerConfig, cross_attention_layer_spec
+from ..core import CrossAttentionMask, cross_attention_layer_spec
 from .mllama_vision import MllamaVisionEncoder, MultiModalProjector, VisionEncoderConfig
-from .vlm import ImageBatch, TextSettings, VisionLanguageModel
+from .vlm import ImageBatch, StageParts, VisionLanguageModel
 
 
 @dataclass
@@ -39,14 +38,9 @@ class MllamaModel(VisionLanguageModel):
     """Vision encoder + projector (first stage), gated cross-attention decoder, LM head (last stage).
 
     Args:
-        config: the decoder config (``visual_hidden_size`` must equal ``hidden_size``: the projector
-            maps vision features to the text width).
-        text: vocabulary and RoPE settings.
+        parts: the decoder config (``visual_hidden_size`` must equal ``hidden_size``: the projector
+            maps vision features to the text width), text settings, process groups and stage.
         vision: the vision encoder's config.
-        pg_collection: process groups (``tp``, ``cp``, ``pp``).
-        pre_process / post_process: first / last pipeline stage.
-        freeze_vision_encoder: keep the vision encoder's weights fixed (the projector still trains).
-        vision_activation_checkpointing: recompute each vision layer in backward (long videos).
         blind_rows: what the cross-attention of a text token that sees no image returns: ``"zero"``
             (Meta's reference) or ``"attend_all"`` (Hugging Face's ``MllamaForConditionalGeneration``:
             such a token attends to every visual token, padded tiles included; its MLP branch is
@@ -54,17 +48,9 @@ class MllamaModel(VisionLanguageModel):
     """
 
     def __init__(
-        self,
-        config: CrossAttentionTransformerConfig,
-        text: TextSettings,
-        vision: VisionEncoderConfig,
-        pg_collection: ProcessGroupCollection,
-        pre_process: bool = True,
-        post_process: bool = True,
-        freeze_vision_encoder: bool = False,
-        vision_activation_checkpointing: bool = False,
-        blind_rows: Literal["zero", "attend_all"] = "zero",
+        self, parts: StageParts, vision: VisionEncoderConfig, blind_rows: Literal["zero", "attend_all"] = "zero"
     ) -> None:
+        config = parts.config
         if blind_rows not in ("zero", "attend_all"):
             raise ValueError(f"blind_rows must be 'zero' or 'attend_all', got {blind_rows!r}")
         if config.visual_hidden_size != config.hidden_size:
@@ -72,14 +58,16 @@ class MllamaModel(VisionLanguageModel):
                 f"visual_hidden_size ({config.visual_hidden_size}) must equal hidden_size ({config.hidden_size}): "
                 "the projector maps vision features to the text width"
             )
-        super().__init__(config, text, pg_collection, cross_attention_layer_spec(), pre_process, post_process)
+        super().__init__(parts, cross_attention_layer_spec())
         self.vision_config = vision
-        self.freeze_vision_encoder = freeze_vision_encoder
+        self.freeze_vision_encoder = parts.freeze_vision_encoder
         self.blind_rows = blind_rows
-        if pre_process:
-            self.vision_model = MllamaVisionEncoder(vision, activation_checkpointing=vision_activation_checkpointing)
+        if parts.pre_process:
+            self.vision_model = MllamaVisionEncoder(
+                vision, activation_checkpointing=parts.vision_activation_checkpointing
+            )
             self.multi_modal_projector = MultiModalProjector(vision.vision_output_dim, config.hidden_size)
-            if freeze_vision_encoder:
+            if parts.freeze_vision_encoder:
                 self.vision_model.requires_grad_(False)
 
     def visual_tokens_per_image(self, num_tiles: int) -> int:

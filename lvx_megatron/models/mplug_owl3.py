@@ -11,13 +11,12 @@
 """
 
 import torch
-from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import Tensor, nn
 
-from ..core import CrossAttentionMask, CrossAttentionTransformerConfig, hyper_attention_layer_spec, hyper_context
+from ..core import CrossAttentionMask, hyper_attention_layer_spec, hyper_context
 from .tower_vlm import TowerImageBatch, TowerVisionLanguageModel
 from .vit import ViTConfig
-from .vlm import TextSettings
+from .vlm import StageParts
 
 
 def visual_tokens_per_image(vision: ViTConfig) -> int:
@@ -29,27 +28,14 @@ class MplugOwl3Model(TowerVisionLanguageModel):
     """SigLIP tower + projector (first stage), hyper-attention decoder, LM head (last stage).
 
     Args:
-        config: the decoder config (``visual_hidden_size`` = ``hidden_size``: the projector maps
-            the features to the text width).
-        text: vocabulary and RoPE settings.
+        parts: the decoder config (``visual_hidden_size`` = ``hidden_size``: the projector maps
+            the features to the text width), text settings, process groups and stage
+            (``freeze_vision_encoder``: mPLUG-Owl3 keeps the tower fixed; the projector still trains).
         vision: the SigLIP tower (``kind="siglip"``).
-        pg_collection: process groups (``tp``, ``cp``, ``pp``).
-        pre_process / post_process: first / last pipeline stage.
-        freeze_vision_encoder: keep the tower fixed (mPLUG-Owl3 does; the projector still trains).
-        vision_activation_checkpointing: recompute each tower layer in backward.
     """
 
-    def __init__(
-        self,
-        config: CrossAttentionTransformerConfig,
-        text: TextSettings,
-        vision: ViTConfig,
-        pg_collection: ProcessGroupCollection,
-        pre_process: bool = True,
-        post_process: bool = True,
-        freeze_vision_encoder: bool = False,
-        vision_activation_checkpointing: bool = False,
-    ) -> None:
+    def __init__(self, parts: StageParts, vision: ViTConfig) -> None:
+        config = parts.config
         if vision.kind != "siglip":
             raise ValueError(f"vision.kind must be 'siglip' for mPLUG-Owl3, got {vision.kind!r}")
         if config.visual_hidden_size != config.hidden_size:
@@ -57,11 +43,8 @@ class MplugOwl3Model(TowerVisionLanguageModel):
                 f"visual_hidden_size ({config.visual_hidden_size}) must equal hidden_size ({config.hidden_size}): "
                 "the projector maps vision features to the text width"
             )
-        super().__init__(
-            config, text, pg_collection, hyper_attention_layer_spec(), vision,
-            pre_process, post_process, freeze_vision_encoder, vision_activation_checkpointing,
-        )  # fmt: skip
-        if pre_process:
+        super().__init__(parts, hyper_attention_layer_spec(), vision)
+        if parts.pre_process:
             self.vision2text_model = nn.Linear(vision.hidden_size, config.hidden_size)
 
     def visual_tokens_per_image(self, num_tiles: int) -> int:

@@ -12,14 +12,14 @@
 """
 
 import torch
-from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import Tensor
 
-from ..core import CrossAttentionMask, CrossAttentionTransformerConfig, flamingo_layer_spec
+from ..core import CrossAttentionMask, FlamingoBlockSizes, flamingo_layer_spec
+from ..core.flamingo_layer import OPENFLAMINGO_BLOCK
 from .perceiver import PerceiverConfig, PerceiverResampler
 from .tower_vlm import TowerImageBatch, TowerVisionLanguageModel
 from .vit import ViTConfig
-from .vlm import TextSettings
+from .vlm import StageParts
 
 
 def latest_image_mask(image_positions: Tensor, rows: tuple[int, int]) -> Tensor:
@@ -40,33 +40,23 @@ class OpenFlamingoModel(TowerVisionLanguageModel):
     """CLIP tower + Perceiver Resampler (first stage), Flamingo decoder, LM head (last stage).
 
     Args:
-        config: the decoder config; ``visual_hidden_size`` must equal the tower's width.
-        text: vocabulary and RoPE settings.
+        parts: the decoder config (``visual_hidden_size`` must equal the tower's width), text
+            settings, process groups and stage; ``freeze_vision_encoder`` keeps the tower fixed
+            (OpenFlamingo trains only the resampler and the gated blocks; the resampler always
+            trains here).
         vision: the CLIP tower (``kind="clip"``).
         perceiver: the resampler (``dim`` = the tower's width).
-        pg_collection: process groups (``tp``, ``cp``, ``pp``).
-        cross_attention_heads, cross_attention_head_dim, ff_mult: the gated blocks' sizes.
-        pre_process / post_process: first / last pipeline stage.
-        freeze_vision_encoder: keep the tower fixed (OpenFlamingo trains only the resampler and the
-            gated blocks; the resampler always trains here).
-        vision_activation_checkpointing: recompute each tower layer in backward.
+        block: the gated blocks' sizes.
     """
 
     def __init__(
         self,
-        config: CrossAttentionTransformerConfig,
-        text: TextSettings,
+        parts: StageParts,
         vision: ViTConfig,
         perceiver: PerceiverConfig,
-        pg_collection: ProcessGroupCollection,
-        cross_attention_heads: int = 8,
-        cross_attention_head_dim: int = 64,
-        ff_mult: int = 4,
-        pre_process: bool = True,
-        post_process: bool = True,
-        freeze_vision_encoder: bool = False,
-        vision_activation_checkpointing: bool = False,
+        block: FlamingoBlockSizes = OPENFLAMINGO_BLOCK,
     ) -> None:
+        config = parts.config
         if vision.kind != "clip":
             raise ValueError(f"vision.kind must be 'clip' for OpenFlamingo, got {vision.kind!r}")
         if not config.visual_hidden_size == perceiver.dim == vision.hidden_size:
@@ -74,13 +64,9 @@ class OpenFlamingoModel(TowerVisionLanguageModel):
                 f"visual_hidden_size ({config.visual_hidden_size}), perceiver.dim ({perceiver.dim}) and the "
                 f"vision tower's hidden_size ({vision.hidden_size}) must be equal"
             )
-        spec = flamingo_layer_spec(cross_attention_heads, cross_attention_head_dim, ff_mult)
-        super().__init__(
-            config, text, pg_collection, spec, vision,
-            pre_process, post_process, freeze_vision_encoder, vision_activation_checkpointing,
-        )  # fmt: skip
+        super().__init__(parts, flamingo_layer_spec(block), vision)
         self.perceiver_config = perceiver
-        if pre_process:
+        if parts.pre_process:
             self.perceiver = PerceiverResampler(perceiver)
 
     def visual_tokens_per_image(self, num_tiles: int) -> int:

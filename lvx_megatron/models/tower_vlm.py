@@ -5,13 +5,11 @@ of their ``<image>`` token."""
 from dataclasses import dataclass
 
 import torch
-from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import Tensor
 
-from ..core import CrossAttentionTransformerConfig
 from .vit import ViTConfig, ViTVisionTower
-from .vlm import ImageBatch, TextSettings, VisionLanguageModel
+from .vlm import ImageBatch, StageParts, VisionLanguageModel
 
 
 @dataclass
@@ -26,29 +24,18 @@ class TowerVisionLanguageModel(VisionLanguageModel):
     """A :class:`VisionLanguageModel` whose first stage holds a ViT tower (``vision_model``).
 
     Args:
-        vision: the tower; ``freeze_vision_encoder`` keeps it fixed; ``vision_activation_checkpointing``
-            recomputes each of its layers in backward. The other arguments are
-            :class:`VisionLanguageModel`'s.
+        vision: the tower (``parts.freeze_vision_encoder`` keeps it fixed;
+            ``parts.vision_activation_checkpointing`` recomputes each of its layers in backward). The
+            other arguments are :class:`VisionLanguageModel`'s.
     """
 
-    def __init__(
-        self,
-        config: CrossAttentionTransformerConfig,
-        text: TextSettings,
-        pg_collection: ProcessGroupCollection,
-        cross_attention_spec: ModuleSpec,
-        vision: ViTConfig,
-        pre_process: bool = True,
-        post_process: bool = True,
-        freeze_vision_encoder: bool = False,
-        vision_activation_checkpointing: bool = False,
-    ) -> None:
-        super().__init__(config, text, pg_collection, cross_attention_spec, pre_process, post_process)
+    def __init__(self, parts: StageParts, cross_attention_spec: ModuleSpec, vision: ViTConfig) -> None:
+        super().__init__(parts, cross_attention_spec)
         self.vision_config = vision
-        self.freeze_vision_encoder = freeze_vision_encoder
-        if pre_process:
-            self.vision_model = ViTVisionTower(vision, activation_checkpointing=vision_activation_checkpointing)
-            if freeze_vision_encoder:
+        self.freeze_vision_encoder = parts.freeze_vision_encoder
+        if parts.pre_process:
+            self.vision_model = ViTVisionTower(vision, activation_checkpointing=parts.vision_activation_checkpointing)
+            if parts.freeze_vision_encoder:
                 self.vision_model.requires_grad_(False)
 
     def forward(

@@ -55,6 +55,28 @@ class TextSettings:
         return -(-self.vocab_size // multiple) * multiple
 
 
+@dataclass(frozen=True)
+class StageParts:
+    """What every family's model of one pipeline stage is built from, besides its vision side.
+
+    Attributes:
+        config: the decoder config (``visual_hidden_size``: the width of ``X``).
+        text: vocabulary and RoPE settings.
+        pg: process groups (``tp``, ``cp``, ``pp``).
+        pre_process / post_process: first / last pipeline stage.
+        freeze_vision_encoder: keep the vision encoder's weights fixed (a projector still trains).
+        vision_activation_checkpointing: recompute each vision layer in backward (long videos).
+    """
+
+    config: CrossAttentionTransformerConfig
+    text: TextSettings
+    pg: ProcessGroupCollection
+    pre_process: bool = True
+    post_process: bool = True
+    freeze_vision_encoder: bool = False
+    vision_activation_checkpointing: bool = False
+
+
 @dataclass
 class ImageBatch:
     """This rank's share of a micro-batch's images; a family's subclass adds its own inputs.
@@ -71,22 +93,13 @@ class VisionLanguageModel(MegatronModule):
     """Embedding, vision side (first stage), cross-attention decoder, LM head (last stage).
 
     Args:
-        config: the decoder config (``visual_hidden_size``: the width of ``X``).
-        text: vocabulary and RoPE settings.
-        pg_collection: process groups (``tp``, ``cp``, ``pp``).
+        parts: the decoder config, text settings, process groups and pipeline stage.
         cross_attention_spec: the layer spec of the layers at ``config.cross_attention_layers``.
-        pre_process / post_process: first / last pipeline stage.
     """
 
-    def __init__(
-        self,
-        config: CrossAttentionTransformerConfig,
-        text: TextSettings,
-        pg_collection: ProcessGroupCollection,
-        cross_attention_spec: ModuleSpec,
-        pre_process: bool = True,
-        post_process: bool = True,
-    ) -> None:
+    def __init__(self, parts: StageParts, cross_attention_spec: ModuleSpec) -> None:
+        config, text, pg_collection = parts.config, parts.text, parts.pg
+        pre_process, post_process = parts.pre_process, parts.post_process
         super().__init__(config=config)
         tp = pg_collection.tp.size()
         if text.padded_vocab_size % tp:

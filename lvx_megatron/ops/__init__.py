@@ -1,6 +1,6 @@
 """Exact distributed cross-attention (torch only; never imports megatron)."""
 
-from .api import distributed_cross_attention, prepare_call, recomputed_kv_cross_attention
+from .api import CallOptions, distributed_cross_attention, prepare_call, recomputed_kv_cross_attention
 from .backends import (
     BACKENDS,
     BlockAttentionBackend,
@@ -25,6 +25,7 @@ __all__ = [
     "TWO_LEVEL_STRATEGIES",
     "BlockAttentionBackend",
     "BlockMask",
+    "CallOptions",
     "CommStats",
     "CrossAttentionOp",
     "LinkSettings",

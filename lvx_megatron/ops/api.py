@@ -1,7 +1,7 @@
 """The public entry point: exact cross-attention over visual tokens sharded across a group."""
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -13,7 +13,7 @@ from .groups import HierarchicalGroups, check_hierarchical_groups, rank_and_size
 from .head_chunks import head_chunk_count
 from .mask_plan import MaskPlan
 from .problem import CrossAttentionProblem
-from .registry import DEFAULT_STRATEGY, REGISTRY, STRATEGIES, TWO_LEVEL_STRATEGIES
+from .registry import AUTO, REGISTRY, STRATEGIES, TWO_LEVEL_STRATEGIES
 from .shard_layout import exchange_layout
 from .strategy import Strategy
 
@@ -22,9 +22,9 @@ _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, strategy: str, head_chunks: int | None) -> None:
     """Raise ValueError naming the offending argument."""
-    if strategy not in REGISTRY:
+    if strategy != AUTO and strategy not in REGISTRY:
         raise ValueError(
-            f"strategy must be one of {sorted(STRATEGIES)} (or, with group=HierarchicalGroups, "
+            f"strategy must be {AUTO!r} or one of {sorted(STRATEGIES)} (or, with group=HierarchicalGroups, "
             f"{sorted(TWO_LEVEL_STRATEGIES)}), got {strategy!r}"
         )
     if head_chunks is not None and (
@@ -52,6 +52,11 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, strategy: str, head_chunks: i
         raise ValueError(f"the query heads of q ({hq}) must be a multiple of the key/value heads of k ({hkv})")
 
 
+def _got(mask: object) -> str:
+    """How an error message names a mask argument: dtype and shape, or the type of a non-tensor."""
+    return f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+
+
 def _check_mask_shapes(q: Tensor, k: Tensor, q_image_mask: Tensor | None, kv_image_ids: Tensor | None) -> None:
     """Raise ValueError when the raw mask tensors do not fit ``q`` and ``k`` (this rank)."""
     b, sq, skv = q.shape[0], q.shape[1], k.shape[1]
@@ -64,12 +69,9 @@ def _check_mask_shapes(q: Tensor, k: Tensor, q_image_mask: Tensor | None, kv_ima
             or q_image_mask.dim() != 3
             or tuple(q_image_mask.shape[:2]) != (b, sq)
         ):
-            got = (
-                f"{q_image_mask.dtype} {tuple(q_image_mask.shape)}"
-                if isinstance(q_image_mask, Tensor)
-                else type(q_image_mask).__name__
+            raise ValueError(
+                f"q_image_mask must be a bool tensor [B={b}, Sq_local={sq}, N_ids], got {_got(q_image_mask)}"
             )
-            raise ValueError(f"q_image_mask must be a bool tensor [B={b}, Sq_local={sq}, N_ids], got {got}")
         if q_image_mask.device != q.device:
             raise ValueError(f"q_image_mask must be on {q.device}, got {q_image_mask.device}")
     if kv_image_ids is not None:
@@ -79,12 +81,9 @@ def _check_mask_shapes(q: Tensor, k: Tensor, q_image_mask: Tensor | None, kv_ima
             or kv_image_ids.dtype == torch.bool
             or tuple(kv_image_ids.shape) != (b, skv)
         ):
-            got = (
-                f"{kv_image_ids.dtype} {tuple(kv_image_ids.shape)}"
-                if isinstance(kv_image_ids, Tensor)
-                else type(kv_image_ids).__name__
+            raise ValueError(
+                f"kv_image_ids must be an integer tensor [B={b}, Skv_local={skv}], got {_got(kv_image_ids)}"
             )
-            raise ValueError(f"kv_image_ids must be an integer tensor [B={b}, Skv_local={skv}], got {got}")
         if kv_image_ids.device != k.device:
             raise ValueError(f"kv_image_ids must be on {k.device}, got {kv_image_ids.device}")
 
@@ -115,44 +114,61 @@ def resolve_strategy(strategy: str, group: dist.ProcessGroup | HierarchicalGroup
     return replace(s, forward=partial(s.forward, groups=group), backward=partial(s.backward, groups=group))
 
 
-def prepare_call(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    group: dist.ProcessGroup | HierarchicalGroups | None = None,
-    strategy: str = DEFAULT_STRATEGY,
-    softmax_scale: float | None = None,
-    q_image_mask: Tensor | None = None,
-    kv_image_ids: Tensor | None = None,
-    mask_plan: MaskPlan | None = None,
-    backend: str | BlockAttentionBackend = "auto",
-    head_chunks: int | None = None,
-) -> CrossAttentionProblem:
-    """Validate the arguments of :func:`distributed_cross_attention`; the problem its strategy runs.
+def call_strategy(
+    strategy: str, problem: CrossAttentionProblem, q: Tensor, group: dist.ProcessGroup | HierarchicalGroups | None
+) -> Strategy:
+    """The :class:`~.strategy.Strategy` a call runs: ``strategy``, or for ``"auto"`` the cost model's
+    choice for the call's global shapes (the same on every rank; one rank needs no choice)."""
+    if strategy == AUTO:
+        from .auto import choose_for_problem  # auto imports this module
+
+        one_rank = problem.layout.world_size == 1
+        strategy = next(iter(STRATEGIES)) if one_rank else choose_for_problem(problem, q.element_size(), q.device)[0]
+    return resolve_strategy(strategy, group)
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """The arguments of :func:`distributed_cross_attention` after its tensors (documented there)."""
+
+    group: dist.ProcessGroup | HierarchicalGroups | None = None
+    strategy: str = AUTO
+    softmax_scale: float | None = None
+    q_image_mask: Tensor | None = None
+    kv_image_ids: Tensor | None = None
+    mask_plan: MaskPlan | None = None
+    backend: str | BlockAttentionBackend = "auto"
+    head_chunks: int | None = None
+
+
+def prepare_call(q: Tensor, k: Tensor, v: Tensor, options: CallOptions) -> CrossAttentionProblem:
+    """Validate a call of :func:`distributed_cross_attention` (its tensors and ``options``); the
+    problem its strategy runs.
 
     With ``mask_plan`` the shard layout comes from the plan and the cross-rank check of the call's
     shapes runs once per plan and shape, so a layer's call costs no host synchronisation. ``k``/``v``
     only need the right shape, dtype and device here (callers that compute them later, e.g. under
     recompute, may pass empty tensors of that shape).
     """
-    _check_inputs(q, k, v, strategy, head_chunks)
+    group, mask_plan = options.group, options.mask_plan
+    _check_inputs(q, k, v, options.strategy, options.head_chunks)
     groups = group if isinstance(group, HierarchicalGroups) else None
-    resolve_strategy(strategy, group)  # raises for a two-level strategy without HierarchicalGroups
+    if options.strategy != AUTO:
+        resolve_strategy(options.strategy, group)  # raises for a two-level strategy without HierarchicalGroups
     if groups is not None:
         group = groups.parent  # the flat, node-major group: shard layout, and other strategies run on it
-    if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be a positive number, got {softmax_scale}")
+    if options.softmax_scale is not None and not options.softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be a positive number, got {options.softmax_scale}")
     distributed, rank, world_size = rank_and_size(group)
     if groups is not None:
         check_hierarchical_groups(groups, rank, world_size)
-    if mask_plan is not None and (q_image_mask is not None or kv_image_ids is not None):
+    if mask_plan is not None and (options.q_image_mask is not None or options.kv_image_ids is not None):
         raise ValueError("give either mask_plan or q_image_mask/kv_image_ids, not both")
-    _check_mask_shapes(q, k, q_image_mask, kv_image_ids)
-    if kv_image_ids is not None:
-        mask_plan = MaskPlan.build(q_image_mask, kv_image_ids, group, num_queries=q.shape[1])
+    _check_mask_shapes(q, k, options.q_image_mask, options.kv_image_ids)
+    if options.kv_image_ids is not None:
+        mask_plan = MaskPlan.build(options.q_image_mask, options.kv_image_ids, group, num_queries=q.shape[1])
     if mask_plan is None:
-        layout = exchange_layout(q, k, group, world_size, head_chunks)
+        layout = exchange_layout(q, k, group, world_size, options.head_chunks)
     else:
         _check_plan(mask_plan, q, world_size)
         layout = mask_plan.layout
@@ -161,9 +177,9 @@ def prepare_call(
                 f"mask_plan does not fit this call: it holds Sq_local {layout.q_lens[rank]} and Skv_local "
                 f"{layout.kv_lens[rank]} for rank {rank}, q and k have {q.shape[1]} and {k.shape[1]}"
             )
-        signature = (q.shape[2], q.shape[3], k.shape[2], q.dtype, head_chunks)
+        signature = (q.shape[2], q.shape[3], k.shape[2], q.dtype, options.head_chunks)
         if signature not in mask_plan.verified_calls:
-            exchange_layout(q, k, group, world_size, head_chunks)  # heads, dims, dtype agree on every rank
+            exchange_layout(q, k, group, world_size, options.head_chunks)  # heads, dims, dtype agree on every rank
             mask_plan.verified_calls.add(signature)
     gathered_q_bytes = q.shape[0] * sum(layout.q_lens) * q.shape[2] * q.shape[3] * q.element_size()
     ranks = tuple(slice(r, r + 1) for r in range(world_size))
@@ -176,9 +192,9 @@ def prepare_call(
         kv_heads=k.shape[2],
         head_dim=q.shape[3],
         dtype=q.dtype,
-        scale=q.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale),
-        backend=get_backend(backend, q.device, q.dtype),
-        head_chunks=head_chunk_count(head_chunks, k.shape[2], gathered_q_bytes),
+        scale=q.shape[3] ** -0.5 if options.softmax_scale is None else float(options.softmax_scale),
+        backend=get_backend(options.backend, q.device, q.dtype),
+        head_chunks=head_chunk_count(options.head_chunks, k.shape[2], gathered_q_bytes),
         plan=mask_plan,
         q_blocks=ranks,
         kv_blocks=ranks,
@@ -208,7 +224,7 @@ def distributed_cross_attention(
     v: Tensor,
     *,
     group: dist.ProcessGroup | HierarchicalGroups | None = None,
-    strategy: str = DEFAULT_STRATEGY,
+    strategy: str = AUTO,
     softmax_scale: float | None = None,
     q_image_mask: Tensor | None = None,
     kv_image_ids: Tensor | None = None,
@@ -226,9 +242,11 @@ def distributed_cross_attention(
             ``torch.distributed`` is initialised, the default group). A
             :class:`~.groups.HierarchicalGroups` for ``strategy="hierarchical"`` (other strategies
             then run over its parent group).
-        strategy: ``"query_ring"`` (LV-XAttn: queries travel, K/V stay) or ``"kv_ring"``
-            (Ring Attention: K/V travel), ``"q_allgather"``, ``"kv_allgather"``, or
-            ``"hierarchical"`` (``q_allgather`` inside a node, the query ring across nodes; needs
+        strategy: ``"auto"`` (the cost model's fastest for this call's global shapes and the
+            group's backend: :func:`~.auto.choose_for_problem`; the query ring on one rank),
+            ``"query_ring"`` (LV-XAttn: queries travel, K/V stay) or ``"kv_ring"`` (Ring
+            Attention: K/V travel), ``"q_allgather"``, ``"kv_allgather"``, or ``"hierarchical"``
+            (``q_allgather`` inside a node, the query ring across nodes; needs
             ``group=HierarchicalGroups``).
         softmax_scale: defaults to ``D ** -0.5``.
         q_image_mask: ``[B, Sq_local, N_ids]`` bool, which image ids each text token may see.
@@ -247,20 +265,9 @@ def distributed_cross_attention(
         ``[B, Sq_local, Hq, D]``: this rank's rows of the exact attention of the full Q against
         the full K/V. Rows that see no visual token are exactly zero, with zero gradients.
     """
-    problem = prepare_call(
-        q,
-        k,
-        v,
-        group=group,
-        strategy=strategy,
-        softmax_scale=softmax_scale,
-        q_image_mask=q_image_mask,
-        kv_image_ids=kv_image_ids,
-        mask_plan=mask_plan,
-        backend=backend,
-        head_chunks=head_chunks,
-    )
-    return DistributedCrossAttentionFunction.apply(q, k, v, problem, resolve_strategy(strategy, group))
+    options = CallOptions(group, strategy, softmax_scale, q_image_mask, kv_image_ids, mask_plan, backend, head_chunks)
+    problem = prepare_call(q, k, v, options)
+    return DistributedCrossAttentionFunction.apply(q, k, v, problem, call_strategy(strategy, problem, q, group))
 
 
 class RecomputedKVCrossAttentionFunction(torch.autograd.Function):
@@ -298,7 +305,7 @@ def recomputed_kv_cross_attention(
     kv_projection: Callable[[Tensor], tuple[Tensor, Tensor]],
     *,
     group: dist.ProcessGroup | HierarchicalGroups | None = None,
-    strategy: str = DEFAULT_STRATEGY,
+    strategy: str = AUTO,
     softmax_scale: float | None = None,
     mask_plan: MaskPlan | None = None,
     backend: str | BlockAttentionBackend = "auto",
@@ -315,17 +322,8 @@ def recomputed_kv_cross_attention(
     """
     with torch.no_grad():
         k, v = kv_projection(x)
-    problem = prepare_call(
-        q,
-        k,
-        v,
-        group=group,
-        strategy=strategy,
-        softmax_scale=softmax_scale,
-        mask_plan=mask_plan,
-        backend=backend,
-        head_chunks=head_chunks,
-    )
+    options = CallOptions(group, strategy, softmax_scale, mask_plan=mask_plan, backend=backend, head_chunks=head_chunks)
+    problem = prepare_call(q, k, v, options)
     return RecomputedKVCrossAttentionFunction.apply(
-        q, x, k, v, problem, resolve_strategy(strategy, group), kv_projection
+        q, x, k, v, problem, call_strategy(strategy, problem, q, group), kv_projection
     )

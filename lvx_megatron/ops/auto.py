@@ -4,10 +4,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .api import prepare_call
 from .cost_model import CallShape, ComputeModel, Link, Prediction, Topology, choose_strategy
 from .groups import HierarchicalGroups
 from .mask_plan import MaskPlan
+from .problem import CrossAttentionProblem
 from .rate_table import compute_model, load_rate_table
 
 # The CPU path has no table: one core's fp32 attention rate (forward, forward+backward FLOP/s),
@@ -27,8 +27,28 @@ def default_compute_model(device: torch.device, masked: bool) -> ComputeModel:
 
 
 def default_link(group: dist.ProcessGroup | None) -> Link:
+    """The link :data:`DEFAULT_LINKS` assumes for ``group``'s backend (gloo when not distributed)."""
     backend = dist.get_backend(group) if dist.is_available() and dist.is_initialized() else "gloo"
     return DEFAULT_LINKS.get(str(backend), DEFAULT_LINKS["gloo"])
+
+
+def choose_for_problem(
+    p: CrossAttentionProblem, elem_bytes: int, device: torch.device, link: Link | Topology | None = None
+) -> tuple[str, dict[str, Prediction]]:
+    """The fastest predicted strategy for a prepared call (its global shapes, the same on every
+    rank), and every prediction. ``link`` None: :func:`default_link` of the call's group."""
+    shape = CallShape(
+        q_lens=tuple(p.layout.q_lens),
+        kv_lens=tuple(p.layout.kv_lens),
+        batch=p.batch,
+        q_heads=p.q_heads,
+        kv_heads=p.kv_heads,
+        head_dim=p.head_dim,
+        elem_bytes=elem_bytes,
+        acc_bytes=torch.empty((), dtype=p.acc_dtype).element_size(),
+        head_chunks=p.head_chunks,
+    )
+    return choose_strategy(shape, link or default_link(p.group), default_compute_model(device, p.plan is not None))
 
 
 def choose_for_call(
@@ -38,7 +58,6 @@ def choose_for_call(
     group: dist.ProcessGroup | HierarchicalGroups | None = None,
     mask_plan: MaskPlan | None = None,
     link: Link | Topology | None = None,
-    compute: ComputeModel | None = None,
     head_chunks: int | None = None,
 ) -> tuple[str, dict[str, Prediction]]:
     """The fastest predicted strategy for a call with these queries and K/V shape (collective).
@@ -47,20 +66,8 @@ def choose_for_call(
     ``link``: the group's link (None: by backend), or a :class:`~.cost_model.Topology`, which
     makes ``"hierarchical"`` a candidate. ``head_chunks`` as in ``distributed_cross_attention``.
     """
+    from .api import CallOptions, prepare_call  # the api imports this module for strategy="auto"
+
     k = q.new_empty(()).expand(kv_shape)  # only the shape travels
-    p = prepare_call(q, k, k, group=group, mask_plan=mask_plan, head_chunks=head_chunks)
-    shape = CallShape(
-        q_lens=tuple(p.layout.q_lens),
-        kv_lens=tuple(p.layout.kv_lens),
-        batch=p.batch,
-        q_heads=p.q_heads,
-        kv_heads=p.kv_heads,
-        head_dim=p.head_dim,
-        elem_bytes=q.element_size(),
-        acc_bytes=torch.empty((), dtype=p.acc_dtype).element_size(),
-        head_chunks=p.head_chunks,
-    )
-    masked = mask_plan is not None
-    if link is None:
-        link = default_link(group.parent if isinstance(group, HierarchicalGroups) else group)
-    return choose_strategy(shape, link, compute or default_compute_model(q.device, masked))
+    p = prepare_call(q, k, k, CallOptions(group, mask_plan=mask_plan, head_chunks=head_chunks))
+    return choose_for_problem(p, q.element_size(), q.device, link)

@@ -255,3 +255,7 @@ class BlockMask:
         """Whether every text token sees every visual token (the block needs no mask at all)."""
         whole = [(0, self.num_queries, ((0, self.kv_image_ids.shape[1]),))]
         return all(runs == whole for runs in self.dense_runs())
+
+
+# What a backend is given for a block: its mask, or None when every query sees every key.
+type MaskOrAll = BlockMask | None

@@ -18,9 +18,8 @@ _REGISTERED = (
     kv_allgather.STRATEGY,
     hierarchical.STRATEGY,
 )
-# The library's strategy when none is given: LV-XAttn's query ring (run configs default to AUTO).
-DEFAULT_STRATEGY = query_ring.STRATEGY.name
-# The cost model picks one of the others per layer at its first call (lvx_megatron.ops.policy).
+# Every default: the cost model picks a registered strategy per call (lvx_megatron.ops.api), or
+# per layer at its first call (lvx_megatron.ops.policy).
 AUTO = "auto"
 
 REGISTRY: Mapping[str, Strategy] = MappingProxyType({s.name: s for s in _REGISTERED})

@@ -161,15 +161,17 @@ class _ModelCrossAttentionSettings(_Section):
         return {core: getattr(self, name) for name, core in SECTION_FIELDS.items()}
 
 
-# The one default a run sets apart from the library's: the cost model picks each layer's strategy
-# (docs/ops.md, "Strategy settings").
-_RUN_DEFAULTS = {"strategy": AUTO}
+def from_section[T](target: type[T], section: BaseModel, **given: Any) -> T:
+    """The dataclass ``target`` with ``given``, and for its other fields the section's settings of the
+    same name (a field the section lacks keeps its default)."""
+    names = [f.name for f in dataclasses.fields(target) if f.name not in given and f.name in type(section).model_fields]
+    return target(**{name: getattr(section, name) for name in names}, **given)
 
 
 def _core_setting(name: str) -> tuple[Any, Any]:
     """``(type, default)`` of section setting ``name``: its core config field's."""
     f = next(f for f in dataclasses.fields(CrossAttentionTransformerConfig) if f.name == SECTION_FIELDS[name])
-    return f.type, _RUN_DEFAULTS.get(name, f.default)
+    return f.type, f.default
 
 
 # How the cross-attention layers run: the core config's settings (core.transformer_config.SECTION_FIELDS, each

@@ -24,11 +24,10 @@ from megatron.core.transformer.module import Float16Module
 
 from ..core import CrossAttentionTransformerConfig, llama_style_config
 from ..core.cpu_compat import enable_cpu_compat, mark_cpu_parameters
-from ..models.vlm import TextSettings, VisionLanguageModel
+from ..models.vlm import StageParts, TextSettings, VisionLanguageModel
 from ..models.weight_init import initialize_by_name
-from .config import RunConfig
+from .config import RunConfig, from_section
 from .families import family
-from .families.spec import StageParts
 
 
 def init_distributed() -> torch.device:
@@ -63,14 +62,11 @@ def transformer_config(cfg: RunConfig) -> CrossAttentionTransformerConfig:
     t, p, x = cfg.model.text, cfg.parallel, cfg.model.cross_attention
     bf16 = cfg.training.precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
+    # The text section's sizes, named as the core config's fields.
+    sizes = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "add_qkv_bias")
     return llama_style_config(
-        num_layers=t.num_layers,
-        hidden_size=t.hidden_size,
-        ffn_hidden_size=t.ffn_hidden_size,
-        num_attention_heads=t.num_attention_heads,
-        num_query_groups=t.num_query_groups,
+        **{name: getattr(t, name) for name in sizes},
         kv_channels=t.hidden_size // t.num_attention_heads,
-        add_qkv_bias=t.add_qkv_bias,
         gated_linear_unit=t.mlp == "swiglu",
         activation_func=F.silu if t.mlp == "swiglu" else F.gelu,
         layernorm_epsilon=t.norm_epsilon,
@@ -105,14 +101,7 @@ class TrainState:
 
 def text_settings(cfg: RunConfig, vocab_size: int) -> TextSettings:
     """The decoder's vocabulary and RoPE settings from the run config."""
-    t = cfg.model.text
-    return TextSettings(
-        vocab_size=vocab_size,
-        rotary_base=t.rotary_base,
-        rope_scaling=t.rope_scaling,
-        rope_scaling_factor=t.rope_scaling_factor,
-        make_vocab_size_divisible_by=t.make_vocab_size_divisible_by,
-    )
+    return from_section(TextSettings, cfg.model.text, vocab_size=vocab_size)
 
 
 def build_model(cfg: RunConfig, vocab_size: int, pg: ProcessGroupCollection, device: torch.device):

@@ -12,7 +12,6 @@ from train_harness import TINY
 
 from lvx_megatron.core import CrossAttentionTransformerConfig
 from lvx_megatron.core.transformer_config import SECTION_FIELDS
-from lvx_megatron.ops import AUTO
 from lvx_megatron.training import setup
 from lvx_megatron.training.config import CrossAttentionSettings, load_config
 
@@ -66,7 +65,7 @@ def test_config_defaults_and_per_layer_strategy():
     cfg = _config(cross_attention_layers=[3, 1], cross_attention_strategy=["kv_ring", "query_ring"])
     assert cfg.cross_attention_layers == [1, 3] and cfg.visual_hidden_size == 32 and cfg.recompute_visual_kv
     assert cfg.strategy_for_layer(1) == "kv_ring" and cfg.strategy_for_layer(3) == "query_ring"
-    assert _config(activation_func=F.silu).cross_attention_strategy == "query_ring"
+    assert _config(activation_func=F.silu).cross_attention_strategy == "auto"
     two_nodes = _config(
         context_parallel_size=4, cross_attention_strategy="hierarchical", cross_attention_ranks_per_node=2
     )
@@ -74,18 +73,18 @@ def test_config_defaults_and_per_layer_strategy():
 
 
 # One value per setting of the run config's section model.cross_attention, none of them its default.
-SECTION_VALUES = dict(
-    strategy="kv_ring",
-    backend="torch",
-    recompute_visual_kv=False,
-    gate_init=0.25,
-    link_gbps=3.0,
-    link_latency_us=7.0,
-    ranks_per_node=1,
-    inner_link_gbps=50.0,
-    inner_link_latency_us=2.0,
-    link="config",
-)
+SECTION_VALUES = {
+    "strategy": "kv_ring",
+    "backend": "torch",
+    "recompute_visual_kv": False,
+    "gate_init": 0.25,
+    "link_gbps": 3.0,
+    "link_latency_us": 7.0,
+    "ranks_per_node": 1,
+    "inner_link_gbps": 50.0,
+    "inner_link_latency_us": 2.0,
+    "link": "config",
+}
 
 
 def test_the_run_config_section_is_made_of_the_core_config_settings():
@@ -93,8 +92,8 @@ def test_the_run_config_section_is_made_of_the_core_config_settings():
     assert set(SECTION_VALUES) == set(SECTION_FIELDS)
     section = CrossAttentionSettings()
     for name, core in SECTION_FIELDS.items():
-        # One default per setting; the strategy's differs on purpose (docs/ops.md, "Strategy settings").
-        assert getattr(section, name) == (AUTO if name == "strategy" else fields[core].default), name
+        # One default per setting: the core config field's, the strategy's too (docs/ops.md, "Strategy settings").
+        assert getattr(section, name) == fields[core].default, name
         assert CrossAttentionSettings.model_fields[name].annotation == fields[core].type, name
     given = CrossAttentionSettings(**{k: v for k, v in SECTION_VALUES.items() if k != "link"})
     cfg = _config(cross_attention_layers=[1], **given.core_fields())

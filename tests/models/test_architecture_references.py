@@ -44,23 +44,17 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
     [("clip", 32, -1), ("clip", 32, -2), ("siglip", 30, -2), ("siglip", 32, -1)],  # 30: SigLIP drops pixels
 )
 def test_vision_tower_matches_transformers(kind, image_size, feature_layer):
-    hf_args = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, patch_size=8)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, patch_size=8)  # HF's names and ours
+    hf_args = dict(sizes, num_attention_heads=4)
     if kind == "clip":
         hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(image_size=image_size, **hf_args))
     else:
         hf = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(image_size=image_size, **hf_args))
     hf = hf.double().eval()
     _randomize(hf, 0)
+    norm_eps = hf.config.layer_norm_eps
     config = ViTConfig(
-        kind=kind,
-        hidden_size=32,
-        num_hidden_layers=3,
-        attention_heads=4,
-        intermediate_size=64,
-        image_size=image_size,
-        patch_size=8,
-        norm_eps=hf.config.layer_norm_eps,
-        feature_layer=feature_layer,
+        kind=kind, **sizes, attention_heads=4, image_size=image_size, norm_eps=norm_eps, feature_layer=feature_layer
     )
     ours = ViTVisionTower(config).double()
     hf_weights = {k.removeprefix("vision_model."): v for k, v in hf.state_dict().items()}

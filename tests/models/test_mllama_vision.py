@@ -10,17 +10,11 @@ from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaVis
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
-SMALL = dict(
-    hidden_size=32,
-    attention_heads=4,
-    num_hidden_layers=3,
-    num_global_layers=2,
-    intermediate_size=64,
-    image_size=28,
-    patch_size=7,
-    max_num_tiles=4,
-    intermediate_layers_indices=[0, 2],
-)
+# A small encoder: 3 local layers (the outputs of 0 and 2 kept) and 2 global ones, on up to 4 tiles.
+WIDTHS = dict(hidden_size=32, attention_heads=4, intermediate_size=64)
+DEPTHS = dict(num_hidden_layers=3, num_global_layers=2, intermediate_layers_indices=[0, 2])
+TILES = dict(image_size=28, patch_size=7, max_num_tiles=4)
+SMALL = WIDTHS | DEPTHS | TILES
 
 
 def hf_vision_config() -> MllamaVisionConfig:

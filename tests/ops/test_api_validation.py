@@ -28,7 +28,7 @@ def _qkv(b=1, sq=3, hq=4, hkv=2, skv=5, d=8, dtype=torch.float32):
         (lambda q, k, v: (torch.cat([q, q]), k, v, {}), r"same batch size"),
         (
             lambda q, k, v: (q, k, v, {"strategy": "ulysses"}),
-            r"strategy must be one of \['kv_allgather', 'kv_ring', 'q_allgather', 'query_ring'\]",
+            r"strategy must be 'auto' or one of \['kv_allgather', 'kv_ring', 'q_allgather', 'query_ring'\]",
         ),
         (lambda q, k, v: (q, k, v, {"softmax_scale": -1.0}), r"softmax_scale must be a positive"),
         (

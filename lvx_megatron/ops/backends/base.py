@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 
 from torch import Tensor
 
-from ..masks import BlockMask
+from ..masks import MaskOrAll
 
 
 class BlockAttentionBackend(ABC):
@@ -21,22 +21,14 @@ class BlockAttentionBackend(ABC):
     name: str
 
     @abstractmethod
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | None, scale: float) -> tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskOrAll, scale: float) -> tuple[Tensor, Tensor]:
         """Return ``(o, lse)``: ``o`` ``[B, Sq, Hq, D]`` normalised over this block's keys,
         ``lse`` ``[B, Sq, Hq]``; rows with no visible key get ``o = 0``, ``lse = -inf``. Keys a row
         does not see never affect its results, even when they hold NaN or Inf."""
 
     @abstractmethod
     def backward(
-        self,
-        dout: Tensor,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        lse: Tensor,
-        delta: Tensor,
-        mask: BlockMask | None,
-        scale: float,
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, mask: MaskOrAll, scale: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Return ``(dq, dk, dv)`` of this block given the *global* ``lse`` and ``delta``.
 

@@ -21,7 +21,7 @@ backward passes a surrogate output ``dO * delta / |dO|^2`` whose row sums with `
 import torch
 from torch import Tensor
 
-from ..masks import BlockMask
+from ..masks import BlockMask, MaskOrAll
 from ..merge import accumulation_dtype, safe_lse
 from .base import BlockAttentionBackend
 
@@ -144,7 +144,7 @@ class TorchFusedBackend(BlockAttentionBackend):
             return "cudnn"
         return "flash" if flash_ok else "efficient"
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | None, scale: float) -> tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskOrAll, scale: float) -> tuple[Tensor, Tensor]:
         if mask is None or mask.is_full():
             return self._dense_forward(q, k, v, scale)
         b, sq, hq, _ = q.shape
@@ -174,15 +174,7 @@ class TorchFusedBackend(BlockAttentionBackend):
         return unpack_heads(o, sq), unpack_stat(lse[..., : qp.shape[2]].float(), sq)
 
     def backward(
-        self,
-        dout: Tensor,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        lse: Tensor,
-        delta: Tensor,
-        mask: BlockMask | None,
-        scale: float,
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, mask: MaskOrAll, scale: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         if mask is None or mask.is_full():
             return self._dense_backward(dout, q, k, v, lse, delta, scale)

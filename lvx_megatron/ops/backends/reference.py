@@ -12,7 +12,7 @@ non-finite value still gets a non-finite result.
 import torch
 from torch import Tensor
 
-from ..masks import BlockMask
+from ..masks import MaskOrAll
 from ..merge import accumulation_dtype, safe_lse
 from .base import BlockAttentionBackend
 
@@ -50,7 +50,7 @@ class TorchReferenceBackend(BlockAttentionBackend):
 
     name = "torch"
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | None, scale: float) -> tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskOrAll, scale: float) -> tuple[Tensor, Tensor]:
         b, sq, hq, d = q.shape
         visible = None if mask is None else mask.dense()
         s = _scores(q, k, visible, scale)
@@ -67,15 +67,7 @@ class TorchReferenceBackend(BlockAttentionBackend):
         return o.reshape(b, sq, hq, d), lse.permute(0, 3, 1, 2).reshape(b, sq, hq)
 
     def backward(
-        self,
-        dout: Tensor,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        lse: Tensor,
-        delta: Tensor,
-        mask: BlockMask | None,
-        scale: float,
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, mask: MaskOrAll, scale: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         b, sq, hq, d = q.shape
         hkv = k.shape[2]

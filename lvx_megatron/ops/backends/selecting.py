@@ -17,7 +17,7 @@ measurements are summarised in docs/ops.md):
 import torch
 from torch import Tensor
 
-from ..masks import BlockMask
+from ..masks import MaskOrAll
 from .base import BlockAttentionBackend
 from .fused import TorchFusedBackend
 from .triton_backend import TritonBackend, triton_unavailable_reason
@@ -40,7 +40,7 @@ class ShapeSelectingBackend(BlockAttentionBackend):
         self.triton = TritonBackend()
         self.fused = TorchFusedBackend()
 
-    def choose(self, q: Tensor, kv_heads: int, mask: BlockMask | None, backward: bool) -> BlockAttentionBackend:
+    def choose(self, q: Tensor, kv_heads: int, mask: MaskOrAll, backward: bool) -> BlockAttentionBackend:
         """The backend of one forward (or backward) call."""
         if q.dtype not in (torch.float16, torch.bfloat16) or triton_unavailable_reason(q.device) is not None:
             return self.fused
@@ -55,18 +55,10 @@ class ShapeSelectingBackend(BlockAttentionBackend):
         tall = all((end - first) * group >= MIN_DENSE_RUN_ROWS for first, end, _ in runs)
         return self.fused if tall and max(map(len, mask.dense_runs())) <= MAX_DENSE_RUNS else self.triton
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | None, scale: float) -> tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskOrAll, scale: float) -> tuple[Tensor, Tensor]:
         return self.choose(q, k.shape[2], mask, backward=False).forward(q, k, v, mask, scale)
 
     def backward(
-        self,
-        dout: Tensor,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        lse: Tensor,
-        delta: Tensor,
-        mask: BlockMask | None,
-        scale: float,
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, mask: MaskOrAll, scale: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         return self.choose(q, k.shape[2], mask, backward=True).backward(dout, q, k, v, lse, delta, mask, scale)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..masks import BlockMask
+from ..masks import MaskOrAll
 from .base import BlockAttentionBackend
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -105,7 +105,7 @@ def _rows_view(x: Tensor) -> Tensor:
 
 
 def _mask_arguments(
-    mask: BlockMask | None, q: Tensor, group: int, block_m: int, block_n: int, by_keys: bool
+    mask: MaskOrAll, q: Tensor, group: int, block_m: int, block_n: int, by_keys: bool
 ) -> tuple[int, int, list, list]:
     """``(MASK_MODE, NUM_WORDS, pointers, strides)`` of a call: pointers ``QBITS, KV_IDS, FULL_CNT,
     RUN_CNT, RUN_START, RUN_LEN, RUN_POS, PART_CNT, PART_IDX``, strides ``stride_bb, stride_bq,
@@ -122,7 +122,7 @@ def _mask_arguments(
     return 2, bits.shape[-1], [bits, ids, *lists], [bits.stride(0), bits.stride(1), ids.stride(0), *list_strides]
 
 
-def seeing_rows(mask: BlockMask | None) -> tuple[int, int] | None:
+def seeing_rows(mask: MaskOrAll) -> tuple[int, int] | None:
     """``(first, end)`` when the only masking is text rows outside that run seeing nothing (every
     sample: one dense run over all keys, the same rows), else None. Such a block runs the unmasked
     kernels on its seeing rows: no tile lists at all (the models' video masks: every token after
@@ -167,7 +167,7 @@ class TritonBackend(BlockAttentionBackend):
         if q.shape[-1] > 256:
             raise ValueError(f"the Triton backend takes head dims up to 256, got {q.shape[-1]}")
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | None, scale: float) -> tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskOrAll, scale: float) -> tuple[Tensor, Tensor]:
         self._check(q)
         rows = seeing_rows(mask)
         if rows is None:
@@ -179,7 +179,7 @@ class TritonBackend(BlockAttentionBackend):
         o[:, rows[0] : rows[1]], lse[:, rows[0] : rows[1]] = self._forward(q[:, rows[0] : rows[1]], k, v, None, scale)
         return o, lse
 
-    def _forward(self, q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | None, scale: float) -> tuple[Tensor, Tensor]:
+    def _forward(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskOrAll, scale: float) -> tuple[Tensor, Tensor]:
         from .triton_kernels import _combine_kernel, _fwd_kernel
 
         b, sq, hq, d = q.shape
@@ -223,15 +223,7 @@ class TritonBackend(BlockAttentionBackend):
         return o, lse
 
     def backward(
-        self,
-        dout: Tensor,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        lse: Tensor,
-        delta: Tensor,
-        mask: BlockMask | None,
-        scale: float,
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, mask: MaskOrAll, scale: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``dq`` comes back in fp32 (it is accumulated atomically); ``dk``/``dv`` in the input dtype."""
         self._check(q)
@@ -248,15 +240,7 @@ class TritonBackend(BlockAttentionBackend):
         return dq, dk, dv
 
     def _backward(
-        self,
-        dout: Tensor,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        lse: Tensor,
-        delta: Tensor,
-        mask: BlockMask | None,
-        scale: float,
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, mask: MaskOrAll, scale: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         from .triton_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel
 

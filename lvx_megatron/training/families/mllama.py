@@ -5,25 +5,14 @@ from typing import Any
 
 from ...models import mllama
 from ...models.mllama_vision import VisionEncoderConfig
-from ..config import FieldError, ModelConfig, RunConfig, VisionModelConfig
+from ..config import FieldError, ModelConfig, RunConfig, VisionModelConfig, from_section
 from .spec import ModelFamily, StageParts, kv_width, mlp_matrices, patches, reject_unused, with_vision_defaults
 
 
 def vision_config(cfg: RunConfig) -> VisionEncoderConfig:
     """The mllama vision encoder's config."""
     v = cfg.model.vision
-    return VisionEncoderConfig(
-        hidden_size=v.hidden_size,
-        num_hidden_layers=v.num_hidden_layers,
-        num_global_layers=v.num_global_layers,
-        attention_heads=v.attention_heads,
-        intermediate_size=v.intermediate_size,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        max_num_tiles=v.max_num_tiles,
-        intermediate_layers_indices=list(v.intermediate_layers_indices),
-        norm_eps=v.norm_eps,
-    )
+    return from_section(VisionEncoderConfig, v, intermediate_layers_indices=list(v.intermediate_layers_indices))
 
 
 def _defaults(data: dict[str, Any]) -> dict[str, Any]:
@@ -64,14 +53,7 @@ def _check_vision(v: VisionModelConfig) -> None:
 
 
 def _build(cfg: RunConfig, parts: StageParts) -> mllama.MllamaModel:
-    return mllama.MllamaModel(
-        parts.config,
-        parts.text,
-        vision_config(cfg),
-        parts.pg,
-        **parts.stage_kwargs(),
-        blind_rows=cfg.model.cross_attention.blind_rows,
-    )
+    return mllama.MllamaModel(parts, vision_config(cfg), blind_rows=cfg.model.cross_attention.blind_rows)
 
 
 def _encoder_tokens_per_image(cfg: RunConfig) -> int:

@@ -23,13 +23,7 @@ def _check(m: ModelConfig) -> None:
 
 
 def _build(cfg: RunConfig, parts: StageParts) -> mplug_owl3.MplugOwl3Model:
-    return mplug_owl3.MplugOwl3Model(
-        parts.config,
-        parts.text,
-        vit.vit_config(cfg, "siglip"),
-        parts.pg,
-        **parts.stage_kwargs(),
-    )
+    return mplug_owl3.MplugOwl3Model(parts, vit.vit_config(cfg, "siglip"))
 
 
 def _cross_layer_flops(cfg: RunConfig, self_layer: float, visual: int) -> float:
@@ -62,14 +56,10 @@ MPLUG_OWL3 = ModelFamily(
     build=_build,
     visual_width=lambda cfg: cfg.model.text.hidden_size,  # the projector maps to the text width
     visual_tokens_per_image=_visual_tokens_per_image,
-    model_inputs=("tokens", "image_positions", "pixel_values", "labels"),
     tp_divides=lambda cfg: {},
-    encoder_tokens_per_image=lambda cfg: vit.encoder_tokens_per_image(cfg, "siglip"),
-    encoder_layers=vit.encoder_layers,
-    dense_encoder_mask=False,
     cross_layer_flops=_cross_layer_flops,
     connector_flops=_connector_flops,
     cross_layer_params=_cross_layer_params,
-    vision_params=lambda cfg: vit.vision_params(cfg, "siglip"),
     connector_params=lambda cfg: cfg.model.vision.hidden_size * cfg.model.text.hidden_size + cfg.model.text.hidden_size,
+    **vit.tower_terms("siglip"),
 )

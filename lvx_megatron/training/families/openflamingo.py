@@ -3,6 +3,7 @@ cross-attention block before every n-th decoder layer (``models/openflamingo.py`
 
 from typing import Any
 
+from ...core import FlamingoBlockSizes
 from ...models import openflamingo
 from ...models.perceiver import PerceiverConfig
 from ..config import ModelConfig, RunConfig
@@ -43,15 +44,7 @@ def _check(m: ModelConfig) -> None:
 def _build(cfg: RunConfig, parts: StageParts) -> openflamingo.OpenFlamingoModel:
     x = cfg.model.cross_attention
     return openflamingo.OpenFlamingoModel(
-        parts.config,
-        parts.text,
-        vit.vit_config(cfg, "clip"),
-        perceiver_config(cfg),
-        parts.pg,
-        x.heads,
-        x.head_dim,
-        x.ff_mult,
-        **parts.stage_kwargs(),
+        parts, vit.vit_config(cfg, "clip"), perceiver_config(cfg), FlamingoBlockSizes(x.heads, x.head_dim, x.ff_mult)
     )
 
 
@@ -97,14 +90,10 @@ OPENFLAMINGO = ModelFamily(
     build=_build,
     visual_width=lambda cfg: cfg.model.vision.hidden_size,  # the gated blocks read the latents at the tower's width
     visual_tokens_per_image=lambda cfg: openflamingo.visual_tokens_per_image(perceiver_config(cfg)),
-    model_inputs=("tokens", "image_positions", "pixel_values", "labels"),
     tp_divides=lambda cfg: {"model.cross_attention.heads": cfg.model.cross_attention.heads},
-    encoder_tokens_per_image=lambda cfg: vit.encoder_tokens_per_image(cfg, "clip"),
-    encoder_layers=vit.encoder_layers,
-    dense_encoder_mask=False,
     cross_layer_flops=_cross_layer_flops,
     connector_flops=_connector_flops,
     cross_layer_params=_cross_layer_params,
-    vision_params=lambda cfg: vit.vision_params(cfg, "clip"),
     connector_params=_connector_params,
+    **vit.tower_terms("clip"),
 )

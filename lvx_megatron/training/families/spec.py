@@ -4,33 +4,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from megatron.core.process_groups_config import ProcessGroupCollection
-
-from ...core import CrossAttentionTransformerConfig
-from ...models.vlm import TextSettings, VisionLanguageModel
+from ...models.vlm import StageParts, VisionLanguageModel
 from ..config import FieldError, ModelConfig, RunConfig, TextModelConfig, VisionModelConfig
-
-
-@dataclass(frozen=True)
-class StageParts:
-    """What every family's model of one pipeline stage is built from, besides its own config sections."""
-
-    config: CrossAttentionTransformerConfig
-    text: TextSettings
-    pg: ProcessGroupCollection
-    pre_process: bool
-    post_process: bool
-    freeze_vision_encoder: bool
-    vision_activation_checkpointing: bool
-
-    def stage_kwargs(self) -> dict[str, bool]:
-        """The keyword arguments every family's model class takes about its stage and its vision tower."""
-        return {
-            "pre_process": self.pre_process,
-            "post_process": self.post_process,
-            "freeze_vision_encoder": self.freeze_vision_encoder,
-            "vision_activation_checkpointing": self.vision_activation_checkpointing,
-        }
 
 
 @dataclass(frozen=True)

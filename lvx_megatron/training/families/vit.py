@@ -1,10 +1,10 @@
 """What the two ViT-tower families (openflamingo: CLIP, mplug_owl3: SigLIP) share: one tile per image,
 the tower's config, checks and sizes (``models/vit.py``)."""
 
-from typing import Literal
+from typing import Any, Literal
 
 from ...models.vit import ViTConfig
-from ..config import FieldError, ModelConfig, RunConfig
+from ..config import FieldError, ModelConfig, RunConfig, from_section
 from .spec import patches
 
 Kind = Literal["clip", "siglip"]
@@ -12,18 +12,7 @@ Kind = Literal["clip", "siglip"]
 
 def vit_config(cfg: RunConfig, kind: Kind) -> ViTConfig:
     """The CLIP or SigLIP tower's config."""
-    v = cfg.model.vision
-    return ViTConfig(
-        kind=kind,
-        hidden_size=v.hidden_size,
-        num_hidden_layers=v.num_hidden_layers,
-        attention_heads=v.attention_heads,
-        intermediate_size=v.intermediate_size,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        norm_eps=v.norm_eps,
-        feature_layer=v.feature_layer,
-    )
+    return from_section(ViTConfig, cfg.model.vision, kind=kind)
 
 
 def check_vit(m: ModelConfig, architecture: str) -> None:
@@ -69,3 +58,15 @@ def vision_params(cfg: RunConfig, kind: Kind) -> int:
     # Positions (and CLIP's class token) or the patch convolution's bias; CLIP: class embedding, pre-LN.
     embeddings = 3 * v.patch_size**2 * hv + (patches(v) + 1) * hv + (3 * hv if kind == "clip" else 0)
     return embeddings + encoder_layers(cfg) * layer
+
+
+def tower_terms(kind: Kind) -> dict[str, Any]:
+    """The :class:`~.spec.ModelFamily` fields both tower families fill the same way: their batch
+    inputs and the tower's FLOP and parameter terms."""
+    return dict(
+        model_inputs=("tokens", "image_positions", "pixel_values", "labels"),
+        encoder_tokens_per_image=lambda cfg: encoder_tokens_per_image(cfg, kind),
+        encoder_layers=encoder_layers,
+        dense_encoder_mask=False,
+        vision_params=lambda cfg: vision_params(cfg, kind),
+    )
