@@ -89,7 +89,12 @@ class FlamingoLayer(MegatronModule, BaseTransformerLayer):
         context_mask: CrossAttentionMask | None = None,
         **kwargs,
     ) -> tuple[Tensor, Tensor | None]:
-        hidden_states, _ = self.gated_cross_attention(hidden_states, context=context, context_mask=context_mask)
+        hidden_states, _ = self.gated_cross_attention(
+            hidden_states,
+            context=context,
+            context_mask=context_mask,
+            inference_context=kwargs.get("inference_context"),
+        )
         return self.decoder_layer(
             hidden_states=hidden_states,
             attention_mask=attention_mask,
