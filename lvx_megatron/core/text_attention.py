@@ -152,16 +152,10 @@ class TextSelfAttention(SelfAttention):
     shard of the text; with one (KV-cached generation) every rank holds all of it.
     """
 
-    def forward(
-        self,
-        hidden_states: Tensor,
-        attention_mask: Tensor | None,
-        key_value_states: Tensor | None = None,
-        inference_context=None,
-        *args,
-        **kwargs,
-    ):
-        """megatron's forward; the text is replicated over CP exactly when ``inference_context`` is given."""
-        cached = inference_context is not None or kwargs.get("inference_params") is not None
+    def forward(self, *args, **kwargs):
+        """megatron's forward; the text is replicated over CP exactly when an inference context is given."""
+        # SelfAttention.forward(hidden_states, attention_mask, key_value_states, inference_context, ...)
+        context = kwargs.get("inference_context", args[3] if len(args) > 3 else None)
+        cached = context is not None or kwargs.get("inference_params") is not None
         with text_layout(self.core_attention, replicated=cached):
-            return super().forward(hidden_states, attention_mask, key_value_states, inference_context, *args, **kwargs)
+            return super().forward(*args, **kwargs)

@@ -51,31 +51,19 @@ class CachedDecoder:
     Args:
         model: the whole model on this rank's one pipeline stage (TP/CP groups as built).
         batch: this CP rank's images (``model.image_batch``).
-        batch_size, prompt_length: of the prompt tokens.
+        prompt_mask: ``[B, S]`` bool, False at left padding (the batch and prompt sizes).
         max_new_tokens: how many tokens may follow the prompt (sizes megatron's KV cache).
-        prompt_mask: ``[B, S]`` bool, False at left padding; None: no padding.
-        vocab_size: the logits returned (default: the model's ``text.vocab_size``).
     """
 
-    def __init__(
-        self,
-        model: VisionLanguageModel,
-        batch: ImageBatch,
-        batch_size: int,
-        prompt_length: int,
-        max_new_tokens: int,
-        prompt_mask: Tensor | None = None,
-        vocab_size: int | None = None,
-    ) -> None:
+    def __init__(self, model: VisionLanguageModel, batch: ImageBatch, prompt_mask: Tensor, max_new_tokens: int) -> None:
         check_generation_model(model)
-        self.vocab_size = vocab_size or model.text.vocab_size
         self.model, self.batch = model, batch
-        self.prompt_length = prompt_length
-        self.context = CrossAttentionInferenceContext(batch_size, prompt_length + max_new_tokens)
-        device = model.embedding.word_embeddings.weight.device
+        batch_size, self.prompt_length = prompt_mask.shape
+        length = self.prompt_length + max_new_tokens
+        self.context = CrossAttentionInferenceContext(batch_size, length)
         # megatron slices this table itself: rows [offset, offset + new) for q, [0, offset + new) for k.
-        self.rope = model.rotary.get_emb(prompt_length + max_new_tokens).to(device)
-        self.real = None if prompt_mask is None or bool(prompt_mask.all()) else prompt_mask.bool()
+        self.rope = model.rotary.get_emb(length).to(prompt_mask.device)
+        self.real = None if bool(prompt_mask.all()) else prompt_mask
         self.decode_mask: CrossAttentionMask | None = None
 
     def _mask(self, rows: tuple[int, int]) -> CrossAttentionMask:
@@ -83,7 +71,8 @@ class CachedDecoder:
         return self.model.cross_attention_mask(self.batch, rows).planned(self.model.pg_collection.cp, rows[1] - rows[0])
 
     def _step(self, tokens: Tensor, context: Tensor | None, mask: CrossAttentionMask) -> Tensor:
-        """Run ``tokens [B, s]`` (the next ``s`` positions) through the decoder; the last row's logits."""
+        """Run ``tokens [B, s]`` (the next ``s`` positions) through the decoder; the last row's logits over the
+        whole (padded) vocabulary."""
         model = self.model
         hidden = model.embedding(input_ids=tokens, position_ids=None)
         hidden = model.decoder(
@@ -97,10 +86,10 @@ class CachedDecoder:
         self.context.increment_sequence_len_offset(tokens.shape[1])
         logits, _ = model.output_layer(hidden[-1:])  # [1, B, V / tp]
         logits = gather_from_tensor_model_parallel_region(logits, group=model.pg_collection.tp)
-        return logits[0, :, : self.vocab_size].float()
+        return logits[0].float()
 
     def prefill(self, tokens: Tensor) -> Tensor:
-        """Encode the images and the prompt ``[B, S]``; the logits ``[B, V]`` of the first new token."""
+        """Encode the images and the prompt ``[B, S]``; the logits ``[B, V_padded]`` of the first new token."""
         s = self.prompt_length
         if tokens.shape[1] != s:
             raise ValueError(f"tokens must have the prompt length {s}, got {tuple(tokens.shape)}")
@@ -113,7 +102,7 @@ class CachedDecoder:
         return logits
 
     def decode(self, tokens: Tensor) -> Tensor:
-        """Append one token per sequence (``[B]``); the logits ``[B, V]`` of the next."""
+        """Append one token per sequence (``[B]``); the logits ``[B, V_padded]`` of the next."""
         if self.decode_mask is None:
             raise ValueError("decode() runs after prefill()")
         if self.real is not None:

@@ -66,10 +66,11 @@ def generate(
         tokens = prompt_tokens.to(device)
         b, s = tokens.shape
         batch = model.image_batch(**{k: v.to(device) for k, v in images.items()})
-        mask = None if prompt_mask is None else prompt_mask.to(device)
-        decoder = CachedDecoder(model, batch, b, s, max_new_tokens, mask, vocab_size)
+        mask = torch.ones(b, s, dtype=torch.bool, device=device) if prompt_mask is None else prompt_mask.to(device)
+        decoder = CachedDecoder(model, batch, mask, max_new_tokens)
+        vocab = vocab_size or model.text.vocab_size  # the padded rows are no tokens
         generator = sampling.generator(device)
-        logits = decoder.prefill(tokens)
+        logits = decoder.prefill(tokens)[:, :vocab]
         out: list[list[int]] = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
@@ -83,7 +84,7 @@ def generate(
                 on_token(out)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            logits = decoder.decode(new)
+            logits = decoder.decode(new)[:, :vocab]
         return out
     finally:
         model.train(was_training)
