@@ -43,6 +43,12 @@ def generation_config(cfg: RunConfig, tensor_parallel: int | None, context_paral
     return validated_run_config(tree)
 
 
+def in_run_precision(model: VisionLanguageModel) -> VisionLanguageModel:
+    """``model`` in the dtype it trained in: a bf16 run's whole model in bf16, the vision side too, as
+    megatron's ``Float16Module`` holds it in training (the generation loop casts the pixels to match)."""
+    return model.to(model.config.params_dtype)
+
+
 def load_for_generation(
     load: Path,
     config: Path | None = None,
@@ -67,4 +73,4 @@ def load_for_generation(
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     _, model = build_model(cfg, tokenizer.vocab_size, init_model_parallel(cfg), device)
     load_model_weights(model, path)
-    return GenerationModel(model.eval(), cfg, tokenizer)
+    return GenerationModel(in_run_precision(model).eval(), cfg, tokenizer)

@@ -25,6 +25,13 @@ def _check(tokens: Tensor, prompt_mask: Tensor | None, max_new_tokens: int) -> N
             raise ValueError("prompt_mask must mark left padding only (False before each prompt, then True)")
 
 
+def model_inputs_on(model: VisionLanguageModel, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``inputs`` on the model's device, the floating ones (pixels) in its parameters' dtype, as
+    megatron's ``Float16Module`` casts a bf16 model's inputs in training."""
+    device, dtype = model.embedding.word_embeddings.weight.device, model.config.params_dtype
+    return {k: v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+
+
 @torch.no_grad()
 def generate(
     model: VisionLanguageModel,
@@ -65,7 +72,7 @@ def generate(
         device = model.embedding.word_embeddings.weight.device
         tokens = prompt_tokens.to(device)
         b, s = tokens.shape
-        batch = model.image_batch(**{k: v.to(device) for k, v in images.items()})
+        batch = model.image_batch(**model_inputs_on(model, images))
         mask = torch.ones(b, s, dtype=torch.bool, device=device) if prompt_mask is None else prompt_mask.to(device)
         decoder = CachedDecoder(model, batch, mask, max_new_tokens)
         vocab = vocab_size or model.text.vocab_size  # the padded rows are no tokens
