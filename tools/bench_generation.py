@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             row.update(decode_attention_us(cfg, row["visual_tokens"]))
         rows.append(row)
         if writer:
-            print(f"[bench_generation] {frames} frames: prefill {row['prefill_ms']:.1f} ms, decode {row['decode_ms']:.2f} ms")
+            times = f"prefill {row['prefill_ms']:.1f} ms, decode {row['decode_ms']:.2f} ms a token"
+            print(f"[bench_generation] {frames} frames: {times}", flush=True)
     if writer:
         print(rows_table(rows, TABLE_COLUMNS))
         if args.output:

@@ -91,7 +91,7 @@ def _sum_over_replicas(scores: dict[str, TypeScore], skipped: int, device: torch
     if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0:
         for i, name in enumerate(names):
             s = scores[name]
-            counts[3 * i : 3 * i + 3] = torch.tensor([s.samples, s.generated_right, s.forced_right], dtype=torch.float64)
+            counts[3 * i : 3 * i + 3] = torch.tensor([s.samples, s.generated_right, s.forced_right])
         counts[-1] = skipped
     dist.all_reduce(counts)
     values = [int(v) for v in counts.tolist()]

@@ -51,4 +51,3 @@ def test_a_bf16_run_prefills_like_its_forward(logits, arch):
     assert cached.shape == full.shape  # the padded vocabulary (TP 1)
     assert torch.isfinite(cached).all() and torch.isfinite(full).all()
     assert (cached - full).abs().max() <= 0.05 * full.abs().max()
-
