@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from megatron.core import parallel_state
 
-    from lvx_megatron.generation.loading import generation_config
+    from lvx_megatron.generation.loading import generation_config, in_run_precision
     from lvx_megatron.hf.model import init_single_process
     from lvx_megatron.training.config import load_config
     from lvx_megatron.training.data import make_tokenizer
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     first = configs[args.frames[0]]
     tokenizer = make_tokenizer(first)
     _, model = build_model(first, tokenizer.vocab_size, init_model_parallel(first), torch.device("cuda"))
-    model.eval()
+    model = in_run_precision(model).eval()
     writer = dist.get_rank() == 0
     rows = []
     for frames, cfg in configs.items():
