@@ -112,7 +112,7 @@ def generation_row(model, cfg, tokenizer, frames: int, new_tokens: int, iters: i
     from lvx_megatron.generation.loop import model_inputs_on
 
     size = cfg.data.frame_size
-    question = VideoQAGenerator(1, 4, 8, seed=0, split="eval")[0]["question"]
+    question = VideoQAGenerator(1, 4, 16, seed=0, split="eval")[0]["question"]
     pixels = np.random.default_rng(0).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
     prompt = build_prompts(cfg, tokenizer, [{"frames": pixels, "question": question}])
     device = torch.device("cuda", torch.cuda.current_device())
