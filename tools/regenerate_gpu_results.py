@@ -13,6 +13,7 @@ Stages (each writes OUT_DIR/<file>, named by the device, e.g. ``h200``):
     memory       tools/xattn_memory.py                  xattn_memory_<device>.json
     train        pretrain_mllm.py single-gpu-1b.yaml    train_1b_<device>.json (+ tools/train_summary.py)
     train-fused  the same with backend: fused           train_1b_<device>_fused.json
+    generation   tools/bench_generation.py (1B config)  generation_1b_<device>.json
 
 Each stage runs under its own time limit and what is left of ``--budget-s`` (a stage that cannot
 get its minimum is not started), so a selection fits a machine's limit per command; everything
@@ -200,6 +201,11 @@ def stage_memory(ctx: Context) -> None:
     ctx.run([ctx.python, "tools/xattn_memory.py", "--output", str(ctx.output(f"xattn_memory_{ctx.device}.json"))])
 
 
+def stage_generation(ctx: Context) -> None:
+    out = ctx.output(f"generation_1b_{ctx.device}.json")
+    ctx.run([ctx.python, "tools/bench_generation.py", "--frames", "32,128", "--output", str(out)])
+
+
 def run_dir(config: Path) -> Path:
     """Where pretrain_mllm.py writes metrics.jsonl for ``config``: checkpoint.save, else logging.run_dir."""
     tree = yaml.safe_load(config.read_text()) or {}
@@ -236,6 +242,7 @@ STAGES = {
         Stage("memory", 240, 60, MEGATRON, stage_memory),
         Stage("train", 420, 180, (*MEGATRON, "webdataset", "av"), stage_train),
         Stage("train-fused", 420, 180, (*MEGATRON, "webdataset", "av"), stage_train),
+        Stage("generation", 300, 90, MEGATRON, stage_generation),
     )
 }
 

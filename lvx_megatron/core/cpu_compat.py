@@ -107,6 +107,7 @@ _PATCHED_MODULES = (
     "megatron.core.pipeline_parallel.schedules",  # token-count tensors on device="cuda"
     "megatron.core.transformer.utils",  # causal / sliding-window mask factories
     "megatron.core.transformer.dot_product_attention",  # softmax offset (non-vanilla softmax)
+    "megatron.core.transformer.attention",  # KV-cache buffers of generation (inference_context)
     "megatron.core.models.common.embeddings.rotary_pos_embedding",  # inv_freq moved to the device
     "megatron.core.distributed.param_and_grad_buffer",  # DDP's grad buffers, streams
     "megatron.core.distributed.distributed_data_parallel",  # communication stream

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..ops import AUTO, CrossAttentionOp
 from .context_mask import CrossAttentionMask
+from .inference_context import cached_visual_key_value
 from .transformer_config import CrossAttentionTransformerConfig
 
 
@@ -120,9 +121,17 @@ class ContextParallelCrossAttention(MegatronModule):
         return k.transpose(0, 1), v.transpose(0, 1)
 
     def forward(
-        self, hidden_states: Tensor, context: Tensor, context_mask: CrossAttentionMask | None = None
+        self,
+        hidden_states: Tensor,
+        context: Tensor | None,
+        context_mask: CrossAttentionMask | None = None,
+        inference_context=None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Return ``(output [s, b, h], bias)`` like megatron's attention modules."""
+        """Return ``(output [s, b, h], bias)`` like megatron's attention modules.
+
+        With an ``inference_context`` (generation) the visual K/V are projected from ``context`` at
+        prefill and read from the context afterwards (``context`` may then be None).
+        """
         q, _ = self.linear_q(hidden_states)
         s, b = q.shape[:2]
         q = q.view(s, b, self.heads_per_rank, self.head_dim)
@@ -132,16 +141,23 @@ class ContextParallelCrossAttention(MegatronModule):
         cp = self.pg_collection.cp
         # Models plan the mask once per micro-batch; a mask built by hand is planned here.
         plan = (context_mask or CrossAttentionMask()).planned(cp, q.shape[1]).plan
+        x, project, recompute = context, self.project_kv, self.config.recompute_visual_kv
+        if inference_context is not None:  # this CP rank's visual K/V, projected once per generation
+            kv = cached_visual_key_value(inference_context, self.layer_number, context, self.project_kv)
+            x, project, recompute = kv[0], lambda _: kv, False
+            kv_shape = tuple(kv[0].shape)
+        else:
+            kv_shape = (b, context.shape[0], self.groups_per_rank, self.head_dim)
         out = self.op(
             q,
-            context,
-            self.project_kv,
-            (b, context.shape[0], self.groups_per_rank, self.head_dim),
+            x,
+            project,
+            kv_shape,
             group=cp,
             mask_plan=plan,
             softmax_scale=self.config.softmax_scale,
             backend=self.config.cross_attention_backend,
-            recompute_kv=self.config.recompute_visual_kv,
+            recompute_kv=recompute,
         )
         out = out.transpose(0, 1).reshape(s, b, self.heads_per_rank * self.head_dim)
         return self.linear_proj(out)

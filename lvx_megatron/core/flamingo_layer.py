@@ -90,8 +90,13 @@ class FlamingoLayer(MegatronModule, BaseTransformerLayer):
         self.layer_number = self.decoder_layer.layer_number  # global, read by TransformerBlock's checkpointing
 
     def forward(self, hidden_states: Tensor, **layer_args) -> tuple[Tensor, Tensor | None]:
-        """megatron's layer call (``layer_args``: ``context``, ``context_mask``, ``attention_mask``, ...):
-        the gated block reads the visual context, the decoder layer gets every argument."""
-        context, context_mask = layer_args.get("context"), layer_args.get("context_mask")
-        hidden_states, _ = self.gated_cross_attention(hidden_states, context=context, context_mask=context_mask)
+        """megatron's layer call (``layer_args``: ``context``, ``context_mask``, ``attention_mask``,
+        ``inference_context``, ...): the gated block reads the visual context (cached on the inference
+        context while generating), the decoder layer gets every argument."""
+        hidden_states, _ = self.gated_cross_attention(
+            hidden_states,
+            context=layer_args.get("context"),
+            context_mask=layer_args.get("context_mask"),
+            inference_context=layer_args.get("inference_context"),
+        )
         return self.decoder_layer(hidden_states=hidden_states, **layer_args)

@@ -96,11 +96,16 @@ class GatedCrossAttentionLayer(MegatronModule, BaseTransformerLayer):
         attention_mask: Tensor | None = None,
         context: Tensor | None = None,
         context_mask: CrossAttentionMask | None = None,
+        inference_context=None,
         **kwargs,
     ) -> tuple[Tensor, Tensor | None]:
-        if context is None:
+        """``TransformerLayer``'s call; with ``inference_context`` (generation) ``context`` is needed at
+        prefill only (the layer's visual K/V are cached on the context)."""
+        if context is None and inference_context is None:
             raise ValueError("GatedCrossAttentionLayer needs context (the visual features X)")
-        attn, bias = self.cross_attention(self.input_layernorm(hidden_states), context, context_mask)
+        attn, bias = self.cross_attention(
+            self.input_layernorm(hidden_states), context, context_mask, inference_context=inference_context
+        )
         if bias is not None:
             attn = attn + bias
         hidden_states = hidden_states + torch.tanh(self.cross_attn_attn_gate) * self._dropout(attn)

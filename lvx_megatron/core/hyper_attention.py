@@ -126,8 +126,18 @@ class HyperCoreAttention(TextContextParallelAttention):
         self.hyper_gate = torch.nn.Parameter(
             torch.full((channels,), config.cross_attention_gate_init, dtype=config.params_dtype)
         )
-        # ([X, cos, sin], mask) of the current call, consumed within it; set by HyperAttentionLayer.forward.
-        self.visual_inputs: tuple[Tensor, CrossAttentionMask] | None = None
+        # ([X, cos, sin], mask, inference context) of the current call, consumed within it; set by
+        # HyperAttentionLayer.forward.
+        self.visual_inputs: tuple[Tensor | None, CrossAttentionMask, object] | None = None
+
+    @property
+    def replicated_text(self) -> bool:
+        """How the text lies over CP (see :class:`~.text_attention.TextSelfAttention`): the text attention's."""
+        return self.text_attention.replicated_text
+
+    @replicated_text.setter
+    def replicated_text(self, value: bool) -> None:
+        self.text_attention.replicated_text = value
 
     def _local_gate(self) -> Tensor:
         gate, tp = self.hyper_gate, self.pg_collection.tp
@@ -141,9 +151,9 @@ class HyperCoreAttention(TextContextParallelAttention):
         text = super().forward(query, *args, **kwargs)
         if self.visual_inputs is None:
             return text
-        context, mask = self.visual_inputs
+        context, mask, inference_context = self.visual_inputs
         sq, b = query.shape[:2]
-        visual, _ = self.visual_attention(query.reshape(sq, b, -1), context, mask)
+        visual, _ = self.visual_attention(query.reshape(sq, b, -1), context, mask, inference_context)
         gate = torch.sigmoid(self._local_gate()).to(text.dtype)
         rows = mask.text_rows_visible()
         if rows is None:
@@ -161,11 +171,13 @@ class HyperAttentionLayer(TransformerLayer):
         self.self_attention.core_attention.visual_attention.bind_norm(self.input_layernorm)
 
     def forward(self, *args, **kwargs):
-        context, mask = kwargs.get("context"), kwargs.get("context_mask")
-        if context is None or mask is None:
+        """``TransformerLayer``'s call; with ``inference_context`` (generation) ``context`` is needed at
+        prefill only (the visual K/V are cached on the context)."""
+        context, mask, cache = kwargs.get("context"), kwargs.get("context_mask"), kwargs.get("inference_context")
+        if (context is None and cache is None) or mask is None:
             raise ValueError("HyperAttentionLayer needs context ([X, MI-Rope cos, sin]) and context_mask")
         core = self.self_attention.core_attention
-        core.visual_inputs = (context, mask)
+        core.visual_inputs = (context, mask, cache)
         try:
             return super().forward(*args, **kwargs)
         finally:

@@ -13,7 +13,7 @@ from functools import partial
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -29,7 +29,7 @@ from .flamingo_layer import OPENFLAMINGO_BLOCK, FlamingoBlockSizes, FlamingoLaye
 from .gated_layer import GatedCrossAttentionLayer, GatedCrossAttentionLayerSubmodules
 from .hyper_attention import HyperAttentionLayer, HyperCoreAttention
 from .norm import HeadRMSNorm, LayerNorm, RMSNorm
-from .text_attention import TextContextParallelAttention
+from .text_attention import TextContextParallelAttention, TextSelfAttention
 from .transformer_config import CrossAttentionTransformerConfig
 
 
@@ -52,7 +52,7 @@ def self_attention_layer_spec(
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=TextSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear, core_attention=core_attention, linear_proj=RowParallelLinear

@@ -2,14 +2,23 @@
 
 The text is short next to the video, so every CP rank all-gathers the text keys/values (uneven
 shard lengths allowed) and attends its own query rows to them with the causal mask of their
-global positions. Used as megatron's ``core_attention`` inside a ``SelfAttention``.
+global positions. Used as megatron's ``core_attention`` inside a :class:`TextSelfAttention`.
+
+Generation (:mod:`lvx_megatron.generation`) replicates the text instead: every CP rank holds the
+whole prompt and megatron's KV cache holds the whole prefix, so nothing is gathered. The signal is
+explicit: megatron hands an ``inference_context`` to the ``SelfAttention``, never to its core
+attention, so :class:`TextSelfAttention` tells the core attention for the length of the call.
 """
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
@@ -57,6 +66,9 @@ class TextContextParallelAttention(MegatronModule):
     Takes megatron's layout (q ``[sq, b, np, hn]``, k/v ``[sk, b, ng, hn]`` for this rank's
     text shard, GQA when ``ng < np``) and returns ``[sq, b, np * hn]``. Shards are contiguous
     pieces of the text in rank order and may differ in length.
+
+    ``replicated_text`` (set per call by :class:`TextSelfAttention`): the keys are the whole text on
+    every CP rank (megatron's KV cache during generation) and the queries its last ``sq`` rows.
     """
 
     def __init__(
@@ -78,6 +90,7 @@ class TextContextParallelAttention(MegatronModule):
         self.causal = attn_mask_type == AttnMaskType.causal
         self.softmax_scale = softmax_scale
         self.dropout = config.attention_dropout
+        self.replicated_text = False
 
     def forward(
         self,
@@ -93,8 +106,11 @@ class TextContextParallelAttention(MegatronModule):
             raise ValueError("TextContextParallelAttention takes neither attention_bias nor packed_seq_params")
         sq, b, np_, hn = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
-        lengths = gather_lengths(sq, self.cp_group, query.device)
-        start = sum(lengths[: self.cp_group.rank()]) if self.cp_group.size() > 1 else 0
+        if self.replicated_text:  # the queries are the newest rows of the cached text
+            lengths, start = [key.shape[0]], key.shape[0] - sq
+        else:
+            lengths = gather_lengths(sq, self.cp_group, query.device)
+            start = sum(lengths[: self.cp_group.rank()]) if self.cp_group.size() > 1 else 0
         if len(lengths) > 1:
             k = _AllGatherSequence.apply(k.transpose(1, 2), self.cp_group, lengths).transpose(1, 2)
             v = _AllGatherSequence.apply(v.transpose(1, 2), self.cp_group, lengths).transpose(1, 2)
@@ -115,3 +131,31 @@ class TextContextParallelAttention(MegatronModule):
             enable_gqa=k.shape[1] != np_,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+
+@contextmanager
+def text_layout(core_attention: MegatronModule, replicated: bool) -> Iterator[None]:
+    """Within the block, ``core_attention`` (anything with a ``replicated_text`` attribute) treats the
+    text as replicated on every CP rank (``replicated``) or split over CP."""
+    before = core_attention.replicated_text
+    core_attention.replicated_text = replicated
+    try:
+        yield
+    finally:
+        core_attention.replicated_text = before
+
+
+class TextSelfAttention(SelfAttention):
+    """megatron's ``SelfAttention`` that tells its core attention how the text lies over CP.
+
+    Without an ``inference_context`` (training, the full forward) each CP rank holds a contiguous
+    shard of the text; with one (KV-cached generation) every rank holds all of it.
+    """
+
+    def forward(self, *args, **kwargs):
+        """megatron's forward; the text is replicated over CP exactly when an inference context is given."""
+        # SelfAttention.forward(hidden_states, attention_mask, key_value_states, inference_context, ...)
+        context = kwargs.get("inference_context", args[3] if len(args) > 3 else None)
+        cached = context is not None or kwargs.get("inference_params") is not None
+        with text_layout(self.core_attention, replicated=cached):
+            return super().forward(*args, **kwargs)

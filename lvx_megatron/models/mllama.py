@@ -93,16 +93,26 @@ class MllamaModel(VisionLanguageModel):
             aspect_ratio_ids: ``[B, N]``, 0 for padding images (first stage only).
             labels: ``[B, S]`` next-token targets (last stage).
         """
+        batch = self.image_batch(cross_attention_mask, aspect_ratio_mask, pixel_values, aspect_ratio_ids)
+        return self.run(tokens, batch, labels)
+
+    def image_batch(
+        self,
+        cross_attention_mask: Tensor,
+        aspect_ratio_mask: Tensor,
+        pixel_values: Tensor | None = None,
+        aspect_ratio_ids: Tensor | None = None,
+    ) -> MllamaImageBatch:
+        """This CP rank's share of the images of :meth:`forward`'s inputs (the same arguments)."""
         images = self.local_images(cross_attention_mask.shape[2])
         mine = slice(*images)
-        batch = MllamaImageBatch(
+        return MllamaImageBatch(
             images=images,
             pixel_values=None if pixel_values is None else pixel_values[:, mine],
             aspect_ratio_ids=None if aspect_ratio_ids is None else aspect_ratio_ids[:, mine],
             aspect_ratio_mask=aspect_ratio_mask[:, mine],
             cross_attention_mask=cross_attention_mask,
         )
-        return self.run(tokens, batch, labels)
 
     def encode_images(self, batch: MllamaImageBatch) -> Tensor:
         """This rank's images ``[B, n, T, C, H, W]`` -> visual shard ``X`` ``[n*T*(P+1), B, hidden]``."""

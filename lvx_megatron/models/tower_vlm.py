@@ -49,9 +49,13 @@ class TowerVisionLanguageModel(VisionLanguageModel):
             pixel_values: ``[B, N, 1, C, H, W]`` (first stage only).
             labels: ``[B, S]`` next-token targets (last stage).
         """
+        return self.run(tokens, self.image_batch(image_positions, pixel_values), labels)
+
+    def image_batch(self, image_positions: Tensor, pixel_values: Tensor | None = None) -> TowerImageBatch:
+        """This CP rank's share of the images of :meth:`forward`'s inputs (the same arguments)."""
         images = self.local_images(image_positions.shape[1])
         local_pixels = None if pixel_values is None else pixel_values[:, slice(*images)]
-        return self.run(tokens, TowerImageBatch(images, local_pixels, image_positions), labels)
+        return TowerImageBatch(images, local_pixels, image_positions)
 
     def tower_features(self, batch: TowerImageBatch, dtype: torch.dtype) -> Tensor:
         """This rank's images ``[B, n, 1, C, H, W]`` -> patch features ``[B * n, patches, width]``."""

@@ -164,6 +164,11 @@ class VisionLanguageModel(MegatronModule):
         """This rank's mask: its text rows ``text`` against its visual tokens."""
         raise NotImplementedError
 
+    def image_batch(self, **inputs: Tensor) -> ImageBatch:
+        """This CP rank's share of the images, from the family's batch inputs other than ``tokens``
+        and ``labels`` (what its ``forward`` takes)."""
+        raise NotImplementedError
+
     def decoder_context(self, x: Tensor, batch: ImageBatch, seq_length: int) -> Tensor:
         """What the cross-attention layers get as ``context`` (``X`` itself unless overridden)."""
         return x

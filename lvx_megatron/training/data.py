@@ -168,6 +168,28 @@ def make_sources(
     }
 
 
+def unusable_reason(cfg: RunConfig, tokenizer: Tokenizer, sample: dict) -> str:
+    """Why ``sample`` cannot be trained on or scored (empty text, too many frames or tokens); "" if it can."""
+    d = cfg.data
+    frames, question, answer = sample["frames"], sample["question"], sample["answer"]
+    if not question.strip() or not answer.strip():
+        return "empty question or answer"
+    if not 1 <= len(frames) <= d.max_images:
+        return f"{len(frames)} frames (data.max_images = {d.max_images})"
+    tokens, _ = encode_sample(question, answer, len(frames), tokenizer)
+    if len(tokens) > d.seq_length:
+        return f"{len(tokens)} tokens (data.seq_length = {d.seq_length})"
+    return ""
+
+
+def collate_samples(
+    cfg: RunConfig, tokenizer: Tokenizer, samples: list[dict], question_types: list[str]
+) -> dict[str, torch.Tensor]:
+    """The run's micro-batch of ``samples`` (the data and tile sizes of ``cfg``)."""
+    d, v = cfg.data, cfg.model.vision
+    return collate(samples, tokenizer, d.seq_length, d.max_images, v.max_num_tiles, v.image_size, question_types)
+
+
 class DataError(RuntimeError):
     """Too many unreadable or invalid samples; the message names the threshold and the last one."""
 
@@ -189,19 +211,6 @@ class _Prefetcher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lvx-data")
         self._pending: dict[int, Future] = {}
 
-    def _usable(self, sample: dict) -> str:
-        """Why ``sample`` cannot be trained on (empty text, too many frames or tokens); "" if it can."""
-        d = self.cfg.data
-        frames, question, answer = sample["frames"], sample["question"], sample["answer"]
-        if not question.strip() or not answer.strip():
-            return "empty question or answer"
-        if not 1 <= len(frames) <= d.max_images:
-            return f"{len(frames)} frames (data.max_images = {d.max_images})"
-        tokens, _ = encode_sample(question, answer, len(frames), self.tokenizer)
-        if len(tokens) > d.seq_length:
-            return f"{len(tokens)} tokens (data.seq_length = {d.seq_length})"
-        return ""
-
     def _skip(self, name: str, reason: str) -> None:
         """Count the bad sample ``name``; DataError past ``data.max_bad_samples``."""
         self.bad_samples += 1
@@ -222,11 +231,11 @@ class _Prefetcher:
             )
         return tr.global_batch_size // (tr.micro_batch_size * dp_size)
 
+    def _usable(self, sample: dict) -> str:
+        return unusable_reason(self.cfg, self.tokenizer, sample)
+
     def _collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        d, v = self.cfg.data, self.cfg.model.vision
-        return collate(
-            samples, self.tokenizer, d.seq_length, d.max_images, v.max_num_tiles, v.image_size, self.question_types
-        )
+        return collate_samples(self.cfg, self.tokenizer, samples, self.question_types)
 
     def _load(self, iteration: int) -> list[dict[str, torch.Tensor]]:
         raise NotImplementedError

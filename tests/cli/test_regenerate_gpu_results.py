@@ -103,3 +103,11 @@ def test_a_stopped_stage_is_interrupted_first_so_pytest_can_still_write_its_repo
     with pytest.raises(regen.StageError, match="timed out"):
         ctx.run([sys.executable, "-c", code])
     assert marker.is_file()
+
+
+def test_the_generation_stage_benchmarks_32_and_128_frames(capsys, tmp_path):
+    assert regen.main([str(tmp_path), "--dry-run", "--device-name", "NVIDIA H200", "--only", "generation"]) == 0
+    command = next(line.split("$ ", 1)[1] for line in capsys.readouterr().out.splitlines() if "] $ " in line)
+    words = shlex.split(command)
+    assert words[1] == "tools/bench_generation.py" and words[words.index("--frames") + 1] == "32,128"
+    assert words[-1] == str(tmp_path / "generation_1b_h200.json")

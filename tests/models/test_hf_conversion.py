@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from generation_harness import HF_EOS, hf_prompts, ours_on_hf_checkpoint
 from hf_harness import hf_logits, make_hf_checkpoint, make_inputs, our_runs
 
 from lvx_megatron.launch import spawn_gloo
@@ -85,6 +86,23 @@ def test_greedy_tokens_match_hf_generate(checkpoints, ours):
     with torch.no_grad():
         generated = model.generate(**sample, max_new_tokens=GREEDY_STEPS, min_new_tokens=GREEDY_STEPS, do_sample=False)
     assert ours["greedy"] == generated[0, sample["input_ids"].shape[1] :].tolist()
+
+
+def test_kv_cached_generation_matches_hf_generate(checkpoints):
+    """lvx_megatron.generation (KV cache, visual K/V cached per CP rank, CP 2) on four prompts: text
+    before the first image, images of 2 and 4 tiles, a padding image slot, two seeds."""
+    from transformers import MllamaForConditionalGeneration
+
+    prompts, steps = hf_prompts(), 5
+    ours = spawn_gloo(2, ours_on_hf_checkpoint, str(checkpoints["ckpt"]), prompts, steps)
+    model = MllamaForConditionalGeneration.from_pretrained(checkpoints["root"] / "hf", dtype=torch.float32).eval()
+    theirs = []
+    with torch.no_grad():
+        for p in prompts:
+            out = model.generate(**p, max_new_tokens=steps, do_sample=False, eos_token_id=HF_EOS, pad_token_id=3)
+            theirs.append(out[0, p["input_ids"].shape[1] :].tolist())
+    assert len({tuple(t) for t in theirs}) > 1  # the prompts get different answers
+    assert ours[0] == ours[1] == theirs
 
 
 def test_imported_run_config_and_errors(checkpoints, tmp_path, capsys):

@@ -1,0 +1,64 @@
+"""What the generation tools' command lines share: flag parsers naming the flag, one error line, leaving the group."""
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch.distributed as dist
+
+
+def positive_int(flag: str) -> Callable[[str], int]:
+    """argparse type: an int >= 1, else an error naming ``flag``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be a positive integer, got {text!r}")
+        return value
+
+    return parse
+
+
+def float_in(flag: str, low: float, high: float, low_open: bool) -> Callable[[str], float]:
+    """argparse type: a float in ``[low, high]`` (``(low, high]`` when ``low_open``), else an error naming ``flag``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        inside = (value > low if low_open else value >= low) and value <= high
+        if not inside:
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"{flag} must be a number in {bounds}, got {text!r}")
+        return value
+
+    return parse
+
+
+def add_layout_flags(parser: argparse.ArgumentParser) -> None:
+    """``--tensor-model-parallel-size`` and ``--context-parallel-size`` of the generation layout."""
+    parser.add_argument(
+        "--tensor-model-parallel-size", type=positive_int("--tensor-model-parallel-size"), help="default: the run's"
+    )
+    parser.add_argument(
+        "--context-parallel-size",
+        type=positive_int("--context-parallel-size"),
+        help="default: the processes / the tensor-parallel size",
+    )
+
+
+def error_line(exc: Exception) -> int:
+    """One ``error:`` line (global rank 0); the exit status of a bad input."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def leave_group(joined: bool) -> None:
+    """Leave the process group the command joined (a caller's own, ``joined``, is left to the caller)."""
+    if not joined and dist.is_initialized():
+        dist.destroy_process_group()
