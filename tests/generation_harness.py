@@ -2,6 +2,7 @@
 
 import warnings
 
+import pytest
 import torch
 from train_harness import TINY, run_configs, small_run
 
@@ -190,3 +191,11 @@ TOOL_RUN = {
     "model.text.init_method_std": 0.3,
 }
 TOOL_TOKENS = 5
+
+
+def parse_error(parse_args, argv: list[str], capsys) -> str:
+    """What a tool's argparse prints for the bad command line ``argv`` (it must exit with status 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lvx_megatron.cuda_timing import median_cuda_ms
 from lvx_megatron.results import rows_table, write_results
 
 TABLE_COLUMNS = [
@@ -46,6 +47,7 @@ TABLE_COLUMNS = [
     ("xattn_sdpa_us", ".1f"),
     ("sdpa_kernel", ""),
 ]
+ITERS, WARMUP = 50, 5  # timed and warm-up calls of the decode step's cross-attention
 SDPA_KERNELS = {
     "flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION,
     "efficient": torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
@@ -79,21 +81,6 @@ def synced_ms(fn) -> tuple[float, object]:
     value = fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3, value
-
-
-def median_us(fn, iters: int = 50, warmup: int = 5) -> float:
-    """Median microseconds of ``fn()`` (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) * 1e3)
-    return statistics.median(times)
 
 
 def cache_gib(context) -> tuple[float, float]:
@@ -156,13 +143,17 @@ def decode_attention_us(cfg, visual_tokens: int) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, 1, heads, d, device="cuda", dtype=dtype, generator=g)
     k, v = (torch.randn(1, visual_tokens, groups, d, device="cuda", dtype=dtype, generator=g) for _ in "kv")
-    ours = median_us(lambda: distributed_cross_attention(q, k, v, group=None))
+    ours = 1e3 * median_cuda_ms(lambda: distributed_cross_attention(q, k, v, group=None), ITERS, WARMUP)
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # SDPA's [B, H, S, D]
     sdpa = {}
     for name, kernel in SDPA_KERNELS.items():
         try:
             with torch.nn.attention.sdpa_kernel(kernel):
-                sdpa[name] = median_us(lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True))
+
+                def attend():
+                    return F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True)
+
+                sdpa[name] = 1e3 * median_cuda_ms(attend, ITERS, WARMUP)
         except RuntimeError:  # this kernel does not take the shape or the GQA layout
             continue
     best = min(sdpa, key=sdpa.get) if sdpa else None

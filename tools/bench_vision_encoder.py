@@ -22,11 +22,11 @@ from the model FLOPs (``training/flops.py``: forward x3) and, for attention rows
 """
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 
+from lvx_megatron.cuda_timing import median_cuda_ms
 from lvx_megatron.models.mllama_vision import MllamaVisionEncoder
 from lvx_megatron.results import rows_table, write_results
 from lvx_megatron.training.config import load_config
@@ -44,21 +44,6 @@ TABLE_COLUMNS = [
 ]
 
 
-def median_ms(fn, iters: int, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn()`` on the current stream."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
-
-
 def encoder_rows(cfg, iters: int) -> list[dict]:
     """Forward+backward of one micro-batch's frames, eager and with each layer compiled."""
     v, frames = cfg.model.vision, cfg.data.max_images * cfg.training.micro_batch_size
@@ -71,11 +56,16 @@ def encoder_rows(cfg, iters: int) -> list[dict]:
     def step() -> None:
         encoder(pixels, ids, tiles).float().square().mean().backward()
 
-    rows = [{"case": "encoder, eager", "frames": frames, "ms": median_ms(step, iters), "flops": flops}]
+    rows = [{"case": "encoder, eager", "frames": frames, "ms": median_cuda_ms(step, iters), "flops": flops}]
     for layer in (*encoder.transformer.layers, *encoder.global_transformer.layers):
         layer.forward = torch.compile(layer.forward, dynamic=False)
     rows.append(
-        {"case": "encoder, torch.compile per layer", "frames": frames, "ms": median_ms(step, iters), "flops": flops}
+        {
+            "case": "encoder, torch.compile per layer",
+            "frames": frames,
+            "ms": median_cuda_ms(step, iters),
+            "flops": flops,
+        }
     )
     return rows
 
@@ -109,7 +99,7 @@ def attention_rows(cfg, iters: int) -> list[dict]:
     rows = []
     for name, fn in cases.items():
         err = (fn(q, k, v_).float() - reference).abs().max().item()
-        ms = median_ms(lambda fn=fn: fn(q, k, v_).backward(grad), iters)
+        ms = median_cuda_ms(lambda fn=fn: fn(q, k, v_).backward(grad), iters)
         rows.append({"case": name, "frames": frames, "ms": ms, "flops": flops, "max_abs_diff_vs_dense": err})
     return rows
 

@@ -99,65 +99,58 @@ def print_table(rows: list[dict], evaluation, logged: dict | None) -> None:
         print(f"  Q: {ex['question']} | reference: {ex['answer']} | generated: {ex['generated']}")
 
 
+def evaluate(args: argparse.Namespace, argv: list[str] | None) -> None:
+    """Load the run, score the split's clips and print (global rank 0) and write the scores."""
+    from lvx_megatron.generation import load_for_generation
+    from lvx_megatron.generation.evaluation import ProgressLine, evaluate_answers
+    from lvx_megatron.results import write_results
+    from lvx_megatron.training.data import prepare_datasets
+
+    loaded = load_for_generation(args.run_dir, args.config, args.tensor_model_parallel_size, args.context_parallel_size)
+    cfg = loaded.cfg
+    if cfg.data.kind == "energon":
+        raise ValueError(
+            "data.kind: tools/evaluate.py reads shards, video_jsonl and synthetic_video_qa data, not energon "
+            "datasets; convert the split's clips to a video_jsonl folder"
+        )
+    dataset = prepare_datasets(cfg)[args.split]
+    writer = dist.get_rank() == 0
+    if writer:
+        p = cfg.parallel
+        replicas = dist.get_world_size() // (p.tensor_model_parallel_size * p.context_parallel_size)
+        count = min(args.limit or len(dataset), len(dataset))
+        print(
+            f"[evaluate] {cfg.model.architecture} from {args.run_dir} (TP {p.tensor_model_parallel_size}, "
+            f"CP {p.context_parallel_size}, {replicas} replicas): {count} clips of {cfg.data.path} {args.split}",
+            flush=True,
+        )
+    evaluation = evaluate_answers(
+        loaded,
+        dataset,
+        list(getattr(dataset, "question_types", [])),
+        args.batch_size,
+        args.max_new_tokens,
+        args.limit,
+        ProgressLine(writer),
+    )
+    logged = logged_accuracy(args.run_dir)
+    rows = rows_of(evaluation, logged)
+    if writer:
+        print_table(rows, evaluation, logged)
+        if args.output is not None:
+            meta = {"run_dir": str(args.run_dir), "split": args.split, "architecture": cfg.model.architecture}
+            write_results(
+                str(args.output), "evaluate.py", argv, meta, rows=rows, skipped=evaluation.skipped,
+                examples=evaluation.examples,
+            )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; 0 on success, 2 on a bad input (one ``error:`` line on rank 0)."""
+    from lvx_megatron.generation.cli import run_command
+
     args = parse_args(argv)
-    joined = dist.is_initialized()
-    from lvx_megatron.generation.cli import error_line, leave_group
-
-    try:
-        from megatron.core import parallel_state
-
-        from lvx_megatron.generation import load_for_generation
-        from lvx_megatron.generation.evaluation import ProgressLine, evaluate_answers
-        from lvx_megatron.results import write_results
-        from lvx_megatron.training.data import prepare_datasets
-
-        loaded = load_for_generation(
-            args.run_dir, args.config, args.tensor_model_parallel_size, args.context_parallel_size
-        )
-        cfg = loaded.cfg
-        if cfg.data.kind == "energon":
-            raise ValueError(
-                "data.kind: tools/evaluate.py reads shards, video_jsonl and synthetic_video_qa data, not energon "
-                "datasets; convert the split's clips to a video_jsonl folder"
-            )
-        dataset = prepare_datasets(cfg)[args.split]
-        writer = dist.get_rank() == 0
-        if writer:
-            p = cfg.parallel
-            replicas = dist.get_world_size() // (p.tensor_model_parallel_size * p.context_parallel_size)
-            count = min(args.limit or len(dataset), len(dataset))
-            print(
-                f"[evaluate] {cfg.model.architecture} from {args.run_dir} (TP {p.tensor_model_parallel_size}, "
-                f"CP {p.context_parallel_size}, {replicas} replicas): {count} clips of {cfg.data.path} {args.split}",
-                flush=True,
-            )
-        evaluation = evaluate_answers(
-            loaded,
-            dataset,
-            list(getattr(dataset, "question_types", [])),
-            args.batch_size,
-            args.max_new_tokens,
-            args.limit,
-            ProgressLine(writer),
-        )
-        logged = logged_accuracy(args.run_dir)
-        rows = rows_of(evaluation, logged)
-        if writer:
-            print_table(rows, evaluation, logged)
-            if args.output is not None:
-                meta = {"run_dir": str(args.run_dir), "split": args.split, "architecture": cfg.model.architecture}
-                write_results(
-                    str(args.output), "evaluate.py", argv, meta, rows=rows, skipped=evaluation.skipped,
-                    examples=evaluation.examples,
-                )  # fmt: skip
-        parallel_state.destroy_model_parallel()
-    except (ValueError, OSError) as exc:  # ConfigError included: one line naming the flag or field
-        return error_line(exc)
-    finally:
-        leave_group(joined)
-    return 0
+    return run_command(lambda: evaluate(args, argv))
 
 
 if __name__ == "__main__":

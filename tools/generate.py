@@ -27,36 +27,10 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
-def _positive_int(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be a positive integer, got {text!r}")
-        return value
-
-    return parse
-
-
-def _float_in(flag: str, low: float, high: float, low_open: bool):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        inside = (value > low if low_open else value >= low) and value <= high
-        if not inside:
-            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-            raise argparse.ArgumentTypeError(f"{flag} must be a number in {bounds}, got {text!r}")
-        return value
-
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (argparse exits with status 2 naming the flag on a bad value)."""
+    from lvx_megatron.generation.cli import add_layout_flags, float_in, positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", type=Path, required=True, help="checkpoint directory of a run (its newest)")
     parser.add_argument("--config", type=Path, help="the run's YAML config (default: the one saved in the checkpoint)")
@@ -65,22 +39,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--frames", nargs="+", help="image files, one frame each (all of one size)")
     parser.add_argument("--prompt", required=True, help="the question about the clip")
     parser.add_argument(
-        "--num-frames", type=_positive_int("--num-frames"), help="frames taken from --clip (default: data.max_images)"
+        "--num-frames", type=positive_int("--num-frames"), help="frames taken from --clip (default: data.max_images)"
     )
-    parser.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=32)
+    parser.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=32)
     parser.add_argument(
-        "--temperature", type=_float_in("--temperature", 0, float("inf"), False), default=0.0, help="0: greedy"
+        "--temperature", type=float_in("--temperature", 0, float("inf"), False), default=0.0, help="0: greedy"
     )
-    parser.add_argument("--top-p", type=_float_in("--top-p", 0, 1, True), default=1.0)
+    parser.add_argument("--top-p", type=float_in("--top-p", 0, 1, True), default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling draws")
-    parser.add_argument(
-        "--tensor-model-parallel-size", type=_positive_int("--tensor-model-parallel-size"), help="default: the run's"
-    )
-    parser.add_argument(
-        "--context-parallel-size",
-        type=_positive_int("--context-parallel-size"),
-        help="default: the processes / the tensor-parallel size",
-    )
+    add_layout_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -124,65 +91,47 @@ class _Stream:
             self.shown = text
 
 
+def answer(args: argparse.Namespace) -> None:
+    """Load the checkpoint, build the prompt and stream the answer (global rank 0 prints)."""
+    from lvx_megatron.generation import Sampling, build_prompts, generate, load_for_generation
+
+    loaded = load_for_generation(args.load, args.config, args.tensor_model_parallel_size, args.context_parallel_size)
+    cfg, tokenizer = loaded.cfg, loaded.tokenizer
+    frames = read_frames(args, cfg.data.max_images)
+    try:
+        prompts = build_prompts(cfg, tokenizer, [{"frames": frames, "question": args.prompt}])
+    except ValueError as exc:
+        raise ValueError(f"--prompt: {exc}") from None
+    writer = dist.get_rank() == 0
+    if writer:
+        p = cfg.parallel
+        print(
+            f"{cfg.model.architecture} from {args.load} (TP {p.tensor_model_parallel_size}, "
+            f"CP {p.context_parallel_size}), {len(frames)} frames",
+            file=sys.stderr,
+            flush=True,
+        )
+        print(f"Q: {args.prompt}\nA: ", end="", flush=True)
+    generate(
+        loaded.model,
+        prompts.tokens,
+        prompts.images,
+        args.max_new_tokens,
+        Sampling(args.temperature, args.top_p, args.seed),
+        eos_id=tokenizer.eos_id,
+        prompt_mask=prompts.prompt_mask,
+        on_token=_Stream(tokenizer, writer),
+    )
+    if writer:
+        print(flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; 0 on success, 2 on a bad input (one ``error:`` line on rank 0)."""
+    from lvx_megatron.generation.cli import run_command
+
     args = parse_args(argv)
-    joined = dist.is_initialized()  # a process group of the caller's (in-process use) is left to the caller
-    try:
-        from megatron.core import parallel_state
-
-        from lvx_megatron.generation import Sampling, build_prompts, generate, load_for_generation
-
-        loaded = load_for_generation(
-            args.load, args.config, args.tensor_model_parallel_size, args.context_parallel_size
-        )
-        cfg, tokenizer = loaded.cfg, loaded.tokenizer
-        frames = read_frames(args, cfg.data.max_images)
-        try:
-            prompts = build_prompts(cfg, tokenizer, [{"frames": frames, "question": args.prompt}])
-        except ValueError as exc:
-            raise ValueError(f"--prompt: {exc}") from None
-        writer = dist.get_rank() == 0
-        if writer:
-            p = cfg.parallel
-            print(
-                f"{cfg.model.architecture} from {args.load} (TP {p.tensor_model_parallel_size}, "
-                f"CP {p.context_parallel_size}), {len(frames)} frames",
-                file=sys.stderr,
-                flush=True,
-            )
-            print(f"Q: {args.prompt}\nA: ", end="", flush=True)
-        generate(
-            loaded.model,
-            prompts.tokens,
-            prompts.images,
-            args.max_new_tokens,
-            Sampling(args.temperature, args.top_p, args.seed),
-            eos_id=tokenizer.eos_id,
-            prompt_mask=prompts.prompt_mask,
-            on_token=_Stream(tokenizer, writer),
-        )
-        if writer:
-            print(flush=True)
-        parallel_state.destroy_model_parallel()
-    except (ValueError, OSError) as exc:  # ConfigError included: one line naming the flag or field
-        return _error(exc)
-    finally:
-        _leave(joined)
-    return 0
-
-
-def _error(exc: Exception) -> int:
-    """One ``error:`` line (global rank 0); the exit status of a bad input."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"error: {exc}", file=sys.stderr)
-    return 2
-
-
-def _leave(joined: bool) -> None:
-    """Leave the process group this command joined (a caller's own is left to the caller)."""
-    if not joined and dist.is_initialized():
-        dist.destroy_process_group()
+    return run_command(lambda: answer(args))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import sys
 from collections.abc import Callable
 
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 
 def positive_int(flag: str) -> Callable[[str], int]:
@@ -51,14 +52,19 @@ def add_layout_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def error_line(exc: Exception) -> int:
-    """One ``error:`` line (global rank 0); the exit status of a bad input."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"error: {exc}", file=sys.stderr)
-    return 2
-
-
-def leave_group(joined: bool) -> None:
-    """Leave the process group the command joined (a caller's own, ``joined``, is left to the caller)."""
-    if not joined and dist.is_initialized():
-        dist.destroy_process_group()
+def run_command(body: Callable[[], None]) -> int:
+    """Run a tool's ``body``: 0 when it succeeds, 2 on a bad input (``ValueError``/``OSError``, config
+    errors included) with one ``error:`` line on global rank 0. Afterwards megatron's model-parallel
+    state is torn down and the process group the command joined is left (a caller's own stays)."""
+    joined = dist.is_initialized()
+    try:
+        body()
+    except (ValueError, OSError) as exc:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        parallel_state.destroy_model_parallel()
+        if not joined and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

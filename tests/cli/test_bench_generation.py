@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from generation_harness import parse_error
 
 from tools.bench_generation import main, parse_args
 
@@ -9,10 +10,9 @@ from tools.bench_generation import main, parse_args
 def test_frames_are_parsed_and_checked(capsys):
     assert parse_args(["--frames", "32,128"]).frames == [32, 128]
     for bad in ("32,x", "0,8"):
-        with pytest.raises(SystemExit) as exit_:
-            parse_args(["--frames", bad])
-        assert exit_.value.code == 2
-        assert "--frames must be comma-separated positive integers" in capsys.readouterr().err
+        assert "--frames must be comma-separated positive integers" in parse_error(
+            parse_args, ["--frames", bad], capsys
+        )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-CUDA message")
