@@ -130,15 +130,6 @@ class HyperCoreAttention(TextContextParallelAttention):
         # HyperAttentionLayer.forward.
         self.visual_inputs: tuple[Tensor | None, CrossAttentionMask, object] | None = None
 
-    @property
-    def replicated_text(self) -> bool:
-        """How the text lies over CP (see :class:`~.text_attention.TextSelfAttention`): the text attention's."""
-        return self.text_attention.replicated_text
-
-    @replicated_text.setter
-    def replicated_text(self, value: bool) -> None:
-        self.text_attention.replicated_text = value
-
     def _local_gate(self) -> Tensor:
         gate, tp = self.hyper_gate, self.pg_collection.tp
         if tp.size() > 1:  # each rank's slice gets a gradient: sum them over TP in backward

@@ -79,8 +79,8 @@ class MllamaModel(VisionLanguageModel):
         tokens: Tensor,
         cross_attention_mask: Tensor,
         aspect_ratio_mask: Tensor,
-        pixel_values: Tensor | None = None,
-        aspect_ratio_ids: Tensor | None = None,
+        pixel_values: Tensor | None,
+        aspect_ratio_ids: Tensor | None,
         labels: Tensor | None = None,
     ):
         """:meth:`~.vlm.VisionLanguageModel.run` on HF mllama's inputs (full-length; each rank takes its share).
@@ -89,8 +89,8 @@ class MllamaModel(VisionLanguageModel):
             tokens: ``[B, S]`` token ids.
             cross_attention_mask: ``[B, S, N, T]`` 1 where a token may see a tile (HF mllama convention).
             aspect_ratio_mask: ``[B, N, T]`` 1 for real tiles.
-            pixel_values: ``[B, N, T, C, H, W]`` (first stage only).
-            aspect_ratio_ids: ``[B, N]``, 0 for padding images (first stage only).
+            pixel_values: ``[B, N, T, C, H, W]`` (first stage; None on the others).
+            aspect_ratio_ids: ``[B, N]``, 0 for padding images (first stage; None on the others).
             labels: ``[B, S]`` next-token targets (last stage).
         """
         batch = self.image_batch(cross_attention_mask, aspect_ratio_mask, pixel_values, aspect_ratio_ids)

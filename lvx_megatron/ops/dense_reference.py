@@ -13,9 +13,9 @@ def dense_cross_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    softmax_scale: float | None = None,
-    q_image_mask: Tensor | None = None,
-    kv_image_ids: Tensor | None = None,
+    softmax_scale: float | None,
+    q_image_mask: Tensor | None,
+    kv_image_ids: Tensor | None,
 ) -> Tensor:
     """Exact attention of full ``q`` ``[B, Sq, Hq, D]`` against full ``k``/``v`` ``[B, Skv, Hkv, D]``.
 

@@ -6,7 +6,16 @@ from typing import Any
 from ...models import mllama
 from ...models.mllama_vision import VisionEncoderConfig
 from ..config import FieldError, ModelConfig, RunConfig, VisionModelConfig, from_section
-from .spec import ModelFamily, StageParts, kv_width, mlp_matrices, patches, reject_unused, with_vision_defaults
+from .spec import (
+    PROJECTED_TO_TEXT_WIDTH,
+    ModelFamily,
+    StageParts,
+    kv_width,
+    mlp_matrices,
+    patches,
+    reject_unused,
+    with_vision_defaults,
+)
 
 
 def vision_config(cfg: RunConfig) -> VisionEncoderConfig:
@@ -119,10 +128,8 @@ MLLAMA = ModelFamily(
     defaults=_defaults,
     check=_check,
     build=_build,
-    visual_width=lambda cfg: cfg.model.text.hidden_size,  # the projector maps to the text width
-    visual_tokens_per_image=_visual_tokens_per_image,
     model_inputs=("tokens", "cross_attention_mask", "aspect_ratio_mask", "pixel_values", "aspect_ratio_ids", "labels"),
-    tp_divides=lambda cfg: {},
+    visual_tokens_per_image=_visual_tokens_per_image,
     encoder_tokens_per_image=_encoder_tokens_per_image,
     encoder_layers=lambda cfg: cfg.model.vision.num_hidden_layers + cfg.model.vision.num_global_layers,
     dense_encoder_mask=True,  # HF's dense padding mask
@@ -131,4 +138,5 @@ MLLAMA = ModelFamily(
     cross_layer_params=_cross_layer_params,
     vision_params=_vision_params,
     connector_params=_connector_params,
+    **PROJECTED_TO_TEXT_WIDTH,
 )

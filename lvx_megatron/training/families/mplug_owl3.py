@@ -6,7 +6,7 @@ from typing import Any
 from ...models import mplug_owl3
 from ..config import ModelConfig, RunConfig
 from . import vit
-from .spec import ModelFamily, StageParts, kv_width, reject_unused, with_vision_defaults
+from .spec import PROJECTED_TO_TEXT_WIDTH, ModelFamily, StageParts, kv_width, reject_unused, with_vision_defaults
 
 
 def _defaults(data: dict[str, Any]) -> dict[str, Any]:
@@ -54,12 +54,11 @@ MPLUG_OWL3 = ModelFamily(
     defaults=_defaults,
     check=_check,
     build=_build,
-    visual_width=lambda cfg: cfg.model.text.hidden_size,  # the projector maps to the text width
     visual_tokens_per_image=_visual_tokens_per_image,
-    tp_divides=lambda cfg: {},
     cross_layer_flops=_cross_layer_flops,
     connector_flops=_connector_flops,
     cross_layer_params=_cross_layer_params,
     connector_params=lambda cfg: cfg.model.vision.hidden_size * cfg.model.text.hidden_size + cfg.model.text.hidden_size,
     **vit.tower_terms("siglip"),
+    **PROJECTED_TO_TEXT_WIDTH,
 )

@@ -54,6 +54,15 @@ class ModelFamily:
     connector_params: Callable[[RunConfig], int]
 
 
+def _text_width(cfg: RunConfig) -> int:
+    return cfg.model.text.hidden_size
+
+
+# What the families whose projector maps the visual features to the text width share: X is as wide
+# as the text, and no setting of their own needs dividing by TP.
+PROJECTED_TO_TEXT_WIDTH: dict[str, Any] = {"visual_width": _text_width, "tp_divides": lambda cfg: {}}
+
+
 def patches(v: VisionModelConfig) -> int:
     """Patches of one tile (a ViT drops the pixels past the last whole patch)."""
     return (v.image_size // v.patch_size) ** 2
