@@ -67,4 +67,6 @@ def load_for_generation(
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     _, model = build_model(cfg, tokenizer.vocab_size, init_model_parallel(cfg), device)
     load_model_weights(model, path)
+    if cfg.training.precision == "bf16":  # all of it, vision side included, as megatron's Float16Module in training
+        model = model.bfloat16()
     return GenerationModel(model.eval(), cfg, tokenizer)
