@@ -105,7 +105,7 @@ def cached_in_layouts(rank: int, world_size: int, count: int, layouts: list[tupl
     from lvx_megatron.generation import build_prompts, generate
 
     enable_cpu_compat()
-    results = {}
+    results = {"replicated queries": replicated_query_errors(rank, world_size)}
     for tp, cp in layouts:
         for arch in CONFIGS:
             cfg, tokenizer, model = tiny_model(arch, cp=cp, tp=tp)
@@ -191,6 +191,40 @@ TOOL_RUN = {
     "model.text.init_method_std": 0.3,
 }
 TOOL_TOKENS = 5
+
+
+def replicated_query_errors(rank: int, world_size: int) -> dict[tuple[str, int], float]:
+    """Worker: per flat ops strategy and query rows (a prompt, one decode row), the largest error of
+    each rank's output when every rank passes the same queries against its own visual shard (one rank
+    holds none), against float64 attention to all shards at once."""
+    import torch.distributed as dist
+
+    from lvx_megatron.ops import distributed_cross_attention
+    from lvx_megatron.ops.registry import STRATEGIES
+
+    gen = torch.Generator().manual_seed(11)
+    b, hq, hkv, d, lengths = 2, 4, 2, 8, [7, 0, 5][:world_size]
+    k = torch.randn(b, sum(lengths), hkv, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, sum(lengths), hkv, d, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, 3, (b, sum(lengths)), generator=gen)
+    start = sum(lengths[:rank])
+    mine = slice(start, start + lengths[rank])
+    errors = {}
+    for rows in (6, 1):
+        q = torch.randn(b, rows, hq, d, generator=gen, dtype=torch.float64)
+        visible = torch.rand(b, rows, 3, generator=gen) < 0.6
+        visible[0, 0] = False  # a row that sees nothing: exactly zero
+        allowed = visible.gather(2, ids[:, None, :].expand(-1, rows, -1))  # [b, rows, S_kv]
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(hq // hkv, 2)) * d**-0.5
+        weights = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
+        reference = torch.einsum("bhqk,bkhd->bqhd", weights, v.repeat_interleave(hq // hkv, 2))
+        for name in STRATEGIES:
+            out = distributed_cross_attention(
+                q, k[:, mine], v[:, mine], group=dist.group.WORLD, strategy=name, q_image_mask=visible,
+                kv_image_ids=ids[:, mine],
+            )  # fmt: skip
+            errors[(name, rows)] = float((out - reference).abs().max())
+    return errors
 
 
 def parse_error(parse_args, argv: list[str], capsys) -> str:

@@ -144,7 +144,7 @@ class HyperCoreAttention(TextContextParallelAttention):
             return text
         context, mask, inference_context = self.visual_inputs
         sq, b = query.shape[:2]
-        visual, _ = self.visual_attention(query.reshape(sq, b, -1), context, mask, inference_context)
+        visual, _ = self.visual_attention(query.reshape(sq, b, -1), context, mask, inference_context=inference_context)
         gate = torch.sigmoid(self._local_gate()).to(text.dtype)
         rows = mask.text_rows_visible()
         if rows is None:

@@ -67,3 +67,18 @@ def test_bad_inputs_get_one_error_line(run, capsys):
     assert "error: --prompt: word 'what' is not in the WordTokenizer vocabulary" in capsys.readouterr().err
     assert main(["--load", load, "--clip", clip, "--prompt", QUESTION, "--num-frames", "9"]) == 2
     assert "error: --num-frames must be at most data.max_images (4), got 9" in capsys.readouterr().err
+
+
+def test_frames_instead_of_a_clip(run, capsys):
+    from PIL import Image
+
+    frames = VideoQAGenerator(2, 4, 32, split="eval")[1]["frames"]
+    paths = [str(run["root"] / f"frame{i}.png") for i in range(len(frames))]
+    for frame, path in zip(frames, paths, strict=True):
+        Image.fromarray(frame).save(path)
+    argv = ["--load", str(run["run"]), "--prompt", QUESTION, "--max-new-tokens", str(TOOL_TOKENS), "--frames"]
+    assert main([*argv, *paths]) == 0
+    assert f"Q: {QUESTION}\nA: " in capsys.readouterr().out
+    Image.fromarray(frames[0][:16]).save(paths[0])
+    assert main([*argv, *paths]) == 2
+    assert "error: --frames: the images must have one size" in capsys.readouterr().err

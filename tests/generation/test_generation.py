@@ -1,5 +1,8 @@
 """KV-cached generation: the tokens of a full recompute, in every TP/CP layout, for all three families.
 
+Each strategy of the ops, given the same query rows on every CP rank (generation replicates the
+text), returns on every rank the exact attention of those rows against all visual shards.
+
 Tiny models of mllama, OpenFlamingo and mPLUG-Owl3 (wide random weights, open gates, fp32) answer
 three left-padded prompts about generated clips. The KV-cached tokens equal greedy decoding that
 reruns the whole forward for each prompt alone at every step; CP 2, CP 3 (a rank without frames)
@@ -14,6 +17,7 @@ from lvx_megatron.generation import Sampling, generate
 from lvx_megatron.generation.decoder import text_attention_mask
 from lvx_megatron.generation.sampling import choose
 from lvx_megatron.launch import spawn_gloo
+from lvx_megatron.ops.registry import STRATEGIES
 
 PROMPTS = 3
 LAYOUTS = {2: [(1, 2), (2, 1)], 3: [(1, 3)]}  # world size -> (TP, CP) layouts
@@ -29,9 +33,19 @@ def layouts() -> dict:
     results = {}
     for world_size, layouts in LAYOUTS.items():
         ranks = spawn_gloo(world_size, cached_in_layouts, PROMPTS, layouts)
+        replicated = [r.pop("replicated queries") for r in ranks]
         assert all(r == ranks[0] for r in ranks)  # every rank of a replica returns the same tokens
-        results |= ranks[0]
+        results |= ranks[0] | {("replicated queries", world_size): replicated}
     return results
+
+
+def test_replicated_queries_get_the_exact_attention_on_every_rank(layouts):
+    """Generation passes the same text rows on every CP rank: whatever the strategy, each rank's
+    output is the attention of those rows against all visual shards (float64)."""
+    for world_size in LAYOUTS:
+        for errors in layouts[("replicated queries", world_size)]:
+            assert len(errors) == 2 * len(STRATEGIES)
+            assert max(errors.values()) < 1e-12, (world_size, errors)
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))

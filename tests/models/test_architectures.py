@@ -232,9 +232,9 @@ def plans_per_forward(rank: int, world_size: int) -> dict:
         built.append(build(cls, *args, **kwargs))
         return built[-1]
 
-    def recording_forward(self, hidden_states, context, context_mask=None):
+    def recording_forward(self, hidden_states, context, context_mask=None, **kwargs):
         seen.append(None if context_mask is None else context_mask.plan)
-        return forward(self, hidden_states, context, context_mask)
+        return forward(self, hidden_states, context, context_mask, **kwargs)
 
     MaskPlan.build = classmethod(counting_build)
     ContextParallelCrossAttention.forward = recording_forward
