@@ -16,7 +16,8 @@ about ``F`` random frames for each ``--frames`` value, KV-cached greedy decoding
 * the decode step's cross-attention alone (one query row against all ``F * 1,025`` keys, the
   shape and mask of the model's decode step: every frame visible), through the ops API beside
   torch's SDPA kernels at the same shape (``xattn_ours_us``, ``xattn_sdpa_us``, ``sdpa_kernel``:
-  the fastest of flash, efficient and cuDNN that runs; single GPU only).
+  the fastest of flash, efficient and cuDNN that runs, ``ours_over_sdpa``: the time ratio; single
+  GPU only).
 
 Prints a table; ``--output`` writes a results file. Needs CUDA.
 """
@@ -46,6 +47,7 @@ TABLE_COLUMNS = [
     ("xattn_ours_us", ".1f"),
     ("xattn_sdpa_us", ".1f"),
     ("sdpa_kernel", ""),
+    ("ours_over_sdpa", ".2f"),
 ]
 ITERS, WARMUP = 50, 5  # timed and warm-up calls of the decode step's cross-attention
 SDPA_KERNELS = {
@@ -157,7 +159,14 @@ def decode_attention_us(cfg, visual_tokens: int) -> dict:
         except RuntimeError:  # this kernel does not take the shape or the GQA layout
             continue
     best = min(sdpa, key=sdpa.get) if sdpa else None
-    return {"xattn_ours_us": ours, "xattn_sdpa_us": sdpa.get(best), "sdpa_kernel": best, "sdpa_all_us": sdpa}
+    ratio = ours / sdpa[best] if best else None
+    return {
+        "xattn_ours_us": ours,
+        "xattn_sdpa_us": sdpa.get(best),
+        "sdpa_kernel": best,
+        "ours_over_sdpa": ratio,
+        "sdpa_all_us": sdpa,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
