@@ -75,3 +75,17 @@ def no_process_left_behind():
                 p.kill()
         _wait_for_new_processes(before, 5.0)  # and what only they kept alive (an orphaned resource tracker)
         pytest.fail(f"the test left {len(left)} process(es) running: {'; '.join(described)}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """Each test leaves ``os.environ`` as it found it.
+
+    A tool's ``main`` called in-process (``tools/generate.py``, ``tools/evaluate.py``) makes a world of
+    one and sets ``RANK``/``MASTER_PORT`` for it, as a command should; later tests' subprocesses must
+    not inherit them (they would join that port, still held by this process: EADDRINUSE).
+    """
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
