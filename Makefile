@@ -5,9 +5,14 @@ PY := $(VENV)/bin/python
 NPROC ?= 4
 CONFIG ?= examples/configs/tiny.yaml
 
-.PHONY: setup demo demo-ops test lint
+.PHONY: setup lock demo demo-ops test lint
+# The venv at the versions of requirements/lock.txt (torch's CPU wheels where there is no GPU).
 setup:
 	@LVX_VENV=$(VENV) bash scripts/setup_env.sh
+
+# Re-resolve pyproject.toml's dependencies afresh and rewrite requirements/lock.txt (then review and test).
+lock:
+	bash scripts/lock_env.sh
 
 # Train the tiny model on the generated video QA data: CPU, 2 gloo ranks, context parallel 2.
 # lvx_megatron.torchrun is torchrun that ends a failed run with the ranks' one-line errors.
@@ -18,7 +23,7 @@ demo: setup
 demo-ops: setup
 	$(PY) -m lvx_megatron.demo --world-size $(NPROC)
 
-SHELL_SCRIPTS := scripts/setup_env.sh scripts/fetch_gpu_wheels.sh .ci/run examples/run_local.sh examples/slurm/launch.sh examples/slurm/*.sbatch
+SHELL_SCRIPTS := scripts/setup_env.sh scripts/lock_env.sh scripts/fetch_gpu_wheels.sh .ci/run examples/run_local.sh examples/slurm/launch.sh examples/slurm/*.sbatch
 
 lint: setup
 	$(PY) -m ruff check .
@@ -27,4 +32,4 @@ lint: setup
 	$(VENV)/bin/hadolint Dockerfile
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20

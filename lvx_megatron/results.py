@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout this package runs from
@@ -95,22 +96,86 @@ def commit_from_files(repo: Path) -> str:
 
 # The commit of the tree being measured, given by whoever copied the tree to the machine: the GPU
 # machine's copy can carry a stale ``.git`` (seen: the session's starting commit, with every later
-# change "dirty"), so its own git state would name the wrong code.
+# change "dirty"), so its own git state would name the wrong code. Its tree hash (``git rev-parse
+# COMMIT^{tree}`` where the commit is) proves the copy is that commit; without it the copy's own
+# ``.git`` must hold the commit.
 SOURCE_COMMIT_ENV = "LVX_SOURCE_COMMIT"
+SOURCE_TREE_ENV = "LVX_SOURCE_TREE"
+
+
+def tree_hash(repo: Path = REPO) -> str:
+    """The git tree hash of ``repo``'s files as they are (tracked and untracked, ignored ones left out).
+
+    Written through a temporary index (and, for a copy without ``.git``, a temporary repository), so
+    the repository's own index is untouched; equal to ``git rev-parse COMMIT^{tree}`` exactly when the
+    files are that commit's.
+    """
+    with tempfile.TemporaryDirectory(prefix="lvx-index-") as tmp:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        if _git_dir(repo) is None:
+            env.update(GIT_DIR=str(Path(tmp) / "git"), GIT_WORK_TREE=str(repo))
+            subprocess.run(["git", "init", "-q"], env=env, capture_output=True, check=True, timeout=60)
+        for args in (("add", "-A"), ("write-tree",)):
+            out = subprocess.run(
+                ["git", "-c", f"safe.directory={repo}", "-C", str(repo), *args],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=120,
+                env=env,
+            ).stdout
+    return out.strip()
+
+
+def _verified_source(repo: Path, commit: str) -> dict:
+    """The git state of a copy said to be ``commit``: ``dirty`` False only when its tree hash is the commit's."""
+    state = {"commit": commit, "source": f"${SOURCE_COMMIT_ENV}"}
+    expected = os.environ.get(SOURCE_TREE_ENV)
+    try:
+        actual = tree_hash(repo)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {**state, "dirty": "unknown", "changed": "unknown", "tree_check": f"no tree hash: {exc}"}
+    if not expected:
+        try:
+            expected = _git(repo, "rev-parse", f"{commit}^{{tree}}").strip()
+        except (OSError, subprocess.SubprocessError):
+            return {
+                **state,
+                "dirty": "unknown",
+                "changed": "unknown",
+                "tree": actual,
+                "tree_check": f"the copy's .git lacks {commit}; set ${SOURCE_TREE_ENV} to its tree hash",
+            }
+    if actual == expected:
+        return {**state, "dirty": False, "changed": [], "tree": actual, "tree_check": "verified"}
+    try:
+        changed = _git(repo, "diff-tree", "-r", "--name-only", expected, actual).split()
+    except (OSError, subprocess.SubprocessError):  # the expected tree's objects are not in this copy
+        changed = "unknown"
+    if isinstance(changed, list) and len(changed) > MAX_LISTED_FILES:
+        changed = [*changed[:MAX_LISTED_FILES], f"... and {len(changed) - MAX_LISTED_FILES} more"]
+    return {
+        **state,
+        "dirty": True,
+        "changed": changed,
+        "tree": actual,
+        "tree_check": f"the copy's tree {actual} is not the commit's {expected}",
+    }
 
 
 def git_state(repo: Path = REPO) -> dict:
     """``commit``, ``dirty`` and the ``changed`` paths (untracked ones included) of ``repo``.
 
-    With ``$LVX_SOURCE_COMMIT`` set the commit is that one (``source`` says so), and whether the
-    copy differs from it is "unknown": set it to ``git rev-parse HEAD`` of a clean tree.
+    With ``$LVX_SOURCE_COMMIT`` set the commit is that one (``source`` says so), and ``dirty`` is
+    False only when the copy's tree hash (``tree``) equals the commit's (``$LVX_SOURCE_TREE``, or
+    the commit's tree in the copy's ``.git``); ``tree_check`` says how that went.
 
     Without a working git (not installed, or no repository) the commit is read from the files of
     ``.git`` and ``dirty`` is "unknown": telling changed files from committed ones needs git.
     """
     given = os.environ.get(SOURCE_COMMIT_ENV)
     if given:
-        return {"commit": given, "dirty": "unknown", "changed": "unknown", "source": f"${SOURCE_COMMIT_ENV}"}
+        return _verified_source(repo, given)
     try:
         status = _git(repo, "status", "--porcelain=v1", "--untracked-files=normal")
     except (OSError, subprocess.SubprocessError):
@@ -123,7 +188,7 @@ def git_state(repo: Path = REPO) -> dict:
     listed = changed[:MAX_LISTED_FILES]
     if len(changed) > len(listed):
         listed.append(f"... and {len(changed) - len(listed)} more")
-    return {"commit": commit, "dirty": bool(changed), "changed": listed}
+    return {"commit": commit, "dirty": bool(changed), "changed": listed, "tree": tree_hash(repo)}
 
 
 def driver_version() -> str | None:

@@ -13,6 +13,8 @@ Stages (each writes OUT_DIR/<file>, named by the device, e.g. ``h200``):
     memory       tools/xattn_memory.py                  xattn_memory_<device>.json
     train        pretrain_mllm.py single-gpu-1b.yaml    train_1b_<device>.json (+ tools/train_summary.py)
     train-fused  the same with backend: fused           train_1b_<device>_fused.json
+    train-long-video  single-gpu-1b-long-video.yaml     train_1b_long_video_<device>.json
+    vision       tools/bench_vision_encoder.py          vision_encoder_<device>.json
     generation   tools/bench_generation.py (1B config)  generation_1b_<device>.json
 
 Each stage runs under its own time limit and what is left of ``--budget-s`` (a stage that cannot
@@ -51,11 +53,13 @@ GPU_TESTS = (
     "tests/core/test_norm.py",
     "tests/training/test_profiling.py::test_the_gpu_profile_times_kernels_and_the_device_idle_time",
 )
+# stage -> (config, results file name with {device}, logged steps left out of the medians: compilation,
+# allocator warm-up; the long-video config runs 6 steps, the others 12)
 TRAIN_CONFIGS = {
-    "train": "examples/configs/single-gpu-1b.yaml",
-    "train-fused": "examples/configs/single-gpu-1b-fused.yaml",
+    "train": ("examples/configs/single-gpu-1b.yaml", "train_1b_{device}.json", 3),
+    "train-fused": ("examples/configs/single-gpu-1b-fused.yaml", "train_1b_{device}_fused.json", 3),
+    "train-long-video": ("examples/configs/single-gpu-1b-long-video.yaml", "train_1b_long_video_{device}.json", 2),
 }
-TRAIN_SKIP = 3  # logged steps left out of the medians (compilation, allocator warm-up)
 MEGATRON = ("megatron.core", "pydantic", "yaml")
 # The Triton tile sweep's shapes: a short query block (Triton under auto) and two tall ones (docs/ops.md).
 SWEEP_SHAPES = "32/8:64:65536,32/8:256:65536,32/8:1024:65536"
@@ -201,6 +205,12 @@ def stage_memory(ctx: Context) -> None:
     ctx.run([ctx.python, "tools/xattn_memory.py", "--output", str(ctx.output(f"xattn_memory_{ctx.device}.json"))])
 
 
+def stage_vision(ctx: Context) -> None:
+    ctx.run(
+        [ctx.python, "tools/bench_vision_encoder.py", "--output", str(ctx.output(f"vision_encoder_{ctx.device}.json"))]
+    )
+
+
 def stage_generation(ctx: Context) -> None:
     out = ctx.output(f"generation_1b_{ctx.device}.json")
     ctx.run([ctx.python, "tools/bench_generation.py", "--frames", "32,128", "--output", str(out)])
@@ -214,9 +224,8 @@ def run_dir(config: Path) -> Path:
 
 
 def stage_train(ctx: Context) -> None:
-    config = TRAIN_CONFIGS[ctx.stage]
-    suffix = "_fused" if ctx.stage == "train-fused" else ""
-    out = ctx.output(f"train_1b_{ctx.device}{suffix}.json")
+    config, name, skip = TRAIN_CONFIGS[ctx.stage]
+    out = ctx.output(name.format(device=ctx.device))
     metrics = run_dir(REPO / config) / "metrics.jsonl"
     if metrics.is_file() and not ctx.args.dry_run:  # the log appends: an earlier run's steps would mix in
         ctx.say(f"[{ctx.stage}] removing the earlier run's {metrics}")
@@ -225,7 +234,7 @@ def stage_train(ctx: Context) -> None:
     train += ["--config", config, "--wandb-mode", "disabled"]
     ctx.run(train)
     ctx.run(
-        [ctx.python, "tools/train_summary.py", str(metrics), "--skip", str(TRAIN_SKIP),
+        [ctx.python, "tools/train_summary.py", str(metrics), "--skip", str(skip),
          "--command", shlex.join(["python", *train[1:]]), "--output", str(out)]
     )  # fmt: skip
 
@@ -242,6 +251,8 @@ STAGES = {
         Stage("memory", 240, 60, MEGATRON, stage_memory),
         Stage("train", 420, 180, (*MEGATRON, "webdataset", "av"), stage_train),
         Stage("train-fused", 420, 180, (*MEGATRON, "webdataset", "av"), stage_train),
+        Stage("train-long-video", 420, 150, (*MEGATRON, "webdataset", "av"), stage_train),
+        Stage("vision", 300, 60, MEGATRON, stage_vision),
         Stage("generation", 300, 90, MEGATRON, stage_generation),
     )
 }
@@ -289,6 +300,15 @@ def call_results(env: dict[str, str], function: str, *args, **kwargs):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def describe_source(state: dict) -> str:
+    """One line of the code the stages measure: its commit and whether the files are exactly that commit's."""
+    tree = f", tree {state['tree']}" if state.get("tree") else ""
+    if state["dirty"] is False:
+        how = "the copy's tree hash is the commit's" if state.get("tree_check") == "verified" else "clean"
+        return f"commit {state['commit']}{tree}: {how}"
+    return f"commit {state['commit']}{tree}: dirty {state['dirty']} ({state.get('tree_check', state['changed'])})"
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="folder for the results files and the log")
@@ -303,6 +323,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--wheels", type=Path, help="install these wheels first (default: .whl if it holds any)")
     parser.add_argument("--device-name", help="name the files after this device instead of the GPU's")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
+    parser.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="run although $LVX_SOURCE_COMMIT is set and this copy's tree hash is not that commit's",
+    )
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
@@ -327,6 +352,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), site, env.get("PYTHONPATH")) if p)
     device = call_results(env, "device_slug", args.device_name)  # of this machine's GPU without a name
+    source = call_results(env, "git_state")
+    if os.environ.get("LVX_SOURCE_COMMIT") and source["dirty"] is not False and not args.allow_unverified:
+        print(
+            f"regenerate_gpu_results: this copy is not $LVX_SOURCE_COMMIT {source['commit']}: {source['tree_check']}"
+            f" (changed: {source['changed']}); nothing run (--allow-unverified runs anyway, its files say dirty)",
+            file=sys.stderr,
+        )
+        return 2
     ctx = Context(args, argv, device, env)
     if not args.dry_run:
         ctx.out.mkdir(parents=True, exist_ok=True)
@@ -334,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.devnull if args.dry_run else ctx.out / f"regenerate_{device}.log", "a") as log:
         ctx.log = log
         ctx.say(f"[regenerate] device {device}; stages {', '.join(args.stages)}; budget {args.budget_s:.0f} s")
+        ctx.say(f"[regenerate] source {describe_source(source)}")
         for name in args.stages:
             stage = STAGES[name]
             left = args.budget_s - (time.monotonic() - start)

@@ -660,17 +660,26 @@ def render_profile_table(p: Params) -> str:
 # --- the demo over seeds (tools/demo_seeds.py) --------------------------------------------------------
 
 
+def _demo_run(data: dict, p: Params) -> dict:
+    """The run of ``seed`` (default 1234) on the kernel set ``kernels`` (default ``default``)."""
+    seed, kernels = int(p.get("seed", "1234")), p.get("kernels", "default")
+    found = [r for r in data["runs"] if r["seed"] == seed and r.get("kernels", "default") == kernels]
+    if len(found) != 1:
+        raise RenderError(f"{len(found)} runs of seed {seed} on {kernels} kernels, not one")
+    return found[0]
+
+
 @renderer("demo_seeds")
 def render_demo_seeds(p: Params) -> str:
-    """Per seed: final held-out accuracy per question type and averaged, with the frames blanked, wall time
-    and step-time spread; a chance row first."""
+    """Per seed and CPU kernel set: final held-out accuracy per question type and averaged, with the frames
+    blanked, wall time and step-time spread; a chance row first."""
     data = p.file()
     qtypes = list(data["chance"]["per_type"])
     lines = [
-        "| seed | " + " | ".join(f"`{t}`" for t in qtypes)
+        "| kernels | seed | " + " | ".join(f"`{t}`" for t in qtypes)
         + " | average | frames blanked | wall time | step s (median, p10-p90) |",
-        "|---" * (len(qtypes) + 5) + "|",
-        "| chance | " + " | ".join(f"{data['chance']['per_type'][t]:.2f}" for t in qtypes)
+        "|---" * (len(qtypes) + 6) + "|",
+        "| | chance | " + " | ".join(f"{data['chance']['per_type'][t]:.2f}" for t in qtypes)
         + f" | {data['chance']['accuracy']:.3f} | | | |",
     ]  # fmt: skip
     for run in data["runs"]:
@@ -679,11 +688,30 @@ def render_demo_seeds(p: Params) -> str:
             raise RenderError(f"seed {run['seed']}: no accuracy for {', '.join(missing)}")
         step, wall = run["step_s"], run["wall_s"]
         lines.append(
-            f"| {run['seed']} | " + " | ".join(f"{run['per_type'][t]['accuracy']:.2f}" for t in qtypes)
+            f"| {run['capability']} | {run['seed']} | "
+            + " | ".join(f"{run['per_type'][t]['accuracy']:.2f}" for t in qtypes)
             + f" | **{run['accuracy']:.3f}** | {run['novision_accuracy']:.3f} | {int(wall // 60)} min {wall % 60:.0f} s"
             + f" | {step['median']:.3f} ({step['p10']:.3f}-{step['p90']:.3f}) |"
         )  # fmt: skip
     return "\n".join(lines)
+
+
+@renderer("demo_output")
+def render_demo_output(p: Params) -> str:
+    """A fenced block of one demo run's console (``seed``, ``kernels``): its first ``head`` lines, the
+    lines that start with any of ``keep`` (comma-separated prefixes) and its last ``tail`` lines, with
+    ``...`` where lines are left out."""
+    console = _demo_run(p.file(), p)["console"]
+    head, tail = int(p.get("head", "1")), int(p.get("tail", "3"))
+    keep = tuple(prefix for prefix in p.get("keep", "").split(",") if prefix)
+    shown = [i for i, line in enumerate(console) if i < head or i >= len(console) - tail or line.startswith(keep)]
+    lines, last = ["```"], -1
+    for i in shown:
+        if i > last + 1:
+            lines.append("...")
+        lines.append(console[i])
+        last = i
+    return "\n".join([*lines, "```"])
 
 
 @renderer("video_decode_table")
@@ -779,6 +807,77 @@ def render_doc(doc: Path) -> tuple[str, list[str]]:
             )
     pieces.append(text[last:])
     return "".join(pieces), changes
+
+
+# --- hand-typed figures -----------------------------------------------------------------------------
+
+# Sections of measurements: every number there comes from a rendered region (or names code, in
+# backquotes). Elsewhere only figures with a unit are caught (a time, size, rate, share or ratio).
+MEASURED_SECTIONS = {"README.md": ("GPU results", "Roadmap"), "performance.md": ("*",)}
+_NUMBER = r"(?<![\w.\-/])\d[\d,]*(?:\.\d+)?(?:e-?\d+)?(?:\s?-\s?\d[\d,]*(?:\.\d+)?)?"
+_UNIT = (
+    r"(?:ms|us|µs|s|sec|seconds?|min|minutes?|h|hours?|GiB|MiB|KiB|GB|MB|KB|TB|TFLOP/s|GFLOP/s|GB/s|MB/s"
+    r"|tokens/s|it/s|times)"
+)
+# a number with a unit, a duration like 3m14s, or a number in scientific notation (an error, a tolerance)
+FIGURE = re.compile(rf"{_NUMBER}(?:\s?{_UNIT}|%|x)(?![\w/])|(?<![\w.\-/])\d+m\d+s\b|(?<![\w.\-/])\d(?:\.\d+)?e-?\d+\b")
+ANY_NUMBER = re.compile(rf"{_NUMBER}(?![\w])")
+# Not prose: rendered regions and HTML comments (which may span lines), then, line by line outside
+# fenced blocks, code spans, link targets and addresses.
+_NOT_PROSE_BLOCKS = re.compile(r"<!-- results: .*?<!-- /results -->|<!--.*?-->", re.S)
+_NOT_PROSE_INLINE = re.compile(r"``.+?``|`[^`\n]+`|\]\([^)]*\)|https?://\S+")
+
+
+def _blank(match: re.Match) -> str:
+    return re.sub(r"[^\n]", " ", match.group(0))  # same offsets and line numbers
+
+
+def _prose(text: str) -> str:
+    """``text`` with what is not prose blanked; fenced blocks with an info string (code) too, while
+    plain fences (a command's output) stay: their numbers are figures."""
+    out, fence = [], None
+    for line in _NOT_PROSE_BLOCKS.sub(_blank, text).splitlines(keepends=True):
+        stripped = line.lstrip()
+        if stripped.startswith("```"):
+            fence = (stripped[3:].strip() or "output") if fence is None else None
+            out.append(re.sub(r"[^\n]", " ", line))
+        elif fence is None:
+            out.append(_NOT_PROSE_INLINE.sub(_blank, line))
+        elif fence == "output":
+            out.append(line)
+        else:
+            out.append(re.sub(r"[^\n]", " ", line))
+    return "".join(out)
+
+
+def _measured_lines(doc: Path, text: str) -> set[int]:
+    """Line numbers of the document's measured sections (a heading's section ends at the next heading
+    of its level or above)."""
+    wanted = MEASURED_SECTIONS.get(doc.name, ())
+    lines, inside, level = set(), False, 0
+    for number, line in enumerate(text.splitlines(), 1):
+        heading = re.match(r"(#+)\s+(.*)", line)
+        if heading and (not inside or len(heading.group(1)) <= level):
+            inside = "*" in wanted or heading.group(2).strip() in wanted
+            level = len(heading.group(1))
+        elif inside or ("*" in wanted and not heading):
+            lines.add(number)
+    return lines
+
+
+def hand_typed_figures(doc: Path, text: str) -> list[str]:
+    """``doc:LINE: 'figure' in '...'`` for each number not rendered from a results file: figures with a
+    unit anywhere, and any number in the measured sections."""
+    prose = _prose(text)
+    measured = _measured_lines(doc, text)
+    shown = doc.relative_to(REPO) if doc.is_relative_to(REPO) else doc
+    found = []
+    for number, (line, original) in enumerate(zip(prose.splitlines(), text.splitlines(), strict=True), 1):
+        pattern = ANY_NUMBER if number in measured else FIGURE
+        for match in pattern.finditer(line):
+            context = original.strip()
+            found.append(f"{shown}:{number}: {match.group(0).strip()!r} in {context[:100]!r}")
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

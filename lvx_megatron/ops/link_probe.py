@@ -22,7 +22,11 @@ REPEATS = 5
 
 
 def _ring_exchange_seconds(
-    group: dist.ProcessGroup | None, send: torch.Tensor, recv: torch.Tensor, sync: Callable[[], None]
+    group: dist.ProcessGroup | None,
+    send: torch.Tensor,
+    recv: torch.Tensor,
+    sync: Callable[[], None],
+    clock: Callable[[], float],
 ) -> float:
     """Seconds of one send to the next rank and receive from the previous, started together."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -32,12 +36,12 @@ def _ring_exchange_seconds(
     ready = torch.zeros(1, device=send.device)
     dist.all_reduce(ready, group=group)  # every rank has arrived before the clock starts
     sync()
-    start = time.perf_counter()
+    start = clock()
     ops = [dist.P2POp(dist.isend, send, next_rank, group), dist.P2POp(dist.irecv, recv, prev_rank, group)]
     for work in dist.batch_isend_irecv(ops):
         work.wait()
     sync()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def probe_link(
@@ -47,6 +51,7 @@ def probe_link(
     small_bytes: int = SMALL_BYTES,
     large_bytes: int = LARGE_BYTES,
     repeats: int = REPEATS,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Link:
     """Measure ``group``'s ring link (None: the default group); every rank gets the same :class:`Link`.
 
@@ -54,7 +59,7 @@ def probe_link(
     the slowest of their measurements: pass the whole group when several subgroups (the nodes of a
     two-level group) are probed at once and must reach one choice. A group of one rank has nothing
     to measure: it contributes infinite bandwidth and zero latency. Not counted by
-    ``count_communication``.
+    ``count_communication``. ``clock``: seconds.
     """
     if not 0 < small_bytes < large_bytes:
         raise ValueError(
@@ -75,9 +80,11 @@ def probe_link(
             buffers.append((send, torch.empty_like(send)))
         for _ in range(2):  # warm-up: connections and threads are set up lazily
             for send, recv in buffers:
-                _ring_exchange_seconds(group, send, recv, sync)
+                _ring_exchange_seconds(group, send, recv, sync, clock)
         # Interleaved, so that a slow spell of the machine affects both sizes alike.
-        times = [[_ring_exchange_seconds(group, send, recv, sync) for send, recv in buffers] for _ in range(repeats)]
+        times = [
+            [_ring_exchange_seconds(group, send, recv, sync, clock) for send, recv in buffers] for _ in range(repeats)
+        ]
         medians = [statistics.median(column) for column in zip(*times, strict=True)]
         latency = medians[0]
         extra = medians[1] - medians[0]

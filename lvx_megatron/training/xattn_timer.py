@@ -45,7 +45,7 @@ class CrossAttentionTimer:
     """Accumulates seconds spent in every cross-attention module of ``model`` while active.
 
     ``sync`` waits for the device (:func:`device_sync`). ``module_types``: the modules timed
-    (megatron-style: ``forward(hidden, ...)`` returning ``(output, bias)``).
+    (megatron-style: ``forward(hidden, ...)`` returning ``(output, bias)``). ``clock``: seconds.
     """
 
     def __init__(
@@ -53,8 +53,9 @@ class CrossAttentionTimer:
         model: torch.nn.Module,
         sync: Callable[[], None],
         module_types: tuple[type, ...] = (ContextParallelCrossAttention,),
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self._sync = sync
+        self._sync, self._clock = sync, clock
         self.active = False
         self.seconds = 0.0
         self._handles = []
@@ -65,7 +66,7 @@ class CrossAttentionTimer:
 
     def _now(self) -> float:
         self._sync()
-        return time.perf_counter()
+        return self._clock()
 
     def _before(self, module, args, kwargs):
         if not self.active:
@@ -104,11 +105,18 @@ class StepTimer:
     """Mean time of a logging interval's ordinary steps, and cross-attention's share of the sampled ones.
 
     Steps whose iteration is a multiple of ``sample_every`` (0: none) run with ``xattn`` on; they
-    are timed on their own and left out of the step time. ``sync`` waits for the device.
+    are timed on their own and left out of the step time. ``sync`` waits for the device; ``clock``:
+    seconds.
     """
 
-    def __init__(self, xattn: CrossAttentionTimer, sample_every: int, sync: Callable[[], None]) -> None:
-        self.xattn, self.sample_every, self.sync = xattn, sample_every, sync
+    def __init__(
+        self,
+        xattn: CrossAttentionTimer,
+        sample_every: int,
+        sync: Callable[[], None],
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.xattn, self.sample_every, self.sync, self.clock = xattn, sample_every, sync, clock
         self._since: float | None = None  # start of the running stretch of ordinary steps
         self._sampled_start = 0.0
         self._reset()
@@ -121,7 +129,7 @@ class StepTimer:
         """End the running stretch of steps (before other work, e.g. evaluation); synchronises once."""
         if self._since is not None:
             self.sync()
-            self.seconds += time.perf_counter() - self._since
+            self.seconds += self.clock() - self._since
             self._since = None
 
     def start_step(self, iteration: int) -> None:
@@ -129,16 +137,16 @@ class StepTimer:
         if self.sample_every and iteration % self.sample_every == 0:
             self.pause()
             self.xattn.start()
-            self._sampled_start = time.perf_counter()
+            self._sampled_start = self.clock()
         elif self._since is None:
             self.sync()  # the work before this stretch (a previous one, evaluation) is not its time
-            self._since = time.perf_counter()
+            self._since = self.clock()
 
     def end_step(self) -> None:
         """After the step begun by :meth:`start_step`."""
         if self.xattn.active:
             self.sync()
-            self.sampled_seconds += time.perf_counter() - self._sampled_start
+            self.sampled_seconds += self.clock() - self._sampled_start
             self.xattn_seconds += self.xattn.stop()
             self.sampled_steps += 1
         else:

@@ -2,6 +2,7 @@
 
 import json
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -131,14 +132,72 @@ def test_device_slug_names_results_files(name, slug):
     assert results.device_slug(name) == slug
 
 
-def test_a_given_source_commit_overrides_the_copy_s_own_git(monkeypatch, tmp_path):
-    """A copied tree's .git can be stale; the commit the copier names wins, and dirtiness is unknown."""
-    monkeypatch.setenv(results.SOURCE_COMMIT_ENV, "a" * 40)
+def _committed_repo(path: Path) -> str:
+    """A repository with one commit (and an ignored file); its commit hash."""
+    _git(path, "init", "-q")
+    (path / "a.py").write_text("x = 1\n")
+    (path / ".gitignore").write_text("/.whl/\n")
+    _git(path, "add", "-A")
+    _git(path, "commit", "-q", "-m", "one")
+    (path / ".whl").mkdir()
+    (path / ".whl" / "w.whl").write_text("carried, ignored")
+    return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def test_a_given_source_commit_is_verified_by_the_copy_s_tree_hash(monkeypatch, tmp_path):
+    """A copied tree's .git can be stale: the commit the copier names wins, and the copy counts as clean
+    only when its files hash to that commit's tree (given, or found in the copy's .git)."""
+    commit = _committed_repo(tmp_path)
+    tree = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD^{tree}"], capture_output=True, text=True)
+    tree = tree.stdout.strip()
+    monkeypatch.setenv(results.SOURCE_COMMIT_ENV, commit)
     state = results.git_state(tmp_path)
-    assert state == {"commit": "a" * 40, "dirty": "unknown", "changed": "unknown", "source": "$LVX_SOURCE_COMMIT"}
+    assert state["commit"] == commit and state["dirty"] is False and state["tree"] == tree, state
+    assert state["tree_check"] == "verified" and state["source"] == "$LVX_SOURCE_COMMIT"
+
+    other = "b" * 40  # a commit the copy's .git does not hold: its tree must be given
+    monkeypatch.setenv(results.SOURCE_COMMIT_ENV, other)
+    state = results.git_state(tmp_path)
+    assert state["dirty"] == "unknown" and "set $LVX_SOURCE_TREE" in state["tree_check"], state
+    monkeypatch.setenv(results.SOURCE_TREE_ENV, tree)
+    state = results.git_state(tmp_path)
+    assert state["commit"] == other and state["dirty"] is False and state["tree_check"] == "verified"
+
+    (tmp_path / "a.py").write_text("x = 2\n")
+    (tmp_path / "new.py").write_text("")
+    state = results.git_state(tmp_path)
+    assert state["dirty"] is True and sorted(state["changed"]) == ["a.py", "new.py"], state
+    assert state["tree"] != tree and tree in state["tree_check"]
+    assert (tmp_path / ".git" / "index").is_file()  # the repository's own index is untouched
+    staged = subprocess.run(["git", "-C", str(tmp_path), "diff", "--cached", "--name-only"], capture_output=True)
+    assert staged.stdout == b""
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "new.py").unlink()
+    shutil.rmtree(tmp_path / ".git")  # a copy without its .git: the tree hash is still its files'
+    clean = {**state, "dirty": False, "changed": [], "tree": tree, "tree_check": "verified"}
+    assert results.git_state(tmp_path) == clean
 
 
 def test_rows_table_formats_each_column_and_leaves_missing_values_empty():
     rows = [{"case": "a", "ms": 1.234, "share": 0.5}, {"case": "b", "ms": 10.0, "share": None}]
     table = results.rows_table(rows, [("case", ""), ("ms", ".1f"), ("share", ".0%")])
     assert table.splitlines() == ["| case | ms | share |", "|---|---|---|", "| a | 1.2 | 50% |", "| b | 10.0 |  |"]
+
+
+def _committed_results() -> list[Path]:
+    return sorted((results.REPO / "benchmarks" / "results").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", _committed_results(), ids=lambda p: p.name)
+def test_every_committed_results_file_proves_its_commit(path):
+    """A committed file names a commit of this history and says its tree was exactly that commit's:
+    ``dirty: false`` with the tree hash (verified against ``$LVX_SOURCE_COMMIT`` on a GPU machine's copy)."""
+    git = json.loads(path.read_text())["meta"].get("git", {})
+    assert git.get("dirty") is False and git.get("tree"), (
+        f"{path.name}: git {git}; regenerate it from a clean tree (docs/results.md) or remove it with its numbers"
+    )
+    known = subprocess.run(
+        ["git", "-C", str(results.REPO), "merge-base", "--is-ancestor", git["commit"], "HEAD"], capture_output=True
+    )
+    assert known.returncode == 0, f"{path.name}: commit {git['commit']} is not in this history"

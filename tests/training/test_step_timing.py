@@ -1,12 +1,11 @@
 """Step timing: ordinary steps are timed without synchronisation, cross-attention on sampled steps only.
 
-Known sleeps stand in for work: a timer must measure at least them (sleeps never end early) and
-not much more (the slack is far below the sleeps around the timed code that a wrong timer would
-add).
+Work of known length stands in for the model's: it advances a fake clock that the timers read, so
+what they must measure is exact whatever the machine's load (a wrong timer would add the work
+around the timed code, or miss the backward).
 """
 
 import json
-import time
 
 import pytest
 import torch
@@ -21,19 +20,33 @@ from lvx_megatron.training.xattn_timer import CrossAttentionTimer, StepTimer
 XATTN_FWD_S, XATTN_BWD_S = 0.02, 0.01  # inside the timed module
 AROUND_S = 0.05  # forward and backward of the layers before and after it
 SAMPLING_COST_S = 0.1  # what a sampled step's synchronisations cost on a GPU, emulated
-SLACK_S = 0.015
+
+
+class _Clock:
+    """Seconds that pass only when work runs (:meth:`sleep`)."""
+
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+CLOCK = _Clock()
 
 
 class _Sleep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fwd_s: float, bwd_s: float):
         ctx.bwd_s = bwd_s
-        time.sleep(fwd_s)
+        CLOCK.sleep(fwd_s)
         return x * 1.0
 
     @staticmethod
     def backward(ctx, grad):
-        time.sleep(ctx.bwd_s)
+        CLOCK.sleep(ctx.bwd_s)
         return grad, None, None
 
 
@@ -61,7 +74,7 @@ def _step(model: _Model) -> None:
 
 
 def _timer(model: _Model, sync=lambda: None) -> CrossAttentionTimer:
-    return CrossAttentionTimer(model, sync, module_types=(_CrossAttention,))
+    return CrossAttentionTimer(model, sync, module_types=(_CrossAttention,), clock=CLOCK)
 
 
 def test_cross_attention_timer_measures_forward_and_backward_of_its_modules_only():
@@ -73,9 +86,9 @@ def test_cross_attention_timer_measures_forward_and_backward_of_its_modules_only
     _step(model)
     seconds = timer.stop()
     inside = 2 * (XATTN_FWD_S + XATTN_BWD_S)
-    # At least both layers' forward and backward (missing the backward would give 0.04), and none of
-    # the 0.2 s of the layers around them.
-    assert inside <= seconds < inside + SLACK_S, seconds
+    # Both layers' forward and backward (missing the backward would give 0.04), and none of the 0.2 s
+    # of the layers around them.
+    assert seconds == pytest.approx(inside, rel=1e-9), seconds
     _step(model)  # stopped: the total stays
     assert timer.seconds == seconds
 
@@ -83,22 +96,22 @@ def test_cross_attention_timer_measures_forward_and_backward_of_its_modules_only
 def test_step_timer_leaves_sampled_steps_out_of_the_step_time():
     model = _Model(cross_layers=1)
     timer = _timer(model)
-    steps = StepTimer(timer, sample_every=3, sync=lambda: None)
+    steps = StepTimer(timer, sample_every=3, sync=lambda: None, clock=CLOCK)
     for iteration in range(1, 7):  # 3 and 6 are sampled
         steps.start_step(iteration)
         _step(model)
         if timer.active:
-            time.sleep(SAMPLING_COST_S)
+            CLOCK.sleep(SAMPLING_COST_S)
         steps.end_step()
         if iteration == 4:
             steps.pause()  # e.g. an evaluation: not a step's time
-            time.sleep(0.2)
+            CLOCK.sleep(0.2)
     times = steps.interval()
     ordinary = 4 * AROUND_S + XATTN_FWD_S + XATTN_BWD_S
     # Counting the sampled steps would add 0.05 s per step on average, the pause 0.05 s.
-    assert ordinary <= times["step_s"] < ordinary + SLACK_S, times
+    assert times["step_s"] == pytest.approx(ordinary, rel=1e-9), times
     share = (XATTN_FWD_S + XATTN_BWD_S) / (ordinary + SAMPLING_COST_S)
-    assert 0.85 * share < times["xattn_time_share"] < 1.15 * share, times
+    assert times["xattn_time_share"] == pytest.approx(share, rel=1e-9), times
     assert (steps.steps, steps.sampled_steps) == (0, 0)  # the interval starts afresh
 
 
