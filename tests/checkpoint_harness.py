@@ -63,14 +63,21 @@ def flip_a_weight(folder: Path, key: str) -> None:
 
 
 class _FailingFile:
-    """A file opened for writing whose first write stores half of its data, then raises ``error``."""
+    """A file opened for writing that takes ``room`` bytes (None: half of its first write), stores what fits of
+    the write that needs more, then raises ``error`` (noted in ``failed``)."""
 
-    def __init__(self, file, error: BaseException) -> None:
-        self._file, self._error = file, error
+    def __init__(self, file, error: BaseException, room: int | None, failed: list) -> None:
+        self._file, self._error, self._room, self._failed = file, error, room, failed
 
     def write(self, data):
-        self._file.write(data[: len(data) // 2])
+        data = data if isinstance(data, str) else memoryview(data).cast("B")  # sliced by character or byte
+        room = len(data) // 2 if self._room is None else self._room
+        if len(data) <= room:
+            self._room = room - len(data)
+            return self._file.write(data)
+        self._file.write(data[:room])
         self._file.flush()
+        self._failed.append(self._error)
         raise self._error
 
     def __getattr__(self, name):
@@ -84,19 +91,20 @@ class _FailingFile:
 
 
 @contextlib.contextmanager
-def failing_writes(name: str, error: BaseException):
-    """Writes to files named ``name`` (or its temporary ``name.tmp``) fail midway with ``error``: with
-    ENOSPC, a disk that fills up while that file is written; with :class:`Killed`, a kill at that moment.
+def failing_writes(name: str, error: BaseException, room: int | None = None, failed: list | None = None):
+    """Writes to files named ``name`` (or its temporary ``name.tmp``) fail with ``error`` once ``room`` bytes
+    are written (default: midway through the first write): with ENOSPC, a disk that fills up while that file
+    is written; with :class:`Killed`, a kill at that moment. Each failure is appended to ``failed``.
 
     Every opener goes through ``builtins.open`` or ``io.open`` (pathlib, megatron's writer threads,
     torch.distributed.checkpoint), so the failure takes the same path as a real one.
     """
-    real = io.open
+    real, failed = io.open, [] if failed is None else failed
 
     def opener(file, mode="r", *args, **kwargs):
         handle = real(file, mode, *args, **kwargs)
         if isinstance(file, str | os.PathLike) and set(mode) & set("wax") and Path(file).name in (name, name + ".tmp"):
-            return _FailingFile(handle, error)
+            return _FailingFile(handle, error, room, failed)
         return handle
 
     builtins.open = io.open = opener
@@ -108,6 +116,24 @@ def failing_writes(name: str, error: BaseException):
 
 def disk_full() -> OSError:
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@contextlib.contextmanager
+def full_disk(name: str, room: int | None = None):
+    """A disk that fills up while ``name`` is written (:func:`failing_writes` with ENOSPC) and from then on
+    reports no free space."""
+    real, failed = shutil.disk_usage, []
+
+    def usage(path):
+        found = real(path)
+        return type(found)(found.total, found.total, 0) if failed else found
+
+    shutil.disk_usage = usage
+    try:
+        with failing_writes(name, disk_full(), room, failed):
+            yield
+    finally:
+        shutil.disk_usage = real
 
 
 def kill_at(target: str):
@@ -216,34 +242,36 @@ class Loaders:
         from lvx_megatron.training.checkpointing import load_checkpoint
 
         def load():
-            state = self.state(self.config(ckpt, **overrides))
-            return load_checkpoint(state, ckpt), _weights(state.stage)
+            cfg = self.config(ckpt, **overrides)
+            state = self.state(cfg)
+            iteration = load_checkpoint(state, cfg)
+            return iteration, _weights(state.stage), state.optimizer.param_groups[0]["lr"]
 
         with own_process_groups():
             loaded, error, out, err = _captured(load)
             parallel_state.destroy_model_parallel()
-        iteration, weights = loaded or (None, None)
-        return {"error": error, "stdout": out, "stderr": err, "output": weights, "iteration": iteration}
+        iteration, weights, lr = loaded or (None, None, None)
+        return {"error": error, "stdout": out, "stderr": err, "output": weights, "iteration": iteration, "lr": lr}
 
-    def export(self, ckpt: Path, out_dir: Path | None = None) -> dict:
+    def export(self, ckpt: Path, out_dir: Path | None = None, flags: tuple[str, ...] = ()) -> dict:
         from safetensors.torch import load_file
 
         from tools.convert_hf_checkpoint import main
 
         out_dir = out_dir or self.work / "exported"
         shutil.rmtree(out_dir, ignore_errors=True)
-        argv = ["export", "--load", str(ckpt), "--out", str(out_dir), "--vocab-size", str(EXPORT_VOCAB)]
+        argv = ["export", "--load", str(ckpt), "--out", str(out_dir), "--vocab-size", str(EXPORT_VOCAB), *flags]
         with own_process_groups():
             rc, error, out, err = _captured(main, argv)
         weights = load_file(out_dir / "model.safetensors") if rc == 0 else None
         return {"rc": rc, "error": error, "stdout": out, "stderr": err, "output": weights}
 
-    def forward(self, ckpt: Path) -> dict:
+    def forward(self, ckpt: Path, flags: tuple[str, ...] = ()) -> dict:
         from tools.mllama_forward import main
 
         output = self.work / "logits.pt"
         output.unlink(missing_ok=True)
-        argv = ["--load", str(ckpt), "--inputs", str(self.inputs), "--output", str(output)]
+        argv = ["--load", str(ckpt), "--inputs", str(self.inputs), "--output", str(output), *flags]
         with own_process_groups():
             rc, error, out, err = _captured(main, argv)
         logits = {"logits": torch.load(output)} if rc == 0 else None
@@ -260,7 +288,7 @@ def perturbed(loaders: Loaders, base: Path, **overrides):
     with own_process_groups():  # the loaders rebuild megatron's process groups: a state is used in one go
         cfg = loaders.config(base, **overrides)
         state = loaders.state(cfg)
-        load_checkpoint(state, base)
+        load_checkpoint(state, cfg)
         with torch.no_grad():
             for param in state.stage.parameters():
                 param.add_(0.25)
@@ -281,7 +309,7 @@ def _save_fault(ckpt: Path, spec: dict, saver) -> dict:
     if "kill_writing" in spec:
         injected = failing_writes(spec["kill_writing"], Killed("killed while writing"))
     elif "full_disk" in spec:
-        injected = failing_writes(spec["full_disk"], disk_full())
+        injected = full_disk(spec["full_disk"], spec.get("room"))
 
     def save():
         with injected:
@@ -353,7 +381,7 @@ def _cli(loaders: Loaders, ckpt: Path, spec: dict) -> dict:
         target[key] = value
     config = loaders.work / "cli.yaml"
     config.write_text(yaml.safe_dump(tree))
-    injected = failing_writes(spec["full_disk"], disk_full()) if "full_disk" in spec else contextlib.nullcontext()
+    injected = full_disk(spec["full_disk"]) if "full_disk" in spec else contextlib.nullcontext()
     with injected, own_process_groups():
         _, error, out, err = _captured(main, ["--config", str(config)])
     return {
@@ -363,6 +391,16 @@ def _cli(loaders: Loaders, ckpt: Path, spec: dict) -> dict:
         "listing": sorted(p.name for p in ckpt.iterdir()),
         "tracker": (ckpt / TRACKER).read_text(),
     }
+
+
+def _older_save(ckpt: Path, iteration: int, saver) -> None:
+    """Save ``saver``'s state as ``iteration`` the way saves did before checkpoints held the run config."""
+    from lvx_megatron.training.checkpointing import _sharded_state, write_checkpoint
+
+    sharded = _sharded_state(saver.state, is_loading=False)
+    write_checkpoint(
+        {**sharded, "scheduler": saver.state.scheduler.state_dict(), "iteration": iteration}, ckpt, iteration
+    )
 
 
 def _label(output: dict | None, references: dict[str, dict]) -> str | None:
@@ -384,6 +422,11 @@ def _summary(outcome: dict, references: dict[str, dict]) -> dict:
 def fault_matrix(rank: int, world_size: int, root: str, cases: list[dict]) -> dict:
     """Worker: trains the tiny model 4 iterations into ``root/base`` (checkpoints at 2 and 4), then runs
     every case of ``cases`` on its own copy of that folder (one process: spawning costs seconds).
+
+    A case may damage files (``damage``), set the tracker (``tracker``), save the perturbed state as an
+    older version did (``older_save``: its iteration), fault a save (``save``), resume training
+    (``resume``), run the command line (``cli``), and give the trainer's loader config overrides
+    (``overrides``) and the tools flags (``flags``).
 
     Returns ``{case id: result}``: for load cases, each loader's outcome (what it printed, its error, and
     which reference its output equals: ``iter_4`` (the intact newest), ``iter_2`` (the intact fallback) or
@@ -440,6 +483,9 @@ def fault_matrix(rank: int, world_size: int, root: str, cases: list[dict]) -> di
                 result["resume"] = _summary(_resume(loaders, ckpt, case["resume"]), {})
             if "cli" in case:
                 result["cli"] = _cli(loaders, ckpt, case["cli"])
+            if "older_save" in case:
+                with perturbed(loaders, base) as saver:
+                    _older_save(ckpt, case["older_save"], saver)
             if "save" in case:
                 keep_last = {"checkpoint.keep_last": case["save"].get("keep_last", 0)}
                 with perturbed(loaders, base, **keep_last) as saver:
@@ -453,7 +499,7 @@ def fault_matrix(rank: int, world_size: int, root: str, cases: list[dict]) -> di
                 if loader == "train":
                     outcome = loaders.train(ckpt, **case.get("overrides", {}))
                 else:
-                    outcome = getattr(loaders, loader)(ckpt)
+                    outcome = getattr(loaders, loader)(ckpt, flags=tuple(case.get("flags", ())))
                 result[loader] = _summary(outcome, references[loader])
         except BaseException:
             result["crash"] = traceback.format_exc()
@@ -474,8 +520,8 @@ def full_disk_on_rank(rank: int, world_size: int, root: str, failing_rank: int) 
     loaders = Loaders(str(Path(root) / "data"), Path(root) / f"work_world{world_size}_rank{rank}")
     cfg = loaders.config(base, **{"parallel.tensor_model_parallel_size": world_size})
     state = loaders.state(cfg)
-    load_checkpoint(state, base)
-    failing = failing_writes(f"__{failing_rank}_0.distcp", disk_full()) if rank == failing_rank else None
+    load_checkpoint(state, cfg)
+    failing = full_disk(f"__{failing_rank}_0.distcp") if rank == failing_rank else None
     with failing or contextlib.nullcontext():
         _, error, _, err = _captured(save_checkpoint, state, cfg, 6, ckpt)
     dist.barrier()

@@ -4,8 +4,11 @@ worker that scores it with ``tools/evaluate.py`` and clip by clip."""
 from train_harness import TINY, run_configs, small_run
 
 EVAL_CLIPS = 64
-# 10 steps at the tiny config's rate: some answers right (the answer prior), not all.
+# 10 steps at the tiny config's rate: some answers right (the answer prior), not all; a checkpoint and a
+# held-out evaluation at iteration 5 too (the fallback when iteration 10's is damaged).
 EVAL_RUN = {
+    "checkpoint.save_interval": 5,
+    "training.eval_interval": 5,
     "data.train_samples": 320,
     "data.eval_samples": EVAL_CLIPS,
     "training.micro_batch_size": 16,

@@ -148,8 +148,9 @@ def train_state_from_import(rank: int, world_size: int, ckpt: str, precision: st
 
     device = init_distributed()
     overrides = {"parallel.tensor_model_parallel_size": world_size, "training.precision": precision}
-    state = build_train_state(load_config(Path(ckpt) / "model.yaml", overrides), VOCAB + 1, device)
-    iteration = load_checkpoint(state, ckpt)
+    cfg = load_config(Path(ckpt) / "model.yaml", {**overrides, "checkpoint.load": ckpt})
+    state = build_train_state(cfg, VOCAB + 1, device)
+    iteration = load_checkpoint(state, cfg)
     weight = state.stage.embedding.word_embeddings.weight
     full = unshard(weight.detach().float(), weight, "embedding.word_embeddings.weight", True, state.pg.tp)
     gap = 0.0

@@ -102,3 +102,27 @@ def signal_run(rank: int, world_size: int, overrides: dict, signal_rank: int, si
         return trainer.run()
     finally:
         trainer.close()
+
+
+def inf_weight_run(rank: int, world_size: int, overrides: dict, iteration: int) -> dict:
+    """Worker: iteration ``iteration``'s optimizer step leaves one weight at inf."""
+    import torch
+
+    from lvx_megatron.training.config import load_config
+    from lvx_megatron.training.loop import Trainer
+
+    trainer = Trainer(load_config(TINY, overrides))
+    original = trainer.train_step
+
+    def step():
+        metrics = original()
+        if trainer.iteration + 1 == iteration:  # the loop counts the iteration after its step
+            with torch.no_grad():
+                next(trainer.state.stage.parameters()).view(-1)[0] = float("inf")
+        return metrics
+
+    trainer.train_step = step
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

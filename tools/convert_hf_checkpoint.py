@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lvx_megatron.hf.exporter import export_checkpoint
 from lvx_megatron.hf.importer import import_checkpoint
-from lvx_megatron.hf.model import DTYPES, UNINFORMATIVE_WARNINGS
+from lvx_megatron.hf.model import DTYPES, UNINFORMATIVE_WARNINGS, add_allow_unverified_flag
 
 warnings.filterwarnings("ignore", message=UNINFORMATIVE_WARNINGS)
 
@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     exp.add_argument("--vocab-size", type=int, help="text vocab_size, when neither --hf-config nor import gives it")
     exp.add_argument("--max-shard-size", type=_size, default="5GB", help="largest safetensors file (default 5GB)")
+    add_allow_unverified_flag(exp)
     return parser.parse_args(argv)
 
 
@@ -62,7 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import":
             import_checkpoint(args.hf_dir, args.out, args.dtype)
         else:
-            export_checkpoint(args.load, args.out, args.dtype, args.hf_config, args.vocab_size, args.max_shard_size)
+            export_checkpoint(
+                args.load,
+                args.out,
+                args.dtype,
+                args.hf_config,
+                args.vocab_size,
+                args.max_shard_size,
+                args.allow_unverified,
+            )
     except ValueError as exc:  # ConfigError included: one line naming the field
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,8 +6,9 @@ Loads the newest checkpoint under RUN_DIR (the run config saved in it unless ``-
 into TP x CP (x data-parallel replicas = the rest of the processes), and for each clip of the split
 generates an answer greedily (exact match against the reference, white space aside) and scores the
 same clip teacher-forced (every answer token the arg-max, as the training loop's held-out
-``accuracy``). Prints a table per question type, beside the last held-out accuracy the run logged
-in its ``metrics.jsonl``; ``--output`` writes it as a results file.
+``accuracy``). Prints a table per question type, beside the held-out accuracy the run logged in its
+``metrics.jsonl`` at the checkpoint's iteration (none when it did not evaluate there); ``--output``
+writes it as a results file.
 """
 
 import argparse
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from lvx_megatron.hf.model import UNINFORMATIVE_WARNINGS
+from lvx_megatron.hf.model import UNINFORMATIVE_WARNINGS, add_allow_unverified_flag
 
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 warnings.filterwarnings("ignore", message=UNINFORMATIVE_WARNINGS)
@@ -42,18 +43,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=16)
     parser.add_argument("--output", type=Path, help="write the scores as a results file (JSON)")
     add_layout_flags(parser)
+    add_allow_unverified_flag(parser)
     return parser.parse_args(argv)
 
 
-def logged_accuracy(run_dir: Path) -> dict | None:
-    """The last held-out record of the run's ``metrics.jsonl`` (None without one)."""
+def logged_accuracy(run_dir: Path, iteration: int) -> dict | None:
+    """The run's held-out record of ``iteration`` in its ``metrics.jsonl`` (the last one, when a resumed run
+    evaluated it again; None without one)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
     last = None
     for line in path.read_text().splitlines():
         record = json.loads(line) if line.strip() else {}
-        if record.get("kind") == "eval":
+        if record.get("kind") == "eval" and record.get("iteration") == iteration:
             last = record
     return last
 
@@ -75,11 +78,10 @@ def rows_of(evaluation, logged: dict | None) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict], evaluation, logged: dict | None) -> None:
+def print_table(rows: list[dict], evaluation, logged: dict | None, iteration: int) -> None:
     """The scores as a markdown table, the skipped clips and a few answers."""
     from lvx_megatron.results import rows_table
 
-    it = f" at iteration {logged['iteration']}" if logged else ""
     print(
         rows_table(
             rows,
@@ -92,7 +94,8 @@ def print_table(rows: list[dict], evaluation, logged: dict | None) -> None:
             ],
         )
     )
-    print(f"(logged_teacher_forced: the run's last held-out evaluation{it or ': none logged'}, on its own draws)")
+    there = "on its own draws" if logged else "none logged there"
+    print(f"(logged_teacher_forced: the run's held-out evaluation at the checkpoint's iteration {iteration}, {there})")
     if evaluation.skipped:
         print(f"{evaluation.skipped} clips skipped (too many frames or tokens for the run's data settings)")
     for ex in evaluation.examples:
@@ -106,7 +109,9 @@ def evaluate(args: argparse.Namespace, argv: list[str] | None) -> None:
     from lvx_megatron.results import write_results
     from lvx_megatron.training.data import prepare_datasets
 
-    loaded = load_for_generation(args.run_dir, args.config, args.tensor_model_parallel_size, args.context_parallel_size)
+    loaded = load_for_generation(
+        args.run_dir, args.config, args.tensor_model_parallel_size, args.context_parallel_size, args.allow_unverified
+    )
     cfg = loaded.cfg
     if cfg.data.kind == "energon":
         raise ValueError(
@@ -121,7 +126,8 @@ def evaluate(args: argparse.Namespace, argv: list[str] | None) -> None:
         count = min(args.limit or len(dataset), len(dataset))
         print(
             f"[evaluate] {cfg.model.architecture} from {args.run_dir} (TP {p.tensor_model_parallel_size}, "
-            f"CP {p.context_parallel_size}, {replicas} replicas): {count} clips of {cfg.data.path} {args.split}",
+            f"CP {p.context_parallel_size}, {replicas} replicas), iteration {loaded.checkpoint.iteration} "
+            f"({loaded.checkpoint.reason}): {count} clips of {cfg.data.path} {args.split}",
             flush=True,
         )
     evaluation = evaluate_answers(
@@ -133,12 +139,20 @@ def evaluate(args: argparse.Namespace, argv: list[str] | None) -> None:
         args.limit,
         ProgressLine(writer),
     )
-    logged = logged_accuracy(args.run_dir)
+    iteration = loaded.checkpoint.iteration
+    logged = logged_accuracy(args.run_dir, iteration)
     rows = rows_of(evaluation, logged)
     if writer:
-        print_table(rows, evaluation, logged)
+        print_table(rows, evaluation, logged, iteration)
         if args.output is not None:
-            meta = {"run_dir": str(args.run_dir), "split": args.split, "architecture": cfg.model.architecture}
+            meta = {
+                "run_dir": str(args.run_dir),
+                "split": args.split,
+                "architecture": cfg.model.architecture,
+                "iteration": iteration,
+                "checkpoint": str(loaded.checkpoint.path),
+                "why": loaded.checkpoint.reason,
+            }
             write_results(
                 str(args.output), "evaluate.py", argv, meta, rows=rows, skipped=evaluation.skipped,
                 examples=evaluation.examples,

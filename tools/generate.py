@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from lvx_megatron.hf.model import UNINFORMATIVE_WARNINGS
+from lvx_megatron.hf.model import UNINFORMATIVE_WARNINGS, add_allow_unverified_flag
 
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 warnings.filterwarnings("ignore", message=UNINFORMATIVE_WARNINGS)
@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float_in("--top-p", 0, 1, True), default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling draws")
     add_layout_flags(parser)
+    add_allow_unverified_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -95,7 +96,9 @@ def answer(args: argparse.Namespace) -> None:
     """Load the checkpoint, build the prompt and stream the answer (global rank 0 prints)."""
     from lvx_megatron.generation import Sampling, build_prompts, generate, load_for_generation
 
-    loaded = load_for_generation(args.load, args.config, args.tensor_model_parallel_size, args.context_parallel_size)
+    loaded = load_for_generation(
+        args.load, args.config, args.tensor_model_parallel_size, args.context_parallel_size, args.allow_unverified
+    )
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
     frames = read_frames(args, cfg.data.max_images)
     try:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from lvx_megatron.hf.forward import forward_logits
-from lvx_megatron.hf.model import UNINFORMATIVE_WARNINGS
+from lvx_megatron.hf.model import UNINFORMATIVE_WARNINGS, add_allow_unverified_flag
 
 warnings.filterwarnings("ignore", message=UNINFORMATIVE_WARNINGS)
 
@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parser.add_argument("--context-parallel-size", type=int, default=1)
     parser.add_argument("--vocab-size", type=int, help="crop logits to this vocabulary (default: HF's, if imported)")
+    add_allow_unverified_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             args.pipeline_model_parallel_size,
             args.context_parallel_size,
             args.vocab_size,
+            args.allow_unverified,
         )
         if logits is not None:
             torch.save(logits, args.output)

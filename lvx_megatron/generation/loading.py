@@ -8,21 +8,23 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from ..data.tokenizer import Tokenizer
-from ..hf.model import checkpoint_path, init_single_process, validated_run_config
+from ..hf.model import chosen_checkpoint, init_single_process, validated_run_config
 from ..models.vlm import VisionLanguageModel
-from ..training.checkpointing import load_model_weights
+from ..training.checkpointing import Chosen, check_same_model, load_model_weights
 from ..training.config import RunConfig, load_config
 from ..training.data import make_tokenizer
-from ..training.setup import build_model, init_model_parallel
+from ..training.setup import build_model, init_model_parallel, text_settings
 
 
 @dataclass
 class GenerationModel:
-    """The loaded model (eval mode), its run config (with the generation layout) and tokenizer."""
+    """The loaded model (eval mode), its run config (with the generation layout), tokenizer, and which
+    checkpoint it came from and why that one."""
 
     model: VisionLanguageModel
     cfg: RunConfig
     tokenizer: Tokenizer
+    checkpoint: Chosen
 
 
 def generation_config(cfg: RunConfig, tensor_parallel: int | None, context_parallel: int | None) -> RunConfig:
@@ -54,23 +56,29 @@ def load_for_generation(
     config: Path | None = None,
     tensor_parallel: int | None = None,
     context_parallel: int | None = None,
+    allow_unverified: bool = False,
 ) -> GenerationModel:
     """The newest intact checkpoint under ``load`` on this rank (collective over the world).
 
-    ``config``: the run's YAML (default: the run config saved in the checkpoint).
+    ``config``: the run's YAML (default: the run config saved in the checkpoint; a given one must describe
+    the checkpoint's model). A checkpoint that cannot be verified against a manifest only with
+    ``allow_unverified``.
     """
     init_single_process()  # a world of one without torchrun; CPU compatibility for megatron
-    path = checkpoint_path(Path(load))
+    chosen = chosen_checkpoint(Path(load), allow_unverified)
+    path = chosen.path
+    common = dist_checkpointing.load_common_state_dict(str(path))
     if config is None:
-        saved = dist_checkpointing.load_common_state_dict(str(path)).get("run_config")
-        if saved is None:
+        if common.get("run_config") is None:
             raise ValueError(f"--config: {path} holds no run config; give the run's YAML")
-        cfg = validated_run_config(saved)
+        cfg = validated_run_config(common["run_config"])
     else:
         cfg = load_config(config)
     cfg = generation_config(cfg, tensor_parallel, context_parallel)
     tokenizer = make_tokenizer(cfg)
+    if config is not None:
+        check_same_model(path, common, cfg, text_settings(cfg, tokenizer.vocab_size).padded_vocab_size, "--config")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     _, model = build_model(cfg, tokenizer.vocab_size, init_model_parallel(cfg), device)
     load_model_weights(model, path)
-    return GenerationModel(in_run_precision(model).eval(), cfg, tokenizer)
+    return GenerationModel(in_run_precision(model).eval(), cfg, tokenizer, chosen)

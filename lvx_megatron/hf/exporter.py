@@ -10,10 +10,9 @@ import torch
 from lvx_megatron.hf.model import (
     DTYPES,
     build_skeleton,
-    checkpoint_path,
+    chosen_checkpoint,
     grouped,
     init_single_process,
-    padded_vocab_size,
     validated_run_config,
 )
 
@@ -67,18 +66,20 @@ def export_checkpoint(
     hf_config: Path | None = None,
     vocab_size: int | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    allow_unverified: bool = False,
 ) -> None:
-    """Our newest checkpoint under ``load`` -> HF directory ``out`` (config.json + safetensors)."""
+    """Our newest intact checkpoint under ``load`` -> HF directory ``out`` (config.json + safetensors); one that
+    cannot be verified against a manifest only with ``allow_unverified``."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     from lvx_megatron.models import hf_mapping
     from lvx_megatron.models.weight_init import global_parameter_names
-    from lvx_megatron.training.checkpointing import load_model_weights
+    from lvx_megatron.training.checkpointing import load_model_weights, padded_vocab_size
     from lvx_megatron.training.setup import init_model_parallel
 
     init_single_process()
-    path = checkpoint_path(load)
+    path = chosen_checkpoint(load, allow_unverified).path
     common = dist_checkpointing.load_common_state_dict(str(path))
     run_config = dict(common["run_config"])
     run_config["parallel"] = {}  # export loads into one process

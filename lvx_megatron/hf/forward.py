@@ -7,13 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lvx_megatron.hf.model import (
-    build_skeleton,
-    checkpoint_path,
-    init_single_process,
-    padded_vocab_size,
-    validated_run_config,
-)
+from lvx_megatron.hf.model import build_skeleton, chosen_checkpoint, init_single_process, validated_run_config
 
 KEYS = ("input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
 
@@ -47,16 +41,23 @@ def _gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def load_model(load: Path, tensor_parallel: int = 1, pipeline_parallel: int = 1, context_parallel: int = 1):
-    """This rank's float32 stage of the newest checkpoint under ``load`` in the given layout, and the
-    HF vocabulary size (None when the checkpoint does not record it). Collective over the world."""
+def load_model(
+    load: Path,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    context_parallel: int = 1,
+    allow_unverified: bool = False,
+):
+    """This rank's float32 stage of the newest intact checkpoint under ``load`` in the given layout, and the
+    HF vocabulary size (None when the checkpoint does not record it). Collective over the world. A
+    checkpoint that cannot be verified against a manifest only with ``allow_unverified``."""
     from megatron.core import dist_checkpointing
 
-    from lvx_megatron.training.checkpointing import load_model_weights
+    from lvx_megatron.training.checkpointing import load_model_weights, padded_vocab_size
     from lvx_megatron.training.setup import init_model_parallel
 
     init_single_process()  # joins a world of one without torchrun; CPU compatibility for megatron
-    path = checkpoint_path(load)
+    path = chosen_checkpoint(load, allow_unverified).path
     common = dist_checkpointing.load_common_state_dict(str(path))
     tree = dict(common["run_config"])
     tree["parallel"] = {
@@ -126,12 +127,13 @@ def forward_logits(
     pipeline_parallel: int = 1,
     context_parallel: int = 1,
     vocab_size: int | None = None,
+    allow_unverified: bool = False,
 ) -> torch.Tensor | None:
     """:func:`load_model` then :func:`logits_on_rank0` (HF's vocabulary unless ``vocab_size``)."""
     from megatron.core import parallel_state as ps
 
     _check_inputs(inputs)
-    model, hf_vocab = load_model(load, tensor_parallel, pipeline_parallel, context_parallel)
+    model, hf_vocab = load_model(load, tensor_parallel, pipeline_parallel, context_parallel, allow_unverified)
     try:
         return logits_on_rank0(model, inputs, vocab_size or hf_vocab)
     finally:

@@ -4,8 +4,12 @@ stage to fill or read, and the checkpoint and run config to read it from."""
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lvx_megatron.training.checkpointing import Chosen
 
 # megatron-core and torch.distributed.checkpoint warnings that say nothing about a conversion or a
 # forward (the command lines filter them; a library leaves the caller's filters alone).
@@ -82,19 +86,27 @@ def validated_run_config(tree: dict):
         raise ConfigError(_one_line(exc)) from None
 
 
-def checkpoint_path(load: Path) -> Path:
-    """The checkpoint under ``load`` that training would resume from: the tracker's if it is intact, else
-    the newest older intact one, each one passed over printed (collective; after :func:`init_single_process`)."""
+def add_allow_unverified_flag(parser) -> None:
+    """``--allow-unverified`` of the tools that load a checkpoint (see :func:`chosen_checkpoint`)."""
+    parser.add_argument(
+        "--allow-unverified", action="store_true", help="use a checkpoint that has no manifest to check it against"
+    )
+
+
+def chosen_checkpoint(load: Path, allow_unverified: bool = False) -> "Chosen":
+    """The checkpoint under ``load`` that training would resume from (``training.checkpointing.Chosen``): the
+    tracker's if it is intact, else the newest older intact one, each one passed over and the one used
+    printed (collective; after :func:`init_single_process`). One that cannot be verified (a checkpoint set
+    saved before manifests existed) is refused unless ``allow_unverified``."""
+    from lvx_megatron.training.checkpoint_integrity import MANIFEST
     from lvx_megatron.training.checkpointing import newest_intact
 
     found = newest_intact(load, setting="--load")
     if found is None:
         raise ValueError(f"--load: no checkpoint in {load} (no latest_checkpointed_iteration.txt)")
-    return found[1]
-
-
-def padded_vocab_size(path: Path) -> int:
-    """Rows of the checkpoint's (padded) embedding, from its metadata."""
-    from megatron.core import dist_checkpointing
-
-    return dist_checkpointing.load_tensors_metadata(str(path))["embedding.word_embeddings.weight"].global_shape[0]
+    if not found.verified and not allow_unverified:
+        raise ValueError(
+            f"--load: {found.path} has no {MANIFEST}, so its files cannot be checked (saved before manifests "
+            "existed?); pass --allow-unverified to use it anyway"
+        )
+    return found

@@ -11,20 +11,23 @@ def main(argv: list[str] | None = None) -> dict | None:
     """Entry point: parse flags + YAML, train, return the final metrics.
 
     Exit status 2 on a config (or unusable checkpoint) or data error, 1 when a checkpoint cannot be
-    written; each is one line on stderr (see ``lvx_megatron.torchrun.report_error``).
+    written or the weights diverged; each is one line on stderr (see ``lvx_megatron.torchrun.report_error``).
     """
     from .arguments import parse_run_config
 
     try:
         cfg = parse_run_config(argv)
         from .checkpointing import CheckpointSaveError
-        from .loop import Trainer
+        from .loop import Trainer, TrainingDiverged
 
         trainer = Trainer(cfg)
         try:
             return trainer.run()
         except CheckpointSaveError as exc:
             report_error(f"checkpoint error: {exc}")
+            sys.exit(1)
+        except TrainingDiverged as exc:
+            report_error(f"training error: {exc}")
             sys.exit(1)
         finally:
             trainer.close()

@@ -44,6 +44,8 @@ FLAG_FIELDS: dict[str, str] = {
     "save": "checkpoint.save",
     "load": "checkpoint.load",
     "save_interval": "checkpoint.save_interval",
+    "override_opt_param_scheduler": "checkpoint.override_opt_param_scheduler",
+    "use_checkpoint_opt_param_scheduler": "checkpoint.use_checkpoint_opt_param_scheduler",
     "wandb_project": "logging.wandb_project",
     "wandb_exp_name": "logging.wandb_exp_name",
     "wandb_save_dir": "logging.wandb_save_dir",

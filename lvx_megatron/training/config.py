@@ -320,8 +320,8 @@ class TrainingConfig(_Section):
     micro_batch_size: PositiveInt
     global_batch_size: PositiveInt
     train_iters: PositiveInt
-    lr: PositiveFloat
-    min_lr: float = Field(0.0, ge=0)
+    lr: float = Field(gt=0, allow_inf_nan=False)
+    min_lr: float = Field(0.0, ge=0, allow_inf_nan=False)
     lr_warmup_iters: int = Field(0, ge=0)
     lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
@@ -372,10 +372,27 @@ class TrainingConfig(_Section):
 
 
 class CheckpointConfig(_Section):
+    """Where checkpoints go and come from. A resumed run whose LR schedule (``training.lr``, ``min_lr``,
+    ``lr_warmup_iters``, ``lr_decay_style``, ``weight_decay``, ``train_iters``) differs from the checkpoint's
+    is refused unless one of megatron's two choices is made: ``override_opt_param_scheduler`` (this run's
+    values) or ``use_checkpoint_opt_param_scheduler`` (the checkpoint's)."""
+
     save: str | None = None
     load: str | None = None
     save_interval: int = Field(0, ge=0)  # 0: save only at the end (and on SIGTERM)
     keep_last: int = Field(0, ge=0)  # keep only the newest N checkpoints (0: keep all)
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "CheckpointConfig":
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise FieldError(
+                "use_checkpoint_opt_param_scheduler",
+                "cannot be combined with override_opt_param_scheduler (this run's schedule or the checkpoint's: "
+                "choose one)",
+            )
+        return self
 
 
 class LoggingConfig(_Section):

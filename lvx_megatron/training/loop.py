@@ -12,6 +12,7 @@ import resource
 import signal
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.training.dist_signal_handler import DistributedSignalHandler
 
 from ..models.sharding import text_range
-from .checkpointing import load_checkpoint, save_checkpoint
+from .checkpointing import (
+    DIVERGED,
+    checkpoint_dir,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside_diverged,
+    tracked_iteration,
+)
 from .config import RunConfig
 from .data import chance_levels, make_sources, make_tokenizer, prepare_datasets
 from .families import family
@@ -28,6 +36,7 @@ from .flops import flops_per_sample, peak_flops, visual_tokens_per_image
 from .layout_check import validate_layout
 from .plots import plot_run
 from .profiling import StepProfiler, loop_phase
+from .run_lock import lock_output_dir
 from .run_logger import RunLogger, format_duration
 from .setup import TrainState, build_train_state, init_distributed
 from .watchdog import HangWatchdog
@@ -83,12 +92,24 @@ def _reduce_reports(state: TrainState, reports: list[dict], device, question_typ
     return metrics
 
 
+class TrainingDiverged(FloatingPointError):
+    """The run stopped because its weights diverged; the message is one line naming the newest healthy checkpoint."""
+
+
 class Trainer:
     """Owns a run: set-up, iterations, evaluation, checkpoints, logging."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.device = init_distributed()
+        self.lock = lock_output_dir(cfg)  # before any work: a second run on the folder stops here
+        try:
+            self._set_up(cfg)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _set_up(self, cfg: RunConfig) -> None:
         self.layout = validate_layout(cfg, dist.get_world_size())
         self.tokenizer = make_tokenizer(cfg)
         self.datasets = prepare_datasets(cfg)
@@ -120,6 +141,10 @@ class Trainer:
         )
         self.iteration = 0
         self.skipped_steps = 0
+        self.failed_in_a_row = 0  # non-finite steps since the last finite one
+        # This run's checkpoints of the current weights while no step from them was finite yet: when the
+        # weights diverged, these hold the diverged weights.
+        self.unconfirmed: list[Path] = []
         self.watchdog = HangWatchdog(cfg.training.hang_timeout_s, dist.get_rank())
         # The iteration of the intact checkpoint this run has under checkpoint.save (loaded or saved by it):
         # a save at that iteration would write the same state again. Not the tracker's iteration: when the
@@ -128,7 +153,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         load, save = cfg.checkpoint.load, cfg.checkpoint.save
         if load:
-            self.iteration = load_checkpoint(self.state, load, self.train_source.restore)
+            self.iteration = load_checkpoint(self.state, cfg, self.train_source.restore)
             if self.iteration:
                 self.logger.console(f"--load {load}: resumed at iteration {self.iteration}")
                 if save and Path(save).resolve() == Path(load).resolve():
@@ -175,8 +200,11 @@ class Trainer:
         metrics["bad_samples"] = self.train_source.bad_samples
         if not finite:
             self.skipped_steps += 1
+            self.failed_in_a_row += 1
             metrics.update(grad_norm=float("nan"), skipped=True, skipped_steps=self.skipped_steps)
             return metrics
+        self.failed_in_a_row = 0
+        self.unconfirmed.clear()  # their weights just gave a finite step
         with self.watchdog.phase("optimizer"), loop_phase("optimizer"):
             ok, grad_norm, _ = s.optimizer.step()
         s.scheduler.step(increment=1)
@@ -184,14 +212,40 @@ class Trainer:
         metrics["skipped"] = not ok
         return metrics
 
+    def _on_every_rank(self, local: bool | torch.Tensor) -> bool:
+        """Whether ``local`` holds on every rank (one small all-reduce)."""
+        flag = torch.as_tensor(local, dtype=torch.float32, device=self.device).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() == 1.0)
+
     def _all_finite(self, loss: float) -> bool:
-        """Loss and every local gradient finite, on every rank (one small all-reduce)."""
+        """Loss and every local gradient finite, on every rank."""
         local = math.isfinite(loss) and all(
             bool(torch.isfinite(buffer.grad_data).all()) for buffer in self.state.model.buffers
         )
-        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item() == 1.0)
+        return self._on_every_rank(local)
+
+    def _weights_finite(self) -> bool:
+        """Every parameter finite, on every rank (one device sync per rank)."""
+        flags = [torch.isfinite(p).all() for p in self.state.stage.parameters()]
+        return self._on_every_rank(torch.stack(flags).all() if flags else True)
+
+    def _stop_diverged(self, reason: str, set_aside: bool) -> NoReturn:
+        """Stop the run with one line: ``reason`` and the newest healthy checkpoint. With ``set_aside``, this
+        run's checkpoints of the diverged weights (:attr:`unconfirmed`) are renamed ``iter_N.diverged`` and
+        the newest checkpoint below them is tracked (collective)."""
+        root = self.cfg.checkpoint.save
+        if not root:
+            raise TrainingDiverged(f"{reason}; no checkpoint.save, so no checkpoint")
+        if set_aside and self.unconfirmed:
+            names = ", ".join(p.name for p in self.unconfirmed)
+            tracked = set_aside_diverged(root, self.unconfirmed)
+            self.unconfirmed = []
+            said = f"set aside {names} (saved from these weights) as *{DIVERGED}; the newest healthy checkpoint"
+        else:
+            tracked, said = tracked_iteration(root), "the newest checkpoint"
+        newest = f"{said} is {checkpoint_dir(root, tracked)} (tracked)" if tracked is not None else f"{said}: none"
+        raise TrainingDiverged(f"{reason}; {newest}")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -244,13 +298,17 @@ class Trainer:
         return metrics
 
     def _save(self) -> None:
+        """Save a checkpoint of this iteration, unless one is there; non-finite weights stop the run instead."""
         root = self.cfg.checkpoint.save
         if root and self.checkpointed_iteration != self.iteration:
+            if not self._weights_finite():
+                self._stop_diverged(f"iteration {self.iteration}: the weights are not finite; not saved", True)
             phase = lambda name: self.watchdog.phase(f"checkpoint save ({name})")
             data_state = self.train_source.data_state(self.iteration)
             path = save_checkpoint(self.state, self.cfg, self.iteration, root, phase, data_state)
             self.checkpointed_iteration = self.iteration
             self.last_checkpoint = path
+            self.unconfirmed.append(path)
             self.logger.console(f"saved checkpoint {path}")
 
     def run(self) -> dict:
@@ -266,6 +324,7 @@ class Trainer:
         chance = chance_levels(cfg)
         if chance:
             self.logger.log("data", self.iteration, chance)
+        # The handlers cover every save, the final one too: a stop signal during a save lets it finish.
         with (
             DistributedSignalHandler(signal.SIGTERM) as sigterm,
             DistributedSignalHandler(signal.SIGUSR1) as sigusr1,
@@ -293,9 +352,13 @@ class Trainer:
                         f"({self.skipped_steps} of at most training.max_skipped_steps = {tr.max_skipped_steps})"
                     )
                     if self.skipped_steps > tr.max_skipped_steps:
-                        raise FloatingPointError(
+                        # One non-finite step may be a bad batch; several in a row from the same weights are
+                        # the weights.
+                        self._stop_diverged(
                             f"{self.skipped_steps} iterations with non-finite loss or gradients (more than "
-                            f"training.max_skipped_steps = {tr.max_skipped_steps}); the last checkpoint is intact"
+                            f"training.max_skipped_steps = {tr.max_skipped_steps}), the last {self.failed_in_a_row} "
+                            f"in a row at iteration {self.iteration}",
+                            set_aside=self.failed_in_a_row >= 2,
                         )
                     continue
                 if logged:
@@ -318,10 +381,14 @@ class Trainer:
                     self.logger.console(f"{reason}: saving a checkpoint and stopping at iteration {self.iteration}")
                     self._save()
                     return {"train": last_train, "eval": last_eval, "iteration": self.iteration, "stopped": True}
-        with self.watchdog.phase("evaluation"):
-            last_eval = self.evaluate()
-        self.logger.log("eval", self.iteration, last_eval)
-        self._save()
+            with self.watchdog.phase("evaluation"):
+                last_eval = self.evaluate()
+            self.logger.log("eval", self.iteration, last_eval)
+            if not math.isfinite(last_eval["loss"]):
+                self._stop_diverged(
+                    f"iteration {self.iteration}: the held-out loss is {last_eval['loss']}; not saved", True
+                )
+            self._save()
         self._summarize(last_eval, chance)
         return {"train": last_train, "eval": last_eval, "iteration": self.iteration, "stopped": False}
 
@@ -358,8 +425,10 @@ class Trainer:
         )
 
     def close(self) -> None:
+        """End the run's helpers and give up its output folder."""
         self.watchdog.close()
         self.train_source.close()
         self.eval_source.close()
         self.logger.close()
         parallel_state.destroy_model_parallel()
+        self.lock.release()

@@ -167,6 +167,8 @@ def build_train_state(cfg: RunConfig, vocab_size: int, device: torch.device) -> 
         end_wd=tr.weight_decay,
         wd_incr_steps=tr.train_iters,
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=cfg.checkpoint.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=cfg.checkpoint.override_opt_param_scheduler,
     )
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads

@@ -7,6 +7,7 @@ of the whole split must be the one the training loop logged for it.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from evaluation_harness import EVAL_CLIPS, train_then_evaluate
 from generation_harness import parse_error
 
 from lvx_megatron.launch import spawn_gloo
-from tools.evaluate import main, parse_args
+from tools.evaluate import logged_accuracy, main, parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,3 +86,25 @@ def test_bad_flags_name_the_flag(argv, message, capsys):
 def test_a_run_without_a_checkpoint_is_one_error_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "error: --load: no checkpoint in" in capsys.readouterr().err
+
+
+def test_after_a_fallback_the_scores_are_compared_with_that_iteration_s_logged_accuracy(scored, capsys):
+    """Before, the tool did not say which checkpoint it used, and compared iteration 5's scores with the
+    accuracy logged at iteration 10."""
+    run, output = scored["root"] / "damaged", scored["root"] / "fallback.json"
+    shutil.copytree(scored["run"], run)
+    shard = run / "iter_0000010" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert main([str(run), "--batch-size", "32", "--output", str(output)]) == 0
+    out = capsys.readouterr().out
+    why = "fallback from iter_0000010 (not intact)"
+    assert f"checkpoint: using {run / 'iter_0000005'} (iteration 5): {why}" in out, out
+    assert f"iteration 5 ({why}): 64 clips" in out and "evaluation at the checkpoint's iteration 5, on its" in out
+    written = json.loads(output.read_text())
+    assert written["meta"]["iteration"] == 5 and written["meta"]["why"] == why
+    everything = _row(written["rows"], "all")
+    assert everything["logged_teacher_forced"] == logged_accuracy(run, 5)["accuracy"]
+    assert everything["teacher_forced"] == pytest.approx(everything["logged_teacher_forced"], abs=1e-12)
+    assert logged_accuracy(run, 7) is None  # no evaluation there: the table says "none logged there"

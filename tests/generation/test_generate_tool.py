@@ -38,6 +38,7 @@ def test_the_readme_command_prints_the_api_answer(run):
     assert done.returncode == 0, done.stderr
     assert run["answer"]  # a real answer, not just eos
     assert f"Q: {QUESTION}\nA: {run['answer']}\n" in done.stdout
+    assert f"checkpoint: using {run['run'] / 'iter_0000002'} (iteration 2): the tracker's\n" in done.stdout
     assert "mllama from" in done.stderr and "(TP 1, CP 2), 4 frames" in done.stderr
 
 

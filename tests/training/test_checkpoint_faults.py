@@ -1,14 +1,16 @@
 """Fault injection on checkpoints, against every loader of training checkpoints.
 
 One tiny training run saves ``iter_0000002`` and ``iter_0000004``; every case damages its own copy
-(each file kind missing, truncated or bit-flipped; the tracker ahead of or behind the folders; a
-checkpoint of another model; a save killed at each step; a disk that fills while each file is
-written) and runs the trainer's loader, ``tools/convert_hf_checkpoint.py export`` and
-``tools/mllama_forward.py`` on it, in one gloo worker (see ``checkpoint_harness.py``). Each outcome
-is either a one-line error naming the file or field, or a fallback that prints what it skipped and
-why and whose output (weights, exported tensors, logits) equals the intact checkpoint's exactly.
+(each file kind missing, truncated or bit-flipped; the tracker ahead of or behind the folders; no
+manifests at all; a checkpoint of another model or LR schedule; a save killed at each step; a disk
+that fills while each file is written) and runs the trainer's loader,
+``tools/convert_hf_checkpoint.py export`` and ``tools/mllama_forward.py`` on it, in one gloo worker
+(see ``checkpoint_harness.py``). Each outcome is either a one-line error naming the file or field,
+or a fallback that prints what it skipped and why, which checkpoint it used and why, and whose
+output (weights, exported tensors, logits) equals the intact checkpoint's exactly.
 """
 
+import math
 import shutil
 import subprocess
 import sys
@@ -31,6 +33,8 @@ FILES = {  # every file kind of a checkpoint (megatron-core's torch_dist format 
     TRACKER: TRACKER,
 }
 FAULTS = ("missing", "truncated", "bitflip")
+# What every loader says when it falls back from the damaged newest checkpoint: which one it uses and why.
+FALLBACK = f"/{OLDER} (iteration 2): fallback from {NEWEST} (not intact)"
 
 
 def _file_expectation(name: str, fault: str) -> tuple[str, list[str]]:
@@ -41,20 +45,23 @@ def _file_expectation(name: str, fault: str) -> tuple[str, list[str]]:
             "truncated": f"{TRACKER} does not hold an iteration number ('': damaged?); using the newest intact",
             "bitflip": "iter_0000005 is not intact (the folder is missing); trying an older one",  # "4" -> "5"
         }
-        return "iter_4", [says[fault]]
+        if fault == "bitflip":
+            return "iter_4", [says[fault], f"{NEWEST} (iteration 4): fallback from iter_0000005 (not intact)"]
+        return "iter_4", [says[fault], f"{NEWEST} (iteration 4): the newest intact checkpoint ({TRACKER} "]
     if name == "manifest.json":
         says = {
-            "missing": f"{NEWEST} has no manifest.json (saved before manifests existed?): loaded unchecked",
+            # Every save writes one: beside checkpoints that have one, a missing manifest is damage.
+            "missing": f"{NEWEST} is not intact (manifest.json is missing, while {OLDER} has one (deleted or",
             "truncated": f"{NEWEST} is not intact (manifest.json is unreadable or not valid JSON",
             "bitflip": f"{NEWEST} is not intact (manifest.json is unreadable or not valid JSON",
         }
-        return ("iter_4" if fault == "missing" else "iter_2"), [says[fault]]
+        return "iter_2", [says[fault], FALLBACK]
     says = {
         "missing": f"{name} is missing",
         "truncated": f"{name} has",
         "bitflip": f"{name} fails its CRC-32 check against manifest.json (corrupted)",
     }
-    return "iter_2", [f"{NEWEST} is not intact ({says[fault]}", "trying an older one"]
+    return "iter_2", [f"{NEWEST} is not intact ({says[fault]}", "trying an older one", FALLBACK]
 
 
 # Save steps in order (lvx_megatron.training.checkpointing.save_checkpoint), with kills inside the
@@ -70,7 +77,29 @@ KILLS = (
     ("tracker", {"kill": "tracker"}),
     ("rotate", {"kill": "rotate"}),
 )
-FULL_DISK = ("__0_0.distcp", ".metadata", "metadata.json", "manifest.json", TRACKER)
+FULL_DISK = {
+    name: {"full_disk": name} for name in ("__0_0.distcp", ".metadata", "metadata.json", "manifest.json", TRACKER)
+}
+# Inside a tensor's record torch's writer loses the errno: "[enforce fail at inline_container.cc:672] . unexpected
+# pos 704 vs 598" (the disk filled at that byte of the file).
+FULL_DISK["__0_0.distcp-inside-a-tensor"] = {"full_disk": "__0_0.distcp", "room": 1_000_000}
+# Changes that the trainer's loader must refuse (one line naming each changed field, checkpoint -> this run).
+SMALLER = {"model.text.num_layers": 3, "model.text.cross_attention_layers": [1], "model.vision.num_hidden_layers": 1}
+LARGER = {  # 11 architectural fields: 10 named, then the count
+    "model.text.num_layers": 5,
+    "model.text.hidden_size": 128,
+    "model.text.ffn_hidden_size": 512,
+    "model.text.num_attention_heads": 8,
+    "model.text.num_query_groups": 4,
+    "model.text.cross_attention_layers": [1, 3, 4],
+    "model.vision.hidden_size": 32,
+    "model.vision.num_hidden_layers": 3,
+    "model.vision.num_global_layers": 2,
+    "model.vision.attention_heads": 2,
+    "model.vision.intermediate_size": 64,
+}
+# A new schedule from iteration 4 of the 4-iteration run: 8 iterations at twice the learning rate.
+SCHEDULE = {"training.lr": 0.01, "training.train_iters": 8}
 
 
 def _cases() -> list[dict]:
@@ -81,13 +110,48 @@ def _cases() -> list[dict]:
         {"id": "tracker-behind", "tracker": "2"},
         {"id": "other-model", "overrides": {"model.text.hidden_size": 128}, "loaders": ("train",)},
         {"id": "other-model-cli", "cli": {"overrides": {"model.text.hidden_size": 128}}, "loaders": ()},
-        {"id": "full-disk-cli", "cli": {"overrides": {"training.train_iters": 5}, "full_disk": "__0_0.distcp"}},
+        {"id": "smaller-model", "overrides": SMALLER, "loaders": ("train",)},
+        {"id": "larger-model", "overrides": LARGER, "loaders": ("train",)},
+        {
+            "id": "same-weights-other-semantics",
+            "overrides": {"model.cross_attention.blind_rows": "attend_all"},
+            "loaders": ("train",),
+        },
+        {"id": "older-save", "older_save": 6, "overrides": {"model.text.rotary_base": 500000.0}, "loaders": ("train",)},
+        {"id": "schedule-changed", "overrides": SCHEDULE, "loaders": ("train",)},
+        {
+            "id": "schedule-override",
+            "overrides": {**SCHEDULE, "checkpoint.override_opt_param_scheduler": True},
+            "loaders": ("train",),
+        },
+        {
+            "id": "schedule-of-the-checkpoint",
+            "overrides": {**SCHEDULE, "checkpoint.use_checkpoint_opt_param_scheduler": True},
+            "loaders": ("train",),
+        },
+        {
+            "id": "no-manifests",
+            "damage": [(f"{NEWEST}/manifest.json", "missing"), (f"{OLDER}/manifest.json", "missing")],
+        },
+        {
+            "id": "no-manifests-allowed",
+            "damage": [(f"{NEWEST}/manifest.json", "missing"), (f"{OLDER}/manifest.json", "missing")],
+            "flags": ["--allow-unverified"],
+            "loaders": ("export", "forward"),
+        },
+        {
+            "id": "full-disk-cli",
+            "cli": {
+                "overrides": {"training.train_iters": 5, "checkpoint.use_checkpoint_opt_param_scheduler": True},
+                "full_disk": "__0_0.distcp",
+            },
+        },
     ]
     for name, spec in KILLS:
         cases.append({"id": f"kill-new-{name}", "save": {"iteration": 6, **spec}})
         damaged = [(FILES["__0_0.distcp"], "bitflip")]  # the save replaces the damaged folder of its iteration
         cases.append({"id": f"kill-replace-{name}", "damage": damaged, "save": {"iteration": 4, **spec}})
-    cases += [{"id": f"full-disk-{name}", "save": {"iteration": 6, "full_disk": name}} for name in FULL_DISK]
+    cases += [{"id": f"full-disk-{name}", "save": {"iteration": 6, **spec}} for name, spec in FULL_DISK.items()]
     damaged = [(FILES["__0_0.distcp"], "bitflip")]  # the run resumed at 2 and saves 3 with keep_last 2
     cases.append({"id": "rotate-below-a-damaged-newer", "damage": damaged, "save": {"iteration": 3, "keep_last": 2}})
     for fault in ("missing", "bitflip"):
@@ -174,13 +238,74 @@ def test_a_tracker_behind_the_folders_is_obeyed_and_the_newer_ones_are_named(res
     _loaded(_result(results, "tracker-behind")[loader], loader, "iter_2", says)
 
 
+ANOTHER_MODEL = "holds another model than this run's (checkpoint -> this run): "
+
+
 def test_a_checkpoint_of_another_model_is_a_one_line_error(results):
-    says = ["does not match this model", "Global shape mismatch", "decoder.layers.0"]
+    says = ["config error: checkpoint.load: ", ANOTHER_MODEL + "model.text.hidden_size 96 -> 128; use the checkpoint's"]
     _refused(_result(results, "other-model")["train"], "train", says)
     cli = _result(results, "other-model-cli")["cli"]
     lines = [line for line in cli["stderr"].splitlines() if line.startswith("config error")]
     assert cli["exit"] == 2 and "Traceback" not in cli["stderr"], cli
     assert len(lines) == 1 and all(text in lines[0] for text in says), cli["stderr"]
+
+
+def test_a_smaller_or_larger_model_is_refused_naming_every_changed_field(results):
+    """Before, the smaller model loaded without a word (extra weights dropped), the larger one failed with a
+    28 KB line listing every missing key."""
+    smaller = (
+        "model.text.num_layers 4 -> 3, model.text.cross_attention_layers [1, 3] -> [1], "
+        "model.vision.num_hidden_layers 2 -> 1; "
+    )
+    _refused(_result(results, "smaller-model")["train"], "train", [ANOTHER_MODEL + smaller])
+    outcome = _result(results, "larger-model")["train"]
+    _refused(
+        outcome,
+        "train",
+        [ANOTHER_MODEL + "model.text.num_layers 4 -> 5, model.text.hidden_size 96 -> 128", " and 1 more; "],
+    )
+    _, message = outcome["error"]
+    assert message.count(" -> ") == 11 and len(message) < 1000, message  # 10 fields and the "checkpoint -> this run"
+
+
+def test_a_change_that_keeps_the_weights_is_said_and_an_older_checkpoint_is_not_checked(results):
+    said = "this run changes model.cross_attention.blind_rows 'zero' -> 'attend_all' (checkpoint -> this run)"
+    _loaded(_result(results, "same-weights-other-semantics")["train"], "train", "iter_4", [said])
+    said = "holds no run config (saved by an older version): the architecture check was skipped"
+    _loaded(_result(results, "older-save")["train"], "train", "saved", [said])
+
+
+def test_a_changed_lr_schedule_is_refused_unless_megatron_s_flag_chooses_one(results):
+    """Before, a changed --lr crashed in megatron's distributed optimizer (a 93-line KeyError) and a changed
+    --train-iters silently kept the checkpoint's schedule."""
+    says = [
+        "config error: checkpoint.load: this run's LR schedule differs from the checkpoint's iter_0000004 "
+        "(checkpoint -> this run): training.lr 0.005 -> 0.01, training.train_iters 4 -> 8; pass "
+        "--override-opt_param-scheduler",
+        "--use-checkpoint-opt_param-scheduler",
+    ]
+    _refused(_result(results, "schedule-changed")["train"], "train", says)
+    # Megatron-LM's semantics at iteration 4 (1 warm-up iteration, cosine to min_lr 5e-4): this run's schedule
+    # over 8 iterations from 0.01, or the checkpoint's, which ended at iteration 4.
+    override = _result(results, "schedule-override")["train"]
+    _loaded(override, "train", "iter_4", ["the LR schedule changed (training.lr 0.005 -> 0.01", "using this run's"])
+    assert override["lr"] == pytest.approx(5e-4 + (0.01 - 5e-4) * 0.5 * (1 + math.cos(math.pi * 3 / 7)))
+    kept = _result(results, "schedule-of-the-checkpoint")["train"]
+    _loaded(kept, "train", "iter_4", ["using the checkpoint's"])
+    assert kept["lr"] == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_checkpoint_set_without_manifests_trains_and_the_tools_refuse_it_unless_allowed(results, loader):
+    """Checkpoints saved before manifests existed: training resumes from them (said), the tools export or
+    compute from them only with --allow-unverified."""
+    outcome = _result(results, "no-manifests")[loader]
+    unverified = f"{NEWEST} (iteration 4): the tracker's; unverified: no checkpoint under"
+    if loader == "train":
+        _loaded(outcome, loader, "iter_4", [unverified])
+        return
+    _refused(outcome, loader, ["error: --load: ", f"{NEWEST} has no manifest.json", "pass --allow-unverified"])
+    _loaded(_result(results, "no-manifests-allowed")[loader], loader, "iter_4", [unverified])
 
 
 def _kill_expectation(scenario: str, kill: str) -> tuple[str, list[str]]:
@@ -213,7 +338,7 @@ def test_a_save_killed_at_any_step_leaves_a_loadable_folder_and_the_next_save_su
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-@pytest.mark.parametrize("name", FULL_DISK)
+@pytest.mark.parametrize("name", list(FULL_DISK))
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(root, results, name, loader):
     result = _result(results, f"full-disk-{name}")
     save = result["save"]

@@ -233,3 +233,39 @@ def test_what_the_schema_accepts_the_model_builds(config):
                 pytest.fail(f"{config.name} with {field} = {value!r} passed validation, then the model raised: {exc}")
             accepted += 1
     assert accepted > 10  # the mutations also cover valid values
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("training.lr", float("inf"), "config error: training.lr: Input should be a finite number (got inf)"),
+        ("training.lr", float("nan"), "config error: training.lr: Input should be a finite number (got nan)"),
+        ("training.lr", 0.0, "config error: training.lr: Input should be greater than 0 (got 0.0)"),
+        ("training.min_lr", float("inf"), "config error: training.min_lr: Input should be a finite number (got inf)"),
+        ("training.min_lr", -1e-4, "config error: training.min_lr: Input should be greater than or equal to 0"),
+    ],
+    ids=["lr-inf", "lr-nan", "lr-zero", "min_lr-inf", "min_lr-negative"],
+)
+def test_a_learning_rate_must_be_finite_and_positive(field, value, expected):
+    """Before, ``lr: inf`` was accepted and the first step wrote non-finite weights."""
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, {field: value})
+    assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_an_infinite_lr_flag_is_one_line(tmp_path):
+    config = tmp_path / "ok.yaml"
+    config.write_text(yaml.safe_dump(_tiny_tree(tmp_path)))
+    line = _one_line_error(_pretrain("--config", str(config), "--lr", "inf"))
+    assert line == "config error: training.lr: Input should be a finite number (got inf)"
+
+
+def test_the_two_lr_schedule_flags_exclude_each_other(tmp_path):
+    config = tmp_path / "ok.yaml"
+    config.write_text(yaml.safe_dump(_tiny_tree(tmp_path)))
+    flags = ("--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler")
+    line = _one_line_error(_pretrain("--config", str(config), *flags))
+    assert line.startswith(
+        "config error: checkpoint.use_checkpoint_opt_param_scheduler: cannot be combined with "
+        "override_opt_param_scheduler"
+    ), line

@@ -1,8 +1,10 @@
-"""Faults a long run meets: preemption signals, SIGKILL, NaN, broken samples, hangs."""
+"""Faults a long run meets: preemption signals (also during a save), SIGKILL, NaN and diverged weights, broken
+samples, hangs, a second run on the same folder."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from train_harness import TINY, nan_run, run_trainers, signal_run, small_run, train_losses
+from train_harness import TINY, inf_weight_run, nan_run, run_trainers, signal_run, small_run, train_losses
 
 from lvx_megatron.data.shards import ShardedVideoDataset, write_shards
 from lvx_megatron.data.tokenizer import build_tokenizer
@@ -43,9 +45,44 @@ def test_too_many_non_finite_steps_stop_with_the_last_checkpoint_intact(tmp_path
         str(tmp_path / "run"),
         **{"training.max_skipped_steps": 0, "checkpoint.save": str(tmp_path / "ckpt"), "checkpoint.save_interval": 2},
     )
-    with pytest.raises(Exception, match=r"more than training\.max_skipped_steps = 0"):
+    # One non-finite step may be a bad batch (it is here): the checkpoint before it stays.
+    with pytest.raises(Exception, match=r"more than training\.max_skipped_steps = 0\), the last 1 in a row at "):
         spawn_gloo(1, nan_run, run, 2)
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "2"
+
+
+def test_a_diverged_run_stops_in_one_line_with_its_last_healthy_checkpoint_newest(tmp_path, capsys):
+    """The issue's reproduction, ``--lr 1e10 --save-interval 1``: the step of iteration 2 (the first after the
+    warm-up) explodes the weights, every later step is non-finite. Before, iteration 2 was saved and kept
+    as the intact newest checkpoint (the stop was an 85-line traceback) and exported with exit 0."""
+    ckpt = tmp_path / "ckpt"
+    config = _write_config(tmp_path, training={"max_skipped_steps": 2}, checkpoint={"save": str(ckpt), "load": None})
+    out, _ = _train(config, "--lr", "1e10", "--save-interval", "1").communicate(timeout=600)
+    errors = [line for line in out.splitlines() if line.startswith("training error: ")]
+    assert len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    assert errors[0] == (
+        "training error: 3 iterations with non-finite loss or gradients (more than training.max_skipped_steps = "
+        "2), the last 3 in a row at iteration 5; set aside iter_0000002 (saved from these weights) as *.diverged; "
+        f"the newest healthy checkpoint is {ckpt / 'iter_0000001'} (tracked)"
+    )
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000001", "iter_0000002.diverged"]
+    from tools.convert_hf_checkpoint import main
+
+    argv = ["export", "--load", str(ckpt), "--out", str(tmp_path / "hf"), "--vocab-size", "29"]
+    assert main(argv) == 0
+    assert f"checkpoint: using {ckpt / 'iter_0000001'} (iteration 1): the tracker's" in capsys.readouterr().out
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run = small_run(
+        str(tmp_path / "data"), str(tmp_path / "run"), **{"checkpoint.save": str(ckpt), "checkpoint.save_interval": 1}
+    )
+    with pytest.raises(Exception, match=r"iteration 2: the weights are not finite; not saved; the newest checkpoint "):
+        spawn_gloo(1, inf_weight_run, run, 2)
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000001"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
@@ -59,6 +96,106 @@ def test_a_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, signu
     assert [f["stopped"] for f in finals] == [True, True]
     assert [f["iteration"] for f in finals] == [3, 3]  # the step in flight finishes, then all save
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "3"
+
+
+# A torchrun worker whose first checkpoint save waits, in its write step, until this worker got SIGTERM (a
+# ready file per rank says it is waiting); megatron's writer has its helper state (the results queue) by then.
+SAVE_WAITS_FOR_SIGTERM = """
+import os, signal, sys, time
+from pathlib import Path
+import lvx_megatron.training.checkpointing as checkpointing
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+write = checkpointing.dist_checkpointing.save
+waited = []
+
+def save(*args, **kwargs):
+    if not waited:
+        got, stop = [], signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, lambda *a: (got.append(True), stop(*a)))
+        filesystem_async.get_write_results_queue()
+        Path(sys.argv[1], "ready" + os.environ["RANK"]).touch()
+        while not got:
+            time.sleep(0.01)
+        signal.signal(signal.SIGTERM, stop)
+        waited.append(True)
+    return write(*args, **kwargs)
+
+if __name__ == "__main__":
+    checkpointing.dist_checkpointing.save = save
+    from lvx_megatron.training import main
+    main(sys.argv[2:])
+"""
+
+
+def test_sigterm_to_the_launcher_during_a_save_lets_it_finish_then_stops(tmp_path):
+    """Before, rank 0 died with no output (the SIGTERM that torchrun sends to each worker's process group
+    killed megatron's writer helper process) and the save in flight was lost."""
+    ckpt, ready = tmp_path / "ckpt", tmp_path / "ready"
+    ready.mkdir()
+    script = tmp_path / "train.py"
+    script.write_text(SAVE_WAITS_FOR_SIGTERM)
+    config = _write_config(
+        tmp_path,
+        checkpoint={"save": str(ckpt), "load": None, "save_interval": 2},
+        parallel={"context_parallel_size": 2},
+    )
+    launcher = [sys.executable, "-m", "lvx_megatron.torchrun", "--nproc-per-node=2", str(script), str(ready)]
+    proc = subprocess.Popen(
+        [*launcher, "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.time() + 300
+    while not all((ready / f"ready{rank}").exists() for rank in (0, 1)):
+        assert time.time() < deadline and proc.poll() is None, "the run ended before its first save"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to the launcher, as Slurm or a user does
+    out, _ = proc.communicate(timeout=300)
+    assert "SIGTERM: saving a checkpoint and stopping at iteration 2" in out, out[-3000:]
+    assert "Connection closed by peer" not in out and "forcefully exiting" not in out, out[-3000:]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == ["iter_0000002"]
+    assert (ckpt / "iter_0000002" / "manifest.json").is_file()
+
+
+def _holder(tmp_path: Path, which: str) -> dict:
+    """A lock's holder: a live process of this host (the test's), a process of another host, or a process of
+    this host that has ended."""
+    if which == "live":
+        return {"host": socket.gethostname(), "pid": os.getpid()}
+    if which == "other-host":
+        return {"host": "node-7.example", "pid": 4242}
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return {"host": socket.gethostname(), "pid": int(ended.stdout)}
+
+
+@pytest.mark.parametrize("which", ["live", "other-host", "ended"])
+def test_one_run_per_save_folder(tmp_path, capfd, which):
+    """Before, a second run on the same folder ran along, died at its first save with a message about the
+    other run's checkpoint and mixed its metrics into the other's metrics.jsonl."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    holder = _holder(tmp_path, which)
+    (ckpt / "run.lock").write_text(json.dumps(holder))
+    run = small_run(str(tmp_path / "data"), str(tmp_path / "run"), **{"checkpoint.save": str(ckpt)})
+    described = f"pid {holder['pid']} on host {holder['host']}"
+    if which == "ended":  # taken over, said, and given up when the run ends
+        spawn_gloo(1, run_trainers, [run])
+        assert f"checkpoint.save: took over the stale {ckpt / 'run.lock'} of {described} (that process has ended)" in (
+            capfd.readouterr().out
+        )
+        assert not (ckpt / "run.lock").exists() and (ckpt / "latest_checkpointed_iteration.txt").read_text() == "4"
+        return
+    with pytest.raises(Exception) as err:
+        spawn_gloo(1, run_trainers, [run])
+    expected = f"config error: checkpoint.save: {ckpt} is in use by another run ({described}); one run per folder"
+    assert expected in str(err.value), str(err.value)
+    assert not (tmp_path / "data").exists()  # refused at the start, before any data is generated
+    assert json.loads((ckpt / "run.lock").read_text()) == holder
 
 
 def _write_config(tmp_path: Path, **sections) -> Path:
@@ -76,10 +213,10 @@ def _write_config(tmp_path: Path, **sections) -> Path:
     return path
 
 
-def _train(config: Path, **popen):
+def _train(config: Path, *flags: str, **popen):
     """pretrain_mllm.py in a process group of its own (see the SIGKILL below)."""
     return subprocess.Popen(
-        [sys.executable, str(REPO / "pretrain_mllm.py"), "--config", str(config)],
+        [sys.executable, str(REPO / "pretrain_mllm.py"), "--config", str(config), *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -197,9 +334,12 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_and_old_ones_rotate(tmp
     data[len(data) // 2] ^= 0xFF  # one flipped bit in the newest checkpoint
     shard.write_bytes(bytes(data))
 
-    resumed = small_run(
-        str(tmp_path / "data"), str(tmp_path / "resumed"), **{"checkpoint.load": str(ckpt), "training.train_iters": 5}
-    )
+    longer = {
+        "checkpoint.load": str(ckpt),
+        "training.train_iters": 5,
+        "checkpoint.use_checkpoint_opt_param_scheduler": True,
+    }
+    resumed = small_run(str(tmp_path / "data"), str(tmp_path / "resumed"), **longer)
     spawn_gloo(1, run_trainers, [resumed])
     records = [r for r in _records(tmp_path / "resumed") if r["kind"] == "train"]
     assert [r["iteration"] for r in records] == [4, 5]  # resumed from iteration 3, the intact one
