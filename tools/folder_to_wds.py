@@ -19,9 +19,11 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from PIL import Image
 
+from lvx_megatron.data.ownership import claim_output
 from lvx_megatron.data.shards import sample_text_fields, write_shards
 
 _KEEP = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--images folder {args.images!r} does not exist")
     if not os.path.isfile(args.texts):
         p.error(f"--texts file {args.texts!r} does not exist")
+    claim_output(Path(args.out), "tools/folder_to_wds.py")
     write_shards(
         iter_samples(args.images, args.texts),
         args.out,

@@ -16,6 +16,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import webdataset as wds
@@ -33,6 +34,7 @@ from megatron.energon import (
 )
 from megatron.energon.tools.prepare import command as energon_prepare
 
+from lvx_megatron.data.ownership import claim_output
 from lvx_megatron.data.video import CLIP_EXTENSIONS, SPLIT_FILES, VideoError, clip_fields, decode_clip, parse_clip_line
 
 # Energon's loaders always ask torch for pinned memory; without an accelerator torch warns on every iterator.
@@ -43,6 +45,7 @@ warnings.filterwarnings(
 SPLIT_PARTS: dict[str, str] = {"train": "train", "eval": "val"}  # our split -> energon's split part (and folder)
 QUESTION_TYPES = "question_types.json"  # beside .nv-meta/: the samples' "qtype" values, for per-type accuracy
 CLIP_PARTS: tuple[str, ...] = tuple(ext.lstrip(".") for ext in CLIP_EXTENSIONS)
+CONVERTER = "tools/video_jsonl_to_energon.py"  # the owner named by the marker of the folders it writes
 
 
 @edataclass
@@ -187,8 +190,11 @@ def write_energon_dataset(root: str, out: str, samples_per_shard: int = 1000, lo
 
     A line that cannot make a sample (invalid JSON, no question or answer, no clip, a clip that is not there)
     is skipped and named on stderr; clips are not decoded here (that is training's job, where an undecodable
-    or too short clip is a counted bad sample). Returns ``{"train": {"samples", "skipped"}, "eval": ...}``.
+    or too short clip is a counted bad sample). ``out`` is claimed first (a folder that another tool or the
+    user wrote is a ValueError: an earlier conversion's shards are replaced only in a folder this one made).
+    Returns ``{"train": {"samples", "skipped"}, "eval": ...}``.
     """
+    claim_output(Path(out), CONVERTER)
     counts, types = {}, set()
     for split, part in SPLIT_PARTS.items():
         jsonl = os.path.join(root, SPLIT_FILES[split])

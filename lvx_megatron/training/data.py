@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.batch import collate, encode_sample
+from ..data.ownership import claim, ownership_problem
 from ..data.sampler import micro_batches
 from ..data.shards import INDEX_FILE, ShardedVideoDataset, ShardError, write_shards
 from ..data.tokenizer import Tokenizer, build_tokenizer
@@ -28,6 +29,7 @@ from .config import ConfigError, RunConfig
 
 SPLITS = ("train", "eval")
 SETTINGS = "settings.json"  # what a generated copy was made with
+GENERATOR = "synthetic_video_qa"  # the owner named by the marker of a folder ensure_synthetic generated
 
 
 def _synthetic_settings(cfg: RunConfig) -> dict:
@@ -53,15 +55,40 @@ def _split_problem(path: Path, num_samples: int) -> str | None:
     return None if found == num_samples else f"{found} clips instead of {num_samples}"
 
 
+def _generated_before_markers(root: Path, cfg: RunConfig) -> bool:
+    """Whether ``root`` holds a ``settings.json`` of the generator's: a folder it generated before it marked them."""
+    try:
+        settings = json.loads((root / SETTINGS).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(settings, dict) and settings.keys() == _synthetic_settings(cfg).keys()
+
+
+def check_synthetic_folder(cfg: RunConfig) -> None:
+    """ConfigError naming ``data.path`` and ``data.kind`` unless the generator may (re)generate its clips there:
+    the folder is missing or empty, or the generator made it (its ownership marker)."""
+    root = Path(cfg.data.path)
+    problem = ownership_problem(root, GENERATOR, legacy=lambda folder: _generated_before_markers(folder, cfg))
+    if problem is not None:
+        raise ConfigError(
+            f"config error: data.path: {problem}; data.kind {GENERATOR} (the default) generates and regenerates "
+            "its own clips there: set data.kind (shards, video_jsonl or energon) to read this data, or data.path "
+            "to a new or empty folder"
+        )
+
+
 def ensure_synthetic(cfg: RunConfig) -> None:
     """Make ``data.path`` hold the generated video QA splits of ``cfg``'s settings (one process only).
 
-    ``settings.json`` says what the splits were made with. It is removed before anything is
-    regenerated and written last, atomically, so after an interruption at any point it never
-    vouches for splits that were not all made with it; a split that is incomplete or damaged
-    anyway is regenerated, saying why.
+    Only a folder the generator owns is written (:func:`check_synthetic_folder`); it marks the folder
+    before writing anything, and the mark stays. ``settings.json`` says what the splits were made
+    with. It is removed before anything is regenerated and written last, atomically, so after an
+    interruption at any point it never vouches for splits that were not all made with it; a split
+    that is incomplete or damaged anyway is regenerated, saying why.
     """
+    check_synthetic_folder(cfg)
     d, root = cfg.data, Path(cfg.data.path)
+    claim(root, GENERATOR)
     settings, wanted = root / SETTINGS, _synthetic_settings(cfg)
     try:
         current = json.loads(settings.read_text()) == wanted
@@ -132,6 +159,7 @@ def prepare_datasets(cfg: RunConfig) -> dict[str, ShardedVideoDataset | VideoJso
                 raise ConfigError(f"config error: data.path: {ds.jsonl} holds no samples (no non-blank lines)")
         return datasets
     if d.kind == "synthetic_video_qa":
+        check_synthetic_folder(cfg)  # on every rank: a refusal ends all of them, not rank 0 alone
         if dist.get_rank() == 0:
             ensure_synthetic(cfg)
         dist.barrier()
