@@ -34,8 +34,17 @@ from megatron.energon import (
 )
 from megatron.energon.tools.prepare import command as energon_prepare
 
+from lvx_megatron.data.checks import located
 from lvx_megatron.data.ownership import claim_output
-from lvx_megatron.data.video import CLIP_EXTENSIONS, SPLIT_FILES, VideoError, clip_fields, decode_clip, parse_clip_line
+from lvx_megatron.data.video import (
+    CLIP_EXTENSIONS,
+    SPLIT_FILES,
+    VideoError,
+    clip_fields,
+    clip_path,
+    decode_clip,
+    parse_clip_line,
+)
 
 # Energon's loaders always ask torch for pinned memory; without an accelerator torch warns on every iterator.
 warnings.filterwarnings(
@@ -87,7 +96,7 @@ def cook_clip(raw: dict, settings: ClipSettings) -> ClipSample:
             f"{key}.{parts[0]}", settings.num_frames, fields["start"], fields["end"], fps, data=raw[parts[0]]
         )
     except (ValueError, KeyError, TypeError) as exc:  # VideoError is a ValueError; a bad window too
-        message = str(exc) if str(exc).startswith(where) else f"{where}: {exc}"
+        message = located(where, str(exc))
         return ClipSample(
             **_sample_keys(raw),
             frames=None,
@@ -184,13 +193,16 @@ def prepare_command(out: str) -> list[str]:
     ]
 
 
-def write_energon_dataset(root: str, out: str, samples_per_shard: int = 1000, log_every: int = 1000) -> dict:
+def write_energon_dataset(
+    root: str, out: str, samples_per_shard: int = 1000, log_every: int = 1000, allow_outside_paths: bool = False
+) -> dict:
     """Convert the clips + JSONL folder ``root`` (``train.jsonl``, ``eval.jsonl``: the ``video_jsonl`` layout)
     into an energon dataset in ``out``, then run ``energon prepare`` on it. Clip bytes are stored as they are.
 
-    A line that cannot make a sample (invalid JSON, no question or answer, no clip, a clip that is not there)
-    is skipped and named on stderr; clips are not decoded here (that is training's job, where an undecodable
-    or too short clip is a counted bad sample). ``out`` is claimed first (a folder that another tool or the
+    A line that cannot make a sample (invalid JSON, no question or answer, no clip, a clip that is not there
+    or, unless ``allow_outside_paths``, outside ``root``) is skipped and named on stderr; clips are not decoded
+    here (that is training's job, where an undecodable or too short clip is a counted bad sample). ``out`` is
+    claimed first (a folder that another tool or the
     user wrote is a ValueError: an earlier conversion's shards are replaced only in a folder this one made).
     Returns ``{"train": {"samples", "skipped"}, "eval": ...}``.
     """
@@ -216,7 +228,7 @@ def write_energon_dataset(root: str, out: str, samples_per_shard: int = 1000, lo
                 where = f"{jsonl}:{lineno}"
                 try:
                     rec = parse_clip_line(line, where)
-                    clip = os.path.join(root, rec["video"])
+                    clip = clip_path(root, rec["video"], where, allow_outside_paths, "--allow-outside-paths")
                     if not os.path.isfile(clip):
                         raise VideoError(f"{where}: {clip}: clip not found")
                     with open(clip, "rb") as c:

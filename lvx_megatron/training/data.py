@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.batch import collate, encode_sample
+from ..data.checks import located
 from ..data.ownership import claim, ownership_problem
 from ..data.sampler import micro_batches
 from ..data.shards import INDEX_FILE, ShardedVideoDataset, ShardError, write_shards
@@ -151,7 +152,9 @@ def prepare_datasets(cfg: RunConfig) -> dict[str, ShardedVideoDataset | VideoJso
                 )
         fps = d.fps if d.frame_sampling == "fps" else None
         try:
-            datasets = {split: VideoJsonlDataset(str(root), split, d.max_images, fps) for split in SPLITS}
+            datasets = {
+                split: VideoJsonlDataset(str(root), split, d.max_images, fps, d.allow_outside_paths) for split in SPLITS
+            }
         except OSError as exc:
             raise DataError(f"{exc.filename}: {exc.strerror}") from None
         for ds in datasets.values():
@@ -320,13 +323,15 @@ class BatchSource(_Prefetcher):
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
 
     def _problem(self, index: int) -> tuple[dict | None, str]:
-        """``(sample, "")`` if usable, else ``(None, reason)``."""
+        """``(sample, "")`` if usable, else ``(None, reason)``; the reason starts with the sample's file and
+        line (or key)."""
+        where = self.dataset.where(index)
         try:
             sample = self.dataset[index]
             reason = self._usable(sample)
         except (ValueError, OSError, KeyError, TypeError) as exc:  # PIL's decode errors are OSErrors
-            return None, f"{type(exc).__name__}: {exc}"
-        return (None, reason) if reason else (sample, "")
+            return None, f"{type(exc).__name__}: {located(where, str(exc))}"
+        return (None, located(where, reason)) if reason else (sample, "")
 
     def _sample(self, index: int) -> dict:
         """Sample ``index``, or the next usable one after it."""

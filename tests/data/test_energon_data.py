@@ -31,14 +31,16 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, Path, str]:
-    """Generated mp4 clips + JSONL (with a line lacking its answer and one naming a missing clip), converted by
-    the tool; returns (clips folder, energon dataset, the tool's stderr)."""
+    """Generated mp4 clips + JSONL (with a line lacking its answer, one naming a missing clip and one a clip
+    outside the folder), converted by the tool; returns (clips folder, energon dataset, the tool's stderr)."""
     root = tmp_path_factory.mktemp("energon")
     clips = root / "clips"
     _run(sys.executable, str(REPO / "tools" / "make_video_clips.py"), "--out", str(clips), "--train", "64")
     with open(clips / "train.jsonl", "a") as f:
         f.write(json.dumps({"video": "clips/train-000000.mp4", "question": "what?"}) + "\n")
         f.write(json.dumps({"video": "clips/gone.mp4", "question": "what?", "answer": "yes"}) + "\n")
+        f.write(json.dumps({"video": "../outside.mp4", "question": "what?", "answer": "yes"}) + "\n")
+    (root / "outside.mp4").write_bytes((clips / "clips" / "train-000000.mp4").read_bytes())
     out = root / "energon"
     tool = [sys.executable, str(REPO / "tools" / "video_jsonl_to_energon.py"), "--input", str(clips)]
     proc = _run(*tool, "--out", str(out), "--samples-per-shard", "16")
@@ -49,7 +51,9 @@ def test_the_tool_writes_a_prepared_energon_dataset_and_names_the_lines_it_skips
     clips, out, log = dataset
     assert f"{clips}/train.jsonl:65: missing or non-string field 'answer' (or 'response')" in log
     assert f"{clips}/train.jsonl:66: {clips}/clips/gone.mp4: clip not found" in log
-    assert "64 train and 256 eval samples (2 lines skipped)" in log
+    outside = f"clip '../outside.mp4' is {clips.parent / 'outside.mp4'}, outside the dataset folder {clips}"
+    assert f"{clips}/train.jsonl:67: {outside}; --allow-outside-paths allows clips outside it" in log
+    assert "64 train and 256 eval samples (3 lines skipped)" in log
     assert "energon prepare " in log  # the command a user can re-run
     assert (out / ".nv-meta" / "dataset.yaml").read_text().split() == [
         "__module__:",
