@@ -59,8 +59,12 @@ CONVERTER = "tools/video_jsonl_to_energon.py"  # the owner named by the marker o
 
 @edataclass
 class ClipSample(Sample):
-    """A cooked sample: ``frames`` uint8 [F, H, W, 3] and the text, or ``problem`` (why it cannot be used)."""
+    """A cooked sample: ``frames`` uint8 [F, H, W, 3] and the text, or ``problem`` (why it cannot be used).
+    ``name`` is ``TAR:KEY``, the tar file it is in and its key (unique across the datasets of a blend);
+    ``where`` starts its messages (``sample KEY (train.jsonl:LINE clip)``: the line it was converted from)."""
 
+    name: str
+    where: str
     frames: np.ndarray | None
     question: str
     answer: str
@@ -99,6 +103,8 @@ def cook_clip(raw: dict, settings: ClipSettings) -> ClipSample:
         message = located(where, str(exc))
         return ClipSample(
             **_sample_keys(raw),
+            name=sample_name(raw),
+            where=where,
             frames=None,
             question="",
             answer="",
@@ -107,12 +113,21 @@ def cook_clip(raw: dict, settings: ClipSettings) -> ClipSample:
         )
     return ClipSample(
         **_sample_keys(raw),
+        name=sample_name(raw),
+        where=where,
         frames=frames,
         question=fields["question"],
         answer=fields["answer"],
         qtype=fields["qtype"],
         problem="",
     )
+
+
+def sample_name(raw: dict) -> str:
+    """``TAR:KEY`` of a crude sample (its key alone when energon gave no source)."""
+    sources = raw.get("__sources__") or ()
+    where = f"{sources[0].dataset_path / sources[0].shard_name}:" if sources else ""
+    return f"{where}{raw['__key__']}"
 
 
 def _sample_keys(raw: dict) -> dict:

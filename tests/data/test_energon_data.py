@@ -173,10 +173,12 @@ def test_bad_energon_samples_are_skipped_counted_and_named(tmp_path, capsys):
     source = EnergonBatchSource(cfg, "eval", build_tokenizer("words"), 0, 1, verbose=True)
     try:
         (batch,) = source.micro_batches(0, torch.device("cpu"), prefetch_next=False)
+        source.micro_batches(0, torch.device("cpu"), prefetch_next=False)  # the next evaluation: the same samples
     finally:
         source.close()
-    assert source.bad_samples == 5 and batch["tokens"].shape[0] == 2
+    assert source.bad_samples == 5 and batch["tokens"].shape[0] == 2  # each bad sample counted once
     log = capsys.readouterr().out
+    assert log.count("skipping bad sample") == 5, log
     for key, reason in [
         ("val-000", "VideoError: sample val-000 (a.jsonl:1 cut.mp4): val-000.mp4: cannot be decoded"),
         ("val-002", "VideoError: sample val-002: no clip (mp4/webm/mkv member)"),
@@ -184,7 +186,7 @@ def test_bad_energon_samples_are_skipped_counted_and_named(tmp_path, capsys):
         ("val-004", "ValueError: sample val-004: missing or non-string field 'answer' (or 'response')"),
         ("val-005", "ValueError: sample val-005: val-005.mp4: window [start, end] must have 0 <= start < end"),
     ]:
-        assert f"skipping bad sample {key}: {reason}" in log, log
+        assert f"skipping bad sample {data / 'val' / 'shard-000000.tar'}:{key}: {reason}" in log, log
 
     strict = load_config(ENERGON_TINY, {**overrides, "data.max_bad_samples": 4})
     source = EnergonBatchSource(strict, "eval", build_tokenizer("words"), 0, 1, verbose=False)
@@ -193,6 +195,37 @@ def test_bad_energon_samples_are_skipped_counted_and_named(tmp_path, capsys):
             source.micro_batches(0, torch.device("cpu"), prefetch_next=False)
     finally:
         source.close()
+
+
+def _bad_samples_saved_and_restored(rank: int, world_size: int, data: str) -> dict:
+    """Worker: a train source reads iteration 0 and saves its data state; a second one restores it and reads
+    iterations 1 to 4 (a full pass more over the 7 samples)."""
+    overrides = {"data.path": data, "data.num_workers": 0, "data.shuffle_buffer_size": 1}
+    cfg = load_config(ENERGON_TINY, overrides | {"training.micro_batch_size": 2, "training.global_batch_size": 2})
+    tokenizer = build_tokenizer("words")
+    first = EnergonBatchSource(cfg, "train", tokenizer, 0, 1, verbose=False)
+    try:
+        first.micro_batches(0, torch.device("cpu"), prefetch_next=False)
+        state = first.data_state(1)
+    finally:
+        first.close()
+    resumed = EnergonBatchSource(cfg, "train", tokenizer, 0, 1, verbose=False)
+    try:
+        resumed.restore(state)
+        restored = resumed.bad_samples
+        for iteration in range(1, 5):
+            resumed.micro_batches(iteration, torch.device("cpu"), prefetch_next=False)
+    finally:
+        resumed.close()
+    return {"saved": first.bad_samples, "restored": restored, "final": resumed.bad_samples, "state": state}
+
+
+def test_the_energon_bad_sample_count_is_saved_and_goes_on_after_a_restore(tmp_path):
+    data = _bad_dataset(tmp_path)
+    got = spawn_gloo(1, _bad_samples_saved_and_restored, str(data))[0]
+    keys = got["state"]["bad_samples"]["keys"]
+    assert got["saved"] == got["restored"] == len(keys) > 0 and got["final"] == 5, got
+    assert all(k.startswith(f"{data / 'train' / 'shard-000000.tar'}:train-00") for k in keys), keys
 
 
 @pytest.mark.parametrize(

@@ -154,7 +154,7 @@ def test_bad_clips_and_lines_are_skipped_counted_and_named(tmp_path, capsys):
     source.close()
     (indices,) = micro_batches(0, n, n, 0, 1, n, 0)
     skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipping")]
-    # The batch holds every line once, so every bad line is met (again when it follows another bad one).
+    # The batch holds every line once, so every bad line is met, and named once.
     named = {int(line.split()[3].rstrip(":")) for line in skipped}
     assert sorted(indices) == list(range(n)) and named == set(expected)
     assert source.bad_samples == len(skipped)
