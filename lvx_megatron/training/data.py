@@ -440,11 +440,12 @@ class BatchSource(_Prefetcher):
 class EnergonBatchSource(_Prefetcher):
     """Micro-batches of an energon dataset's split (``data.kind: energon``), read with energon's loaders.
 
-    Energon shards the samples over the data-parallel ranks; its workers decode the clips. A bad
-    sample (``ClipSample.problem``: an undecodable or too short clip, no clip, no answer) or an
-    unusable one is counted and replaced by the next sample the loader yields. The train split's loader
-    state after every iteration's reads is kept, so :meth:`data_state` can save it for an exact resume;
-    the eval split is read from its start at every evaluation (iteration 0).
+    Energon shards the samples over the data-parallel ranks; its workers decode the clips. A tar file
+    that is missing or cut short is a DataError naming it, before any read. A bad sample
+    (``ClipSample.problem``: an undecodable or too short clip, no clip, no answer, tar members that
+    cannot be read) or an unusable one is counted and replaced by the next sample the loader yields.
+    The train split's loader state after every iteration's reads is kept, so :meth:`data_state` can save
+    it for an exact resume; the eval split is read from its start at every evaluation (iteration 0).
     """
 
     def __init__(self, cfg: RunConfig, split: str, tokenizer: Tokenizer, dp_rank: int, dp_size: int, verbose: bool):
@@ -468,6 +469,8 @@ class EnergonBatchSource(_Prefetcher):
                 f"config error: data.path: {d.path}: not a usable energon dataset for the {split} split "
                 f"(energon split part {energon.SPLIT_PARTS[split]!r}): {type(exc).__name__}: {exc}"
             ) from None
+        if problem := energon.shard_problem(d.path, split, config):
+            raise DataError(problem)
         self._iterator = None
         # The loader state before the reads of iteration i, for each i read so far (the last two kept):
         # the training thread asks for iteration i's while iteration i's reads may already be under way.

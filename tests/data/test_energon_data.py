@@ -3,14 +3,18 @@ read by energon's loaders sharded over DP ranks only, exact resume from the chec
 bad samples skipped, counted and named."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
+import yaml
 from train_harness import TINY, train_losses
 
 from lvx_megatron.data import VideoQAGenerator, build_tokenizer, write_clip
@@ -226,6 +230,73 @@ def test_the_energon_bad_sample_count_is_saved_and_goes_on_after_a_restore(tmp_p
     keys = got["state"]["bad_samples"]["keys"]
     assert got["saved"] == got["restored"] == len(keys) > 0 and got["final"] == 5, got
     assert all(k.startswith(f"{data / 'train' / 'shard-000000.tar'}:train-00") for k in keys), keys
+
+
+def _damaged_copy(dataset, tmp_path: Path, fault: str) -> tuple[Path, Path]:
+    """A copy of the converted dataset whose ``val/shard-000000.tar`` is deleted, cut in half, or has the tar
+    header of its sample 3 zeroed; returns (copy, that tar)."""
+    data = tmp_path / "energon"
+    shutil.copytree(dataset[1], data)
+    tar_path = data / "val" / "shard-000000.tar"
+    if fault == "deleted":
+        tar_path.unlink()
+    elif fault == "truncated":
+        tar_path.write_bytes(tar_path.read_bytes()[: tar_path.stat().st_size // 2])
+    else:
+        with tarfile.open(tar_path) as tar:
+            header = next(m for m in tar if m.name.startswith("val-000000003.")).offset
+        with open(tar_path, "r+b") as f:
+            f.seek(header)
+            f.write(bytes(tarfile.BLOCKSIZE))
+    return data, tar_path
+
+
+@pytest.mark.parametrize(("fault", "message"), [("deleted", "missing"), ("truncated", "truncated: ")])
+def test_a_missing_or_truncated_tar_is_a_one_line_data_error_naming_it(dataset, tmp_path, fault, message):
+    """When the loaders are built, before any read (it was a 216/239-line traceback from the loader)."""
+    data, tar_path = _damaged_copy(dataset, tmp_path, fault)
+    cfg = load_config(ENERGON_TINY, {"data.path": str(data), "data.num_workers": 0})
+    with pytest.raises(DataError) as err:
+        EnergonBatchSource(cfg, "eval", build_tokenizer("words"), 0, 1, verbose=False)
+    assert str(err.value).startswith(f"{tar_path}: {message}") and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_truncated_tar_stops_the_command_line_run_with_one_line(dataset, tmp_path):
+    data, tar_path = _damaged_copy(dataset, tmp_path, "truncated")
+    tree = yaml.safe_load(ENERGON_TINY.read_text())
+    tree["data"].update(path=str(data), num_workers=0)
+    tree["parallel"]["context_parallel_size"] = 1
+    tree["checkpoint"], tree["logging"] = {}, {"wandb_mode": "disabled", "run_dir": str(tmp_path / "run")}
+    config = tmp_path / "energon.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pretrain_mllm.py"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"data error: {tar_path}: truncated: "), proc.stderr
+
+
+def test_a_damaged_tar_header_is_a_bad_sample_naming_the_tar(dataset, tmp_path, capsys):
+    """A sample whose tar members cannot be read is skipped and counted like an undecodable clip, its message
+    naming the tar and the sample's place in it; the samples around it are read."""
+    data, tar_path = _damaged_copy(dataset, tmp_path, "header")
+    overrides = {"data.path": str(data), "data.num_workers": 0}
+    cfg = load_config(ENERGON_TINY, overrides | {"training.micro_batch_size": 8, "training.global_batch_size": 8})
+    source = EnergonBatchSource(cfg, "eval", build_tokenizer("words"), 0, 1, verbose=True)
+    try:
+        (batch,) = source.micro_batches(0, torch.device("cpu"), prefetch_next=False)
+    finally:
+        source.close()
+    assert source.bad_samples == 1 and batch["tokens"].shape[0] == 8
+    skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipping")]
+    assert skipped == [
+        f"skipping bad sample {tar_path}:#3: ShardError: {tar_path}: sample 3 of it cannot be read "
+        f"(ValueError: Unexpected end of tar file: val/shard-000000.tar) (1 so far)"
+    ], skipped
 
 
 @pytest.mark.parametrize(
