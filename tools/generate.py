@@ -28,10 +28,10 @@ logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line (argparse exits with status 2 naming the flag on a bad value)."""
-    from lvx_megatron.generation.cli import add_layout_flags, float_in, positive_int
+    """The command line (a bad value: one error line naming the flag, exit status 2)."""
+    from lvx_megatron.generation.cli import ToolParser, add_layout_flags, float_in, positive_int
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ToolParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", type=Path, required=True, help="checkpoint directory of a run (its newest)")
     parser.add_argument("--config", type=Path, help="the run's YAML config (default: the one saved in the checkpoint)")
     source = parser.add_mutually_exclusive_group(required=True)
