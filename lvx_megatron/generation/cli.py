@@ -38,6 +38,17 @@ def positive_int(flag: str) -> Callable[[str], int]:
     return parse
 
 
+def non_blank(flag: str) -> Callable[[str], str]:
+    """argparse type: a text with a character other than white space, else an error naming ``flag``."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{flag} must not be empty or only white space, got {text!r}")
+        return text
+
+    return parse
+
+
 def float_in(flag: str, low: float, high: float, low_open: bool) -> Callable[[str], float]:
     """argparse type: a float in ``[low, high]`` (``(low, high]`` when ``low_open``), else an error naming ``flag``."""
 
