@@ -3,8 +3,8 @@
 For the map-style datasets, sample order is a pure function of (seed, iteration)
 (``lvx_megatron.data.sampler``), so a resumed run reads exactly the batches the uninterrupted run would
 have read, with no loader position to save (a checkpoint keeps only the bad samples found so far); an
-energon dataset's loader position is saved in the checkpoint too (:class:`EnergonBatchSource`). Every rank of a data-parallel replica (its TP, CP and PP ranks)
-reads the same micro-batches.
+energon dataset's loader position is saved in the checkpoint too (:class:`EnergonBatchSource`). Every
+rank of a data-parallel replica (its TP, CP and PP ranks) reads the same micro-batches.
 """
 
 import gc
