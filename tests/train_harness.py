@@ -126,3 +126,41 @@ def inf_weight_run(rank: int, world_size: int, overrides: dict, iteration: int) 
         return trainer.run()
     finally:
         trainer.close()
+
+
+def run_trainers_or_errors(rank: int, world_size: int, runs: list[dict]) -> list[dict | str]:
+    """Worker: :func:`run_trainers`, where a run that stops with a data error gives its message instead."""
+    from lvx_megatron.training.config import load_config
+    from lvx_megatron.training.data import DataError
+    from lvx_megatron.training.loop import Trainer
+
+    results = []
+    for overrides in runs:
+        trainer = Trainer(load_config(TINY, overrides))
+        try:
+            results.append(trainer.run())
+        except DataError as exc:
+            results.append(str(exc))
+        finally:
+            trainer.close()
+    return results
+
+
+def bad_sample_counts(rank: int, world_size: int, shards: str, iterations: int) -> list[int]:
+    """Worker: this data-parallel rank's ``bad_samples`` after each of ``iterations`` reads of ``shards``
+    (micro-batches of 2, global batches of 8)."""
+    from lvx_megatron.data.shards import ShardedVideoDataset
+    from lvx_megatron.data.tokenizer import build_tokenizer
+    from lvx_megatron.training.config import load_config
+    from lvx_megatron.training.data import BatchSource
+
+    cfg = load_config(TINY, {"data.path": shards, "training.micro_batch_size": 2, "training.global_batch_size": 8})
+    source = BatchSource(cfg, ShardedVideoDataset(shards), build_tokenizer("words"), rank, world_size, seed=0)
+    counts = []
+    try:
+        for iteration in range(iterations):
+            source.micro_batches(iteration, "cpu")
+            counts.append(source.bad_samples)
+    finally:
+        source.close()
+    return counts

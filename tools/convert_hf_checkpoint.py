@@ -34,9 +34,10 @@ def _size(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    """The command line (a bad value: one error line naming the flag, exit status 2)."""
+    from lvx_megatron.generation.cli import ToolParser
+
+    parser = ToolParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="HF mllama directory -> distributed checkpoint + model.yaml")
     imp.add_argument("--hf-dir", type=Path, required=True, help="config.json + *.safetensors [+ index json]")
@@ -55,30 +56,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def convert(args: argparse.Namespace) -> None:
+    """Import or export as ``args.command`` says."""
+    if args.command == "import":
+        import_checkpoint(args.hf_dir, args.out, args.dtype)
+    else:
+        export_checkpoint(
+            args.load, args.out, args.dtype, args.hf_config, args.vocab_size, args.max_shard_size, args.allow_unverified
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    """Run the command; 0 on success, 2 on a bad input (one ``error:`` line naming the field or file; config
+    errors included), 1 when the output cannot be written (a full disk, an unwritable ``--out``)."""
+    from lvx_megatron.generation.cli import run_command
     from lvx_megatron.training.checkpointing import CheckpointSaveError
 
-    try:
-        if args.command == "import":
-            import_checkpoint(args.hf_dir, args.out, args.dtype)
-        else:
-            export_checkpoint(
-                args.load,
-                args.out,
-                args.dtype,
-                args.hf_config,
-                args.vocab_size,
-                args.max_shard_size,
-                args.allow_unverified,
-            )
-    except ValueError as exc:  # ConfigError included: one line naming the field
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (CheckpointSaveError, OSError) as exc:  # a full disk, an unwritable --out: one line naming the path
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    args = parse_args(argv)
+    return run_command(lambda: convert(args), write_errors=(CheckpointSaveError, OSError))
 
 
 if __name__ == "__main__":

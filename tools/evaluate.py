@@ -31,10 +31,10 @@ SPLITS = ("train", "eval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line (argparse exits with status 2 naming the flag on a bad value)."""
-    from lvx_megatron.generation.cli import add_layout_flags, positive_int
+    """The command line (a bad value: one error line naming the flag, exit status 2)."""
+    from lvx_megatron.generation.cli import ToolParser, add_layout_flags, positive_int
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ToolParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="the run's checkpoint directory (its newest checkpoint)")
     parser.add_argument("--config", type=Path, help="the run's YAML config (default: the one saved in the checkpoint)")
     parser.add_argument("--split", choices=SPLITS, default="eval", help="which split's clips (default: eval)")

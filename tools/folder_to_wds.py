@@ -19,9 +19,12 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from PIL import Image
 
+from lvx_megatron.data.checks import PATH_CHARS, cut
+from lvx_megatron.data.ownership import claim_output
 from lvx_megatron.data.shards import sample_text_fields, write_shards
 
 _KEEP = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
@@ -30,7 +33,7 @@ _KEEP = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 def _encoded_frame(path: str, where: str) -> tuple[str, bytes, tuple[int, int]]:
     """(ext, bytes, size) of one image file, checked to be a readable image."""
     if not os.path.isfile(path):
-        raise ValueError(f"{where}: image file {path!r} not found")
+        raise ValueError(f"{where}: image file {cut(repr(path), PATH_CHARS)} not found")
     with open(path, "rb") as f:
         data = f.read()
     try:
@@ -42,7 +45,7 @@ def _encoded_frame(path: str, where: str) -> tuple[str, bytes, tuple[int, int]]:
                 im.convert("RGB").save(buf, format="PNG")
                 ext, data = "png", buf.getvalue()
     except OSError as e:
-        raise ValueError(f"{where}: {path!r} is not a readable image ({e})") from None
+        raise ValueError(f"{where}: {cut(repr(path), PATH_CHARS)} is not a readable image ({e})") from None
     return ext, data, size
 
 
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--images folder {args.images!r} does not exist")
     if not os.path.isfile(args.texts):
         p.error(f"--texts file {args.texts!r} does not exist")
+    claim_output(Path(args.out), "tools/folder_to_wds.py")
     write_shards(
         iter_samples(args.images, args.texts),
         args.out,

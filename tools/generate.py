@@ -6,8 +6,9 @@
 Loads the newest checkpoint under ``--load`` written by ``pretrain_mllm.py`` (any family; the run
 config saved in it unless ``--config`` is given) into TP x CP = the processes (pipeline size 1),
 takes ``--num-frames`` frames of ``--clip`` (or the images ``--frames``), builds the prompt as the
-training data does and decodes greedily, or with ``--temperature``/``--top-p``. Each CP rank keeps
-its frames' visual K/V for every cross-attention layer; only the text query rows travel.
+training data does and decodes greedily, or with ``--temperature``/``--top-p``. A prompt longer than
+the run's ``data.seq_length`` is an error, or with ``--truncate-prompt`` loses the start of its question.
+Each CP rank keeps its frames' visual K/V for every cross-attention layer; only the text query rows travel.
 """
 
 import argparse
@@ -28,16 +29,21 @@ logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line (argparse exits with status 2 naming the flag on a bad value)."""
-    from lvx_megatron.generation.cli import add_layout_flags, float_in, positive_int
+    """The command line (a bad value: one error line naming the flag, exit status 2)."""
+    from lvx_megatron.generation.cli import ToolParser, add_layout_flags, float_in, non_blank, positive_int
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ToolParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", type=Path, required=True, help="checkpoint directory of a run (its newest)")
     parser.add_argument("--config", type=Path, help="the run's YAML config (default: the one saved in the checkpoint)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--clip", help="a video file (mp4, webm, mkv, ...)")
     source.add_argument("--frames", nargs="+", help="image files, one frame each (all of one size)")
-    parser.add_argument("--prompt", required=True, help="the question about the clip")
+    parser.add_argument("--prompt", type=non_blank("--prompt"), required=True, help="the question about the clip")
+    parser.add_argument(
+        "--truncate-prompt",
+        action="store_true",
+        help="drop the start of a question too long for the run's data.seq_length (default: an error)",
+    )
     parser.add_argument(
         "--num-frames", type=positive_int("--num-frames"), help="frames taken from --clip (default: data.max_images)"
     )
@@ -94,6 +100,7 @@ class _Stream:
 
 def answer(args: argparse.Namespace) -> None:
     """Load the checkpoint, build the prompt and stream the answer (global rank 0 prints)."""
+    from lvx_megatron.data.batch import encode_sample
     from lvx_megatron.generation import Sampling, build_prompts, generate, load_for_generation
 
     loaded = load_for_generation(
@@ -101,11 +108,26 @@ def answer(args: argparse.Namespace) -> None:
     )
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
     frames = read_frames(args, cfg.data.max_images)
+    writer = dist.get_rank() == 0
+    seq_length = cfg.data.seq_length
     try:
-        prompts = build_prompts(cfg, tokenizer, [{"frames": frames, "question": args.prompt}])
+        _, length = encode_sample(args.prompt, "", len(frames), tokenizer)
+        if length > seq_length and not args.truncate_prompt:
+            raise ValueError(
+                f"the prompt is {length} tokens ({len(frames)} frames, bos and the question), longer than the run's "
+                f"sequence length data.seq_length = {seq_length}; shorten it, or pass --truncate-prompt"
+            )
+        sample = {"frames": frames, "question": args.prompt}
+        prompts = build_prompts(cfg, tokenizer, [sample], max_length=seq_length if args.truncate_prompt else None)
     except ValueError as exc:
         raise ValueError(f"--prompt: {exc}") from None
-    writer = dist.get_rank() == 0
+    if writer and length > seq_length:
+        print(
+            f"warning: --truncate-prompt: the prompt is {length} tokens, longer than data.seq_length = {seq_length}: "
+            f"its first {length - seq_length} question tokens are dropped",
+            file=sys.stderr,
+            flush=True,
+        )
     if writer:
         p = cfg.parallel
         print(

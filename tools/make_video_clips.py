@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         write_split(args.out, split, gen, args.fps)
 
-    write_splits(p, args, write)
+    write_splits(p, args, write, "tools/make_video_clips.py")
 
 
 if __name__ == "__main__":

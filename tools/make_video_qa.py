@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
             gen, out, samples_per_shard=args.samples_per_shard, image_format=args.image_format, log_every=args.log_every
         )
 
-    write_splits(p, args, write)
+    write_splits(p, args, write, "tools/make_video_qa.py")
 
 
 if __name__ == "__main__":

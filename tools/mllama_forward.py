@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from lvx_megatron.hf.forward import forward_logits
 from lvx_megatron.hf.model import UNINFORMATIVE_WARNINGS, add_allow_unverified_flag
@@ -26,7 +25,10 @@ warnings.filterwarnings("ignore", message=UNINFORMATIVE_WARNINGS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The command line (a bad value: one error line naming the flag, exit status 2)."""
+    from lvx_megatron.generation.cli import ToolParser
+
+    parser = ToolParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", type=Path, required=True, help="checkpoint directory (its newest iteration)")
     parser.add_argument("--inputs", type=Path, required=True, help="torch.save'd dict of HF processor tensors")
     parser.add_argument("--output", type=Path, required=True, help="where rank 0 writes the logits [B, S, vocab]")
@@ -38,31 +40,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def forward(args: argparse.Namespace) -> None:
+    """The logits of ``--inputs``, written by rank 0 to ``--output``."""
+    inputs = torch.load(args.inputs, weights_only=True)
+    logits = forward_logits(
+        args.load,
+        inputs,
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        args.context_parallel_size,
+        args.vocab_size,
+        args.allow_unverified,
+    )
+    if logits is not None:
+        torch.save(logits, args.output)
+        print(f"wrote {args.output}: logits {tuple(logits.shape)}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; 0 on success, 2 on a bad input (one ``error:`` line; ConfigError included)."""
+    from lvx_megatron.generation.cli import run_command
+
     args = parse_args(argv)
-    joined = dist.is_initialized()  # a process group of the caller's (in-process use) is left to the caller
-    try:
-        inputs = torch.load(args.inputs, weights_only=True)
-        logits = forward_logits(
-            args.load,
-            inputs,
-            args.tensor_model_parallel_size,
-            args.pipeline_model_parallel_size,
-            args.context_parallel_size,
-            args.vocab_size,
-            args.allow_unverified,
-        )
-        if logits is not None:
-            torch.save(logits, args.output)
-            print(f"wrote {args.output}: logits {tuple(logits.shape)}", flush=True)
-    except (ValueError, OSError) as exc:  # ConfigError included; an unreadable --inputs: one line
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if not joined and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_command(lambda: forward(args))
 
 
 if __name__ == "__main__":

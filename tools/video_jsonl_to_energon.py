@@ -7,7 +7,8 @@
 ``OUT/val/`` (energon's eval split is ``val``), each sample the clip's bytes as they are plus a ``.json``
 with its text and window; then ``energon prepare`` indexes them (non-interactively; the command is printed:
 a user can re-run it) as a ``CrudeWebdataset``. Train on it with ``data.kind: energon``, ``data.path: OUT``.
-Lines that cannot make a sample (invalid JSON, no question or answer, a missing clip) are skipped and named.
+Lines that cannot make a sample (invalid JSON, no question or answer, a missing clip, a clip outside ``INPUT``
+unless ``--allow-outside-paths``) are skipped and named.
 Format: docs/data.md ("Energon datasets").
 """
 
@@ -24,10 +25,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output folder: the energon dataset (train/, val/, .nv-meta/)")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar file (default 1000)")
     p.add_argument("--log-every", type=int, default=1000, help="a progress line every this many samples (1000)")
+    p.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="read clips outside --input (default: such lines are skipped)",
+    )
     args = p.parse_args(argv)
     if args.samples_per_shard < 1:
         p.error(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
-    counts = write_energon_dataset(args.input, args.out, args.samples_per_shard, args.log_every)
+    counts = write_energon_dataset(
+        args.input, args.out, args.samples_per_shard, args.log_every, args.allow_outside_paths
+    )
     skipped = sum(c["skipped"] for c in counts.values())
     print(
         f"energon dataset {args.out}: {counts['train']['samples']} train and {counts['eval']['samples']} eval "

@@ -240,11 +240,16 @@ class ShardedVideoDataset:
         f.seek(offset)
         return f.read(size)
 
+    def where(self, i: int) -> str:
+        """``shard file:key`` of sample ``i``, as its messages start."""
+        shard, key, _ = self._entries[i]
+        return f"{os.path.join(self.path, self.shard_names[shard])}:{key}"
+
     def __getitem__(self, i: int) -> dict:
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample index {i} out of range for {len(self)} samples in {self.path!r}")
         shard, key, members = self._entries[i]
-        where = f"{os.path.join(self.path, self.shard_names[shard])}:{key}"
+        where = self.where(i)
         if "json" not in members:
             raise ShardError(f"{where}: no {key}.json member")
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Protocol, runtime_checkable
 
+from lvx_megatron.data.checks import cut
 from lvx_megatron.data.video_qa import vocabulary
 
 PAD_TOKEN = "<|pad|>"
@@ -66,8 +67,8 @@ class WordTokenizer:
         for w in _WORD_RE.findall(text):
             if w not in self.stoi:
                 raise ValueError(
-                    f"word {w!r} is not in the WordTokenizer vocabulary ({self.vocab_size} tokens: the video QA "
-                    "generator's words); use the 'bytes' or 'huggingface' tokenizer for arbitrary text"
+                    f"word {cut(repr(w))} is not in the WordTokenizer vocabulary ({self.vocab_size} tokens: the "
+                    "video QA generator's words); use the 'bytes' or 'huggingface' tokenizer for arbitrary text"
                 )
             ids.append(self.stoi[w])
         return ids

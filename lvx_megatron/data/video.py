@@ -15,10 +15,12 @@ import math
 import os
 from collections.abc import Sequence
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
 
+from lvx_megatron.data.checks import PATH_CHARS, cut
 from lvx_megatron.data.shards import sample_text_fields
 
 CLIP_EXTENSIONS: tuple[str, ...] = (".mp4", ".webm", ".mkv")
@@ -95,17 +97,18 @@ def decode_clip(
     VideoError naming the file when it is missing, has no video stream or cannot be decoded; the
     sampling rules' errors also name it.
     """
+    name = cut(path, PATH_CHARS)
     if data is None and not os.path.isfile(path):
-        raise VideoError(f"{path}: clip not found")
+        raise VideoError(f"{name}: clip not found")
     try:
         with av.open(path if data is None else io.BytesIO(data)) as container:
             if not container.streams.video:
-                raise VideoError(f"{path}: no video stream")
+                raise VideoError(f"{name}: no video stream")
             stream = container.streams.video[0]
             # Flush packets carry no timestamp and no frame.
             packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.pts is not None and p.size > 0]
             if not packets:
-                raise VideoError(f"{path}: no video frames")
+                raise VideoError(f"{name}: no video frames")
             pts = sorted(p for p, _ in packets)
             keyframes = sorted(p for p, key in packets if key)
             base = stream.time_base
@@ -115,7 +118,7 @@ def decode_clip(
             try:
                 picked = select_frames(times, times[-1] + frame_s, num_frames, start, end, fps)
             except ValueError as exc:
-                raise type(exc)(f"{path}: {exc}") from None
+                raise type(exc)(f"{name}: {exc}") from None
             wanted = sorted({pts[i] for i in picked})
             frames: dict[int, np.ndarray] = {}
             for run in _runs(wanted, keyframes):
@@ -124,9 +127,9 @@ def decode_clip(
                 # Frames that need references from before their keyframe (open GOPs): decode from the start.
                 _decode_into(frames, container, stream, missing, pts[0])
     except av.FFmpegError as exc:
-        raise VideoError(f"{path}: cannot be decoded ({type(exc).__name__}: {exc})") from None
+        raise VideoError(f"{name}: cannot be decoded ({type(exc).__name__}: {exc})") from None
     if missing := sorted(set(wanted) - frames.keys()):  # the decoder gave other timestamps than the container
-        raise VideoError(f"{path}: frames at pts {missing[:3]} listed but not decoded")
+        raise VideoError(f"{name}: frames at pts {missing[:3]} listed but not decoded")
     return np.stack([frames[pts[i]] for i in picked])
 
 
@@ -174,14 +177,17 @@ class VideoJsonlDataset:
     One sample per non-blank line: ``{"video": "clips/a.mp4", "question": ..., "answer": ...}`` plus
     optional ``"start"``/``"end"`` (seconds) and ``"fps"`` (overrides ``fps``), ``"qtype"``; ``"clip"``
     may stand for ``"video"``, ``"prompt"``/``"response"`` for ``"question"``/``"answer"``. Clip paths
-    are relative to ``root``. A line that cannot make a sample raises ValueError naming ``file:line``
-    when it is read, so the reader can skip and count it. Frames are decoded on every read (no cache).
+    are relative to ``root`` and must stay inside it, symlinks followed, unless ``allow_outside_paths``
+    (:func:`clip_path`). A line that cannot make a sample raises ValueError naming ``file:line`` when it
+    is read, so the reader can skip and count it. Frames are decoded on every read (no cache).
     """
 
-    def __init__(self, root: str, split: str, num_frames: int, fps: float | None = None) -> None:
+    def __init__(
+        self, root: str, split: str, num_frames: int, fps: float | None = None, allow_outside_paths: bool = False
+    ) -> None:
         if split not in SPLIT_FILES:
             raise ValueError(f"split must be one of {list(SPLIT_FILES)}, got {split!r}")
-        self.root, self.num_frames, self.fps = root, num_frames, fps
+        self.root, self.num_frames, self.fps, self.allow_outside_paths = root, num_frames, fps, allow_outside_paths
         self.jsonl = os.path.join(root, SPLIT_FILES[split])
         # Bytes: a line that is not UTF-8 is then one bad sample when read, not an unreadable file.
         with open(self.jsonl, "rb") as f:
@@ -199,21 +205,47 @@ class VideoJsonlDataset:
     def __len__(self) -> int:
         return len(self._lines)
 
+    def where(self, i: int) -> str:
+        """``file:line`` of sample ``i``, as its messages start."""
+        return f"{self.jsonl}:{self._lines[i][0]}"
+
     def __getitem__(self, i: int) -> dict:
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample index {i} out of range for {len(self)} samples in {self.jsonl!r}")
-        lineno, line = self._lines[i]
-        where = f"{self.jsonl}:{lineno}"
-        rec = parse_clip_line(line, where)
+        where = self.where(i)
+        rec = parse_clip_line(self._lines[i][1], where)
+        path = clip_path(self.root, rec["video"], where, self.allow_outside_paths)
         fps = rec["fps"] if rec["fps"] is not None else self.fps
         try:
-            frames = decode_clip(os.path.join(self.root, rec["video"]), self.num_frames, rec["start"], rec["end"], fps)
+            frames = decode_clip(path, self.num_frames, rec["start"], rec["end"], fps)
         except ValueError as exc:
             raise type(exc)(f"{where}: {exc}") from None
         sample = {"frames": frames, "question": rec["question"], "answer": rec["answer"]}
         if rec["qtype"] is not None:
             sample["qtype"] = rec["qtype"]
         return sample
+
+
+def clip_path(
+    root: str, clip: str, where: str, allow_outside: bool, allow_with: str = "data.allow_outside_paths"
+) -> str:
+    """The path of ``clip`` (a JSONL line's clip, relative to ``root`` or absolute).
+
+    Unless ``allow_outside``, it must resolve (symlinks followed) to a file inside ``root``: a dataset's
+    lines read only its own folder's files. VideoError starting with ``where`` and naming ``allow_with``
+    (the setting that allows it) otherwise.
+    """
+    path = os.path.join(root, clip)
+    if allow_outside:
+        return path
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    if not resolved.is_relative_to(base):
+        shown = cut(repr(clip), PATH_CHARS), cut(str(resolved), PATH_CHARS)
+        raise VideoError(
+            f"{where}: clip {shown[0]} is {shown[1]}, outside the dataset folder {base}; {allow_with} allows clips "
+            "outside it"
+        )
+    return path
 
 
 def parse_clip_line(line: bytes | str, where: str) -> dict:
@@ -233,7 +265,7 @@ def parse_clip_line(line: bytes | str, where: str) -> dict:
     if not isinstance(clip, str) or not clip:
         raise ValueError(f"{where}: missing or non-string field 'video' (or 'clip')")
     if not clip.lower().endswith(CLIP_EXTENSIONS):
-        raise ValueError(f"{where}: field 'video' must name a {'/'.join(CLIP_EXTENSIONS)} file, got {clip!r}")
+        raise ValueError(f"{where}: field 'video' must name a {'/'.join(CLIP_EXTENSIONS)} file, got {cut(repr(clip))}")
     return {"video": clip, **fields}
 
 
@@ -247,7 +279,9 @@ def clip_fields(rec: dict, where: str) -> dict:
     for key in ("start", "end", "fps"):
         value = rec.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ValueError(f"{where}: field {key!r} must be a number of seconds (fps: per second), got {value!r}")
+            raise ValueError(
+                f"{where}: field {key!r} must be a number of seconds (fps: per second), got {cut(repr(value))}"
+            )
         window[key] = value
     qtype = rec.get("qtype")
     return {

@@ -4,7 +4,9 @@ tools that write it (tools/make_video_qa.py as shards, tools/make_video_clips.py
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+from lvx_megatron.data.ownership import claim_output
 from lvx_megatron.data.video_qa import VideoQAGenerator, chance_accuracy
 
 
@@ -30,17 +32,24 @@ def writer_parser(
 
 
 def write_splits(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, write: Callable[[str, int, VideoQAGenerator], None]
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    write: Callable[[str, int, VideoQAGenerator], None],
+    tool: str,
 ) -> None:
     """``write(split, count, generator)`` for train then eval as the flags (and ``--seed``) say, then the
-    chance accuracy on stderr. A count below 1 is a usage error; a ValueError (a frame count or size
-    the generator refuses, from ``write`` too) ends the process with its one line, as argparse's errors do."""
-    for split, n in (("train", args.train), ("eval", args.eval)):
+    chance accuracy on stderr; ``--out`` is claimed for ``tool`` first (a folder another tool or the user
+    wrote is refused). A count below 1 is a usage error; a ValueError (a refused ``--out``, a frame count
+    or size the generator refuses, from ``write`` too) ends the process with its one line."""
+    counts = (("train", args.train), ("eval", args.eval))
+    for split, n in counts:
         if n < 1:
             parser.error(f"--{split} must be >= 1, got {n}")
-        try:
+    try:
+        claim_output(Path(args.out), tool)
+        for split, n in counts:
             gen = VideoQAGenerator(n, num_frames=args.frames, frame_size=args.frame_size, seed=args.seed, split=split)
             write(split, n, gen)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     print(f"chance accuracy (answers without the frames): {chance_accuracy():.4f}", file=sys.stderr)

@@ -32,11 +32,22 @@ def _left_pad(t: Tensor, pad: int, value: int) -> Tensor:
     return torch.cat([t.new_full((1, pad, *t.shape[2:]), value), t], dim=1)
 
 
-def build_prompts(cfg: RunConfig, tokenizer: Tokenizer, samples: Sequence[dict]) -> PromptBatch:
+def _drop_positions(batch: dict[str, Tensor], start: int, count: int) -> dict[str, Tensor]:
+    """``batch`` (one collated sample) without its text positions ``start .. start + count - 1``; the images
+    and their tokens come before ``start``, so what they are and which rows see them stay."""
+    keep = torch.cat([torch.arange(start), torch.arange(start + count, batch["tokens"].shape[1])])
+    return {**batch, "tokens": batch["tokens"][:, keep], "cross_attention_mask": batch["cross_attention_mask"][:, keep]}
+
+
+def build_prompts(
+    cfg: RunConfig, tokenizer: Tokenizer, samples: Sequence[dict], max_length: int | None = None
+) -> PromptBatch:
     """Prompts of ``samples`` (each ``{"frames": uint8 [F, H, W, 3], "question": str}``) for the run's model.
 
     Each prompt is built as the training collator builds a sample (the same mask and image rules, at
-    most ``data.max_images`` frames), then left-padded to the longest.
+    most ``data.max_images`` frames), then left-padded to the longest. With ``max_length``, a longer
+    prompt loses the start of its question (its image tokens and bos stay): it is ``max_length`` tokens;
+    ValueError naming ``max_length`` when that leaves no question token.
     """
     if not samples:
         raise ValueError("samples must be a non-empty list")
@@ -47,6 +58,12 @@ def build_prompts(cfg: RunConfig, tokenizer: Tokenizer, samples: Sequence[dict])
         num_frames = 1 if frames.ndim == 3 else frames.shape[0]
         ids, length = encode_sample(sample["question"], "", num_frames, tokenizer)
         batch = collate([{**sample, "answer": ""}], tokenizer, len(ids), d.max_images, v.max_num_tiles, v.image_size)
+        if max_length is not None and length > max_length:
+            if max_length <= num_frames + 1:
+                raise ValueError(
+                    f"max_length {max_length} leaves no question token after the {num_frames} image tokens and bos"
+                )
+            batch, length = _drop_positions(batch, num_frames + 1, length - max_length), max_length
         rows.append((batch, length))
     longest = max(length for _, length in rows)
     keys = [k for k in family(cfg).model_inputs if k not in TEXT_KEYS]

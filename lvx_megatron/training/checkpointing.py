@@ -346,8 +346,9 @@ def save_checkpoint(
     """Write the training checkpoint of ``iteration`` under ``root`` (:func:`write_checkpoint`), then
     delete the checkpoints beyond ``checkpoint.keep_last`` (collective over all ranks).
 
-    ``data_state`` (the same on every rank) is the data loader's position, for a loader whose samples do
-    not follow from the iteration alone (``data.kind: energon``); it is kept in the common state.
+    ``data_state`` (the same on every rank) is the data loader's state: the bad samples found so far, and
+    the position of a loader whose samples do not follow from the iteration alone (``data.kind: energon``);
+    it is kept in the common state.
     """
     sharded = _sharded_state(state, is_loading=False)
     sharded["scheduler"] = state.scheduler.state_dict()

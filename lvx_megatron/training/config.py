@@ -257,6 +257,10 @@ class DataConfig(_Section):
     (``path``: a prepared folder, e.g. from ``tools/video_jsonl_to_energon.py``, or a metadataset YAML
     blending several) with energon's loaders, decoding clips as ``video_jsonl`` does in
     ``num_workers`` worker processes; its loader state is saved in checkpoints.
+
+    ``video_jsonl`` clip paths resolve inside ``path`` (symlinks followed): a line whose clip lies
+    outside it (``../x.mp4``, an absolute path, a symlink pointing out) is a bad sample naming the
+    line, unless ``allow_outside_paths`` is true.
     """
 
     kind: Literal["synthetic_video_qa", "shards", "video_jsonl", "energon"] = "synthetic_video_qa"
@@ -270,6 +274,7 @@ class DataConfig(_Section):
     tokenizer_path: str | None = None
     seed: int = 0
     max_bad_samples: int = Field(100, ge=0)  # unreadable/invalid samples skipped before the run aborts
+    allow_outside_paths: bool = False  # video_jsonl: clips may lie outside path (see above)
     frame_sampling: Literal["uniform", "fps"] = "uniform"  # clips (video_jsonl, energon): how frames are picked
     fps: PositiveFloat | None = None  # clips with frame_sampling fps (a sample's own "fps" wins)
     # energon only: worker processes per rank that decode clips (0: in the loader thread), the sample
@@ -285,6 +290,7 @@ class DataConfig(_Section):
         used_by = {
             ("video_jsonl", "energon"): (("frame_sampling", "uniform"), ("fps", None)),
             ("energon",): (("num_workers", 2), ("shuffle_buffer_size", 100), ("max_samples_per_sequence", 100)),
+            ("video_jsonl",): (("allow_outside_paths", False),),
         }
         for kinds, fields in used_by.items():
             if self.kind in kinds:

@@ -2,9 +2,9 @@
 
 For the map-style datasets, sample order is a pure function of (seed, iteration)
 (``lvx_megatron.data.sampler``), so a resumed run reads exactly the batches the uninterrupted run would
-have read, with no loader state to save; an energon dataset's loader state is saved in the checkpoint
-instead (:class:`EnergonBatchSource`). Every rank of a data-parallel replica (its TP, CP and PP ranks)
-reads the same micro-batches.
+have read, with no loader position to save (a checkpoint keeps only the bad samples found so far); an
+energon dataset's loader position is saved in the checkpoint too (:class:`EnergonBatchSource`). Every
+rank of a data-parallel replica (its TP, CP and PP ranks) reads the same micro-batches.
 """
 
 import gc
@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shutil
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from ..data.batch import collate, encode_sample
+from ..data.checks import located
+from ..data.ownership import claim, ownership_problem
 from ..data.sampler import micro_batches
 from ..data.shards import INDEX_FILE, ShardedVideoDataset, ShardError, write_shards
 from ..data.tokenizer import Tokenizer, build_tokenizer
@@ -28,6 +31,7 @@ from .config import ConfigError, RunConfig
 
 SPLITS = ("train", "eval")
 SETTINGS = "settings.json"  # what a generated copy was made with
+GENERATOR = "synthetic_video_qa"  # the owner named by the marker of a folder ensure_synthetic generated
 
 
 def _synthetic_settings(cfg: RunConfig) -> dict:
@@ -53,15 +57,40 @@ def _split_problem(path: Path, num_samples: int) -> str | None:
     return None if found == num_samples else f"{found} clips instead of {num_samples}"
 
 
+def _generated_before_markers(root: Path, cfg: RunConfig) -> bool:
+    """Whether ``root`` holds a ``settings.json`` of the generator's: a folder it generated before it marked them."""
+    try:
+        settings = json.loads((root / SETTINGS).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(settings, dict) and settings.keys() == _synthetic_settings(cfg).keys()
+
+
+def check_synthetic_folder(cfg: RunConfig) -> None:
+    """ConfigError naming ``data.path`` and ``data.kind`` unless the generator may (re)generate its clips there:
+    the folder is missing or empty, or the generator made it (its ownership marker)."""
+    root = Path(cfg.data.path)
+    problem = ownership_problem(root, GENERATOR, legacy=lambda folder: _generated_before_markers(folder, cfg))
+    if problem is not None:
+        raise ConfigError(
+            f"config error: data.path: {problem}; data.kind {GENERATOR} (the default) generates and regenerates "
+            "its own clips there: set data.kind (shards, video_jsonl or energon) to read this data, or data.path "
+            "to a new or empty folder"
+        )
+
+
 def ensure_synthetic(cfg: RunConfig) -> None:
     """Make ``data.path`` hold the generated video QA splits of ``cfg``'s settings (one process only).
 
-    ``settings.json`` says what the splits were made with. It is removed before anything is
-    regenerated and written last, atomically, so after an interruption at any point it never
-    vouches for splits that were not all made with it; a split that is incomplete or damaged
-    anyway is regenerated, saying why.
+    Only a folder the generator owns is written (:func:`check_synthetic_folder`); it marks the folder
+    before writing anything, and the mark stays. ``settings.json`` says what the splits were made
+    with. It is removed before anything is regenerated and written last, atomically, so after an
+    interruption at any point it never vouches for splits that were not all made with it; a split
+    that is incomplete or damaged anyway is regenerated, saying why.
     """
+    check_synthetic_folder(cfg)
     d, root = cfg.data, Path(cfg.data.path)
+    claim(root, GENERATOR)
     settings, wanted = root / SETTINGS, _synthetic_settings(cfg)
     try:
         current = json.loads(settings.read_text()) == wanted
@@ -124,7 +153,9 @@ def prepare_datasets(cfg: RunConfig) -> dict[str, ShardedVideoDataset | VideoJso
                 )
         fps = d.fps if d.frame_sampling == "fps" else None
         try:
-            datasets = {split: VideoJsonlDataset(str(root), split, d.max_images, fps) for split in SPLITS}
+            datasets = {
+                split: VideoJsonlDataset(str(root), split, d.max_images, fps, d.allow_outside_paths) for split in SPLITS
+            }
         except OSError as exc:
             raise DataError(f"{exc.filename}: {exc.strerror}") from None
         for ds in datasets.values():
@@ -132,6 +163,7 @@ def prepare_datasets(cfg: RunConfig) -> dict[str, ShardedVideoDataset | VideoJso
                 raise ConfigError(f"config error: data.path: {ds.jsonl} holds no samples (no non-blank lines)")
         return datasets
     if d.kind == "synthetic_video_qa":
+        check_synthetic_folder(cfg)  # on every rank: a refusal ends all of them, not rank 0 alone
         if dist.get_rank() == 0:
             ensure_synthetic(cfg)
         dist.barrier()
@@ -191,7 +223,16 @@ def collate_samples(
 
 
 class DataError(RuntimeError):
-    """Too many unreadable or invalid samples; the message names the threshold and the last one."""
+    """Data that cannot be trained on; the message names the file (for bad samples: the limit and the last one)."""
+
+
+class TooManyBadSamples(DataError):
+    """More than ``data.max_bad_samples`` bad samples, found by the reads of all ranks (raised on every rank)."""
+
+
+class _OverLimit(Exception):
+    """This rank's reads alone found more than ``data.max_bad_samples`` bad samples: the read stops, and the
+    next agreement (:meth:`_Prefetcher._agree`) stops every rank."""
 
 
 class _Prefetcher:
@@ -200,26 +241,79 @@ class _Prefetcher:
     Reading and tiling the frames of iteration ``i + 1`` runs in a background thread while
     iteration ``i`` trains (image and video decoding release the GIL), so the accelerator does not wait
     for it. Subclasses say how an iteration's samples are read (``_load``); a sample that cannot be read
-    or used is skipped through :meth:`_skip`, which counts it, names it on the log and aborts the run
-    past ``data.max_bad_samples``.
+    or used is skipped through :meth:`_skip`.
+
+    Bad samples are counted once each, by key, over all ranks: the call of :meth:`micro_batches` for
+    iteration ``i`` merges the keys the ranks' reads of iterations up to ``i`` found (one small all-reduce,
+    and a gather of the new keys when there are any; never those of the read-ahead, so the count does not
+    depend on timing), names the new ones on the log and raises :class:`TooManyBadSamples` on every rank
+    past ``data.max_bad_samples``. The keys are saved in checkpoints (:meth:`data_state`), so a resumed
+    run goes on counting.
     """
 
     def __init__(self, cfg: RunConfig, tokenizer: Tokenizer, question_types: list[str], verbose: bool) -> None:
         self.cfg, self.tokenizer, self.verbose = cfg, tokenizer, verbose
-        self.bad_samples = 0
         self.question_types = question_types
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lvx-data")
         self._pending: dict[int, Future] = {}
+        # The reading thread adds to _found, the training thread moves them to _bad; never in both.
+        self._lock = threading.Lock()
+        self._bad: set[str] = set()  # keys of the bad samples every rank knows of (the same on every rank)
+        self._found: dict[str, tuple[int, str]] = {}  # key -> (iteration read, reason): this rank's, since
+        self._reading = 0  # the iteration the reading thread reads
+        self._last_bad = ""  # "KEY: reason" of the newest bad sample
 
-    def _skip(self, name: str, reason: str) -> None:
-        """Count the bad sample ``name``; DataError past ``data.max_bad_samples``."""
-        self.bad_samples += 1
-        if self.verbose:
-            print(f"skipping bad sample {name}: {reason} ({self.bad_samples} so far)", flush=True)
-        if self.bad_samples > self.cfg.data.max_bad_samples:
-            raise DataError(
-                f"{self.bad_samples} unreadable or invalid samples (more than data.max_bad_samples = "
-                f"{self.cfg.data.max_bad_samples}); the last: sample {name} of {self.cfg.data.path}: {reason}"
+    @property
+    def bad_samples(self) -> int:
+        """Distinct bad samples found by all ranks' reads (as of the last :meth:`micro_batches`)."""
+        return len(self._bad)
+
+    def _known_bad(self, key: str) -> bool:
+        with self._lock:
+            return key in self._bad or key in self._found
+
+    def _skip(self, key: str, reason: str) -> None:
+        """Record the bad sample ``key`` (reading thread); once per key. _OverLimit past ``data.max_bad_samples``."""
+        with self._lock:
+            if key in self._bad or key in self._found:
+                return
+            self._found[key] = (self._reading, reason)
+            over = len(self._bad) + len(self._found) > self.cfg.data.max_bad_samples
+        if over:
+            raise _OverLimit
+
+    def _agree(self, iteration: int, device: torch.device | str) -> None:
+        """Merge the bad samples every rank's reads of iterations up to ``iteration`` found (collective);
+        TooManyBadSamples on every rank past the limit."""
+        with self._lock:
+            mine = [(key, reason) for key, (read, reason) in self._found.items() if read <= iteration]
+        found = mine
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            count = torch.tensor([len(mine)], device=device)
+            dist.all_reduce(count)
+            found = []
+            if count.item():
+                per_rank: list = [None] * dist.get_world_size()
+                dist.all_gather_object(per_rank, mine)
+                found = [item for items in per_rank for item in items]
+        new = []
+        with self._lock:
+            for key, reason in found:  # the ranks of one replica find the same ones
+                if key not in self._bad:
+                    self._bad.add(key)
+                    new.append((key, reason))
+                self._found.pop(key, None)
+            total = len(self._bad)
+        for n, (key, reason) in enumerate(new, start=total - len(new) + 1):
+            self._last_bad = f"{key}: {reason}"
+            if self.verbose:
+                print(f"skipping bad sample {self._last_bad} ({n} so far)", flush=True)
+        limit = self.cfg.data.max_bad_samples
+        if total > limit:
+            last = f"; the last: sample {self._last_bad}" if self._last_bad else ""
+            raise TooManyBadSamples(
+                f"{total} unreadable or invalid samples (more than data.max_bad_samples = {limit}) in "
+                f"{self.cfg.data.path}{last}"
             )
 
     def _num_micro_batches(self, dp_size: int) -> int:
@@ -241,29 +335,41 @@ class _Prefetcher:
         raise NotImplementedError
 
     def _read(self, iteration: int, pin: bool) -> list[dict[str, torch.Tensor]]:
+        self._reading = iteration
         batches = self._load(iteration)
         # Page-locked, the copies to the GPU run asynchronously and several times faster (the 1B
         # config's 77 MB of pixels per sample took ~12 ms from pageable memory on an H200).
         return [{k: t.pin_memory() for k, t in b.items()} for b in batches] if pin else batches
 
     def micro_batches(self, iteration: int, device: torch.device | str, prefetch_next: bool = True) -> list[dict]:
-        """The micro-batches of ``iteration`` on ``device``; starts reading the next iteration's."""
+        """The micro-batches of ``iteration`` on ``device``; starts reading the next iteration's. Collective
+        (the ranks agree on the bad samples): every rank calls it for the same iterations."""
         # Every read runs on the one worker thread: the dataset's file handles are not shared.
         pin = torch.device(device).type == "cuda"
         pending = self._pending.pop(iteration, None) or self._pool.submit(self._read, iteration, pin)
-        batches = pending.result()
         self._pending.clear()
-        if prefetch_next:
-            self._pending[iteration + 1] = self._pool.submit(self._read, iteration + 1, pin)
+        try:
+            batches = pending.result()
+        except _OverLimit:  # then this rank's keys alone are past the limit: _agree raises
+            batches = []
+        else:
+            if prefetch_next:
+                self._pending[iteration + 1] = self._pool.submit(self._read, iteration + 1, pin)
+        self._agree(iteration, device)
         return [{k: t.to(device, non_blocking=True) for k, t in b.items()} for b in batches]
 
     def data_state(self, iteration: int) -> dict | None:
-        """What a checkpoint of ``iteration`` must hold to resume reading there (collective); None: nothing,
-        the samples of an iteration follow from its number."""
-        return None
+        """What a checkpoint of ``iteration`` must hold to resume reading there (collective; the same on every
+        rank): the bad samples found so far (the samples of an iteration follow from its number)."""
+        d = self.cfg.data
+        return {"bad_samples": {"kind": d.kind, "path": d.path, "keys": sorted(self._bad), "last": self._last_bad}}
 
     def restore(self, saved: dict | None) -> None:
-        """Continue from a checkpoint's :meth:`data_state` (before the first read)."""
+        """Continue from a checkpoint's :meth:`data_state` (before the first read): its bad samples count on,
+        when it read the same data (``data.kind`` and ``data.path``)."""
+        bad, d = (saved or {}).get("bad_samples"), self.cfg.data
+        if bad is not None and (bad["kind"], bad["path"]) == (d.kind, d.path):
+            self._bad, self._last_bad = set(bad["keys"]), bad["last"]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -292,18 +398,22 @@ class BatchSource(_Prefetcher):
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
 
     def _problem(self, index: int) -> tuple[dict | None, str]:
-        """``(sample, "")`` if usable, else ``(None, reason)``."""
+        """``(sample, "")`` if usable, else ``(None, reason)``; the reason starts with the sample's file and
+        line (or key)."""
+        where = self.dataset.where(index)
         try:
             sample = self.dataset[index]
             reason = self._usable(sample)
         except (ValueError, OSError, KeyError, TypeError) as exc:  # PIL's decode errors are OSErrors
-            return None, f"{type(exc).__name__}: {exc}"
-        return (None, reason) if reason else (sample, "")
+            return None, f"{type(exc).__name__}: {located(where, str(exc))}"
+        return (None, located(where, reason)) if reason else (sample, "")
 
     def _sample(self, index: int) -> dict:
         """Sample ``index``, or the next usable one after it."""
         for offset in range(len(self.dataset)):
             candidate = (index + offset) % len(self.dataset)
+            if self._known_bad(str(candidate)):  # not read (and counted) again
+                continue
             sample, reason = self._problem(candidate)
             if sample is not None:
                 return sample
@@ -330,11 +440,12 @@ class BatchSource(_Prefetcher):
 class EnergonBatchSource(_Prefetcher):
     """Micro-batches of an energon dataset's split (``data.kind: energon``), read with energon's loaders.
 
-    Energon shards the samples over the data-parallel ranks; its workers decode the clips. A bad
-    sample (``ClipSample.problem``: an undecodable or too short clip, no clip, no answer) or an
-    unusable one is counted and replaced by the next sample the loader yields. The train split's loader
-    state after every iteration's reads is kept, so :meth:`data_state` can save it for an exact resume;
-    the eval split is read from its start at every evaluation (iteration 0).
+    Energon shards the samples over the data-parallel ranks; its workers decode the clips. A tar file
+    that is missing or cut short is a DataError naming it, before any read. A bad sample
+    (``ClipSample.problem``: an undecodable or too short clip, no clip, no answer, tar members that
+    cannot be read) or an unusable one is counted and replaced by the next sample the loader yields.
+    The train split's loader state after every iteration's reads is kept, so :meth:`data_state` can save
+    it for an exact resume; the eval split is read from its start at every evaluation (iteration 0).
     """
 
     def __init__(self, cfg: RunConfig, split: str, tokenizer: Tokenizer, dp_rank: int, dp_size: int, verbose: bool):
@@ -358,6 +469,8 @@ class EnergonBatchSource(_Prefetcher):
                 f"config error: data.path: {d.path}: not a usable energon dataset for the {split} split "
                 f"(energon split part {energon.SPLIT_PARTS[split]!r}): {type(exc).__name__}: {exc}"
             ) from None
+        if problem := energon.shard_problem(d.path, split, config):
+            raise DataError(problem)
         self._iterator = None
         # The loader state before the reads of iteration i, for each i read so far (the last two kept):
         # the training thread asks for iteration i's while iteration i's reads may already be under way.
@@ -378,13 +491,13 @@ class EnergonBatchSource(_Prefetcher):
         while True:  # _skip raises past data.max_bad_samples
             clip = self._next()
             if clip.problem:
-                self._skip(clip.__key__, clip.problem)
+                self._skip(clip.name, clip.problem)
                 continue
             sample = {"frames": clip.frames, "question": clip.question, "answer": clip.answer}
             if clip.qtype is not None:
                 sample["qtype"] = clip.qtype
             if reason := self._usable(sample):
-                self._skip(clip.__key__, reason)
+                self._skip(clip.name, located(clip.where, reason))
                 continue
             return sample
 
@@ -408,8 +521,8 @@ class EnergonBatchSource(_Prefetcher):
         raise RuntimeError(f"no loader state recorded for iteration {iteration} (have {sorted(self._states)})")
 
     def data_state(self, iteration: int) -> dict | None:
-        """``{"kind": "energon", "dp_size", "states": [pickled loader state of DP rank r, ...]}``, the same
-        dict on every rank (gathered over all of them; the ranks of one replica read the same samples)."""
+        """``{"kind": "energon", "dp_size", "states": [pickled loader state of DP rank r, ...], "bad_samples"}``,
+        the same dict on every rank (gathered over all of them; the ranks of one replica read the same samples)."""
         if self.split != "train":
             return None
         gathered: list = [None] * dist.get_world_size()
@@ -422,6 +535,7 @@ class EnergonBatchSource(_Prefetcher):
             "dp_size": self.dp_size,
             "num_workers": self.cfg.data.num_workers,
             "states": [by_rank[r] for r in range(self.dp_size)],
+            **super().data_state(iteration),
         }
 
     def close(self) -> None:
@@ -435,6 +549,7 @@ class EnergonBatchSource(_Prefetcher):
         """Continue where the checkpoint's loader stopped. ConfigError when it was saved with another
         data-parallel size or ``data.num_workers`` (energon's state is per rank and worker); a checkpoint
         without energon state (another ``data.kind``) starts the loader from the dataset's start, saying so."""
+        super().restore(saved)
         if saved is None or saved.get("kind") != "energon":
             if self.verbose:
                 print("checkpoint holds no energon loader state: reading data.path from its start", flush=True)

@@ -30,7 +30,7 @@ from .checkpointing import (
     tracked_iteration,
 )
 from .config import RunConfig
-from .data import chance_levels, make_sources, make_tokenizer, prepare_datasets
+from .data import TooManyBadSamples, chance_levels, make_sources, make_tokenizer, prepare_datasets
 from .families import family
 from .flops import flops_per_sample, peak_flops, visual_tokens_per_image
 from .layout_check import validate_layout
@@ -312,7 +312,20 @@ class Trainer:
             self.logger.console(f"saved checkpoint {path}")
 
     def run(self) -> dict:
-        """Train to ``train_iters``; returns the last train and eval metrics."""
+        """Train to ``train_iters``; returns the last train and eval metrics. Past ``data.max_bad_samples``
+        (all ranks agree) the run saves a checkpoint, then stops with a TooManyBadSamples naming it."""
+        try:
+            return self._train()
+        except TooManyBadSamples as exc:
+            if not self.cfg.checkpoint.save:
+                raise TooManyBadSamples(f"{exc}; checkpoint.save is not set, so the run's work is not saved") from None
+            self._save()
+            raise TooManyBadSamples(
+                f"{exc}; iteration {self.iteration} is saved under {self.cfg.checkpoint.save}: fix the data or raise "
+                "data.max_bad_samples, and resume from it"
+            ) from None
+
+    def _train(self) -> dict:
         cfg, tr = self.cfg, self.cfg.training
         last_train, last_eval = {}, {}
         self.logger.console(

@@ -21,10 +21,11 @@ from train_harness import TINY
 
 from lvx_megatron.data import ShardedVideoDataset, ShardError, VideoQAGenerator, build_tokenizer, write_shards
 from lvx_megatron.data.batch import collate
+from lvx_megatron.data.ownership import MARKER
 from lvx_megatron.data.sampler import micro_batches
 from lvx_megatron.data.shards import encode_frame
 from lvx_megatron.training import data as training_data
-from lvx_megatron.training.config import load_config
+from lvx_megatron.training.config import ConfigError, load_config
 from lvx_megatron.training.data import SETTINGS, BatchSource, ensure_synthetic
 
 REPO = TINY.parents[2]
@@ -338,3 +339,130 @@ def test_a_generation_killed_midway_is_redone_by_the_next_run(tmp_path, capsys):
     ensure_synthetic(original)
     assert "regenerating (no settings.json: an earlier generation did not finish)" in capsys.readouterr().out
     _assert_generated(original)
+
+
+# --- a folder the generator did not write: refused, never deleted -------------------------------------
+
+
+def _files(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _users_shards(root: Path) -> None:
+    """``root/train`` and ``root/eval`` as tools/folder_to_wds.py writes a user's own shards."""
+    for split in ("train", "eval"):
+        write_shards(_samples(), str(root / split), samples_per_shard=PER_SHARD, log_every=0)
+
+
+def _another_tools_shards(root: Path) -> None:
+    from tools import make_video_qa
+
+    make_video_qa.main(["--out", str(root), "--train", "4", "--eval", "4", "--frames", "4", "--frame-size", "16"])
+
+
+FOREIGN_FOLDERS = {
+    "user-shards": (_users_shards, "holds files that synthetic_video_qa did not write"),
+    "a-file-of-the-user": (lambda root: (root / "notes.txt").write_text("mine"), "did not write"),
+    "another-tools-output": (_another_tools_shards, "was written by tools/make_video_qa.py"),
+}
+
+
+@pytest.mark.parametrize("folder", FOREIGN_FOLDERS)
+def test_the_generator_refuses_a_folder_it_did_not_write(tmp_path, folder):
+    """data.kind left at synthetic_video_qa with data.path at other data: one line naming the folder and the
+    settings to change; nothing in the folder deleted or rewritten (it used to regenerate train/ and eval/)."""
+    root = tmp_path / "data"
+    root.mkdir()
+    make, reason = FOREIGN_FOLDERS[folder]
+    make(root)
+    before = _files(root)
+    with pytest.raises(ConfigError) as err:
+        ensure_synthetic(_config(root, seed=0))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"config error: data.path: {root} "), message
+    assert reason in message and "set data.kind" in message and "data.path to a new or empty folder" in message
+    assert _files(root) == before
+
+
+def test_a_foreign_folder_stops_the_command_line_run_with_one_line(tmp_path):
+    """Through ``pretrain_mllm.py`` with the default data.kind: ``config error: data.path: ...``, exit status 2,
+    the user's shards untouched."""
+    root = tmp_path / "data"
+    _users_shards(root)
+    before = _files(root)
+    tree = yaml.safe_load(TINY.read_text())
+    tree["data"]["path"] = str(root)
+    tree["parallel"]["context_parallel_size"] = 1
+    tree["checkpoint"], tree["logging"] = {}, {"wandb_mode": "disabled", "run_dir": str(tmp_path / "run")}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pretrain_mllm.py"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"config error: data.path: {root} holds files"), proc.stderr
+    assert _files(root) == before
+
+
+def test_a_folder_generated_before_markers_is_still_the_generators(tmp_path, capsys):
+    """A folder an earlier version generated (its settings.json, no marker) is reused, and regenerated when
+    the settings change."""
+    root = tmp_path / "data"
+    original, changed = _config(root, seed=0), _config(root, seed=1)
+    ensure_synthetic(original)
+    (root / MARKER).unlink()
+    capsys.readouterr()
+    ensure_synthetic(original)
+    assert "generating" not in capsys.readouterr().out
+    (root / MARKER).unlink()
+    ensure_synthetic(changed)
+    assert "regenerating (made with other data settings" in capsys.readouterr().out
+    _assert_generated(changed)
+
+
+def _user_clips(root: Path) -> None:
+    (root / "train.jsonl").write_text('{"video": "mine.mp4", "question": "q", "answer": "a"}\n')
+
+
+def _user_tars(root: Path) -> None:
+    _users_shards(root)
+    (root / "train" / "shard-000000.tar").rename(root / "train" / "mine.tar")
+
+
+DATA_TOOLS = {
+    "make_video_qa": (["--train", "4", "--eval", "4", "--frames", "4", "--frame-size", "16"], _users_shards),
+    "make_video_clips": (["--train", "2", "--eval", "2", "--frames", "4", "--frame-size", "16"], _user_clips),
+    "folder_to_wds": (["--images", ".", "--texts", "t.jsonl"], lambda root: _users_shards(root.parent)),
+    "video_jsonl_to_energon": (["--input", "."], _user_tars),
+}
+
+
+@pytest.mark.parametrize("tool", DATA_TOOLS)
+def test_the_data_tools_refuse_an_out_folder_they_did_not_write(tmp_path, tool):
+    """The tools that write data overwrite (make_video_qa, make_video_clips, folder_to_wds) or delete
+    (video_jsonl_to_energon: an earlier conversion's tars) only in a folder they wrote themselves."""
+    args, make = DATA_TOOLS[tool]
+    out = tmp_path / "data" / ("train" if tool == "folder_to_wds" else "")
+    out.mkdir(parents=True, exist_ok=True)
+    make(out)
+    before = _files(tmp_path / "data")
+    (tmp_path / "t.jsonl").write_text("")  # folder_to_wds's input
+    (tmp_path / "a.mp4").write_bytes(b"not decoded while converting")  # video_jsonl_to_energon's input
+    for name in ("train.jsonl", "eval.jsonl"):
+        (tmp_path / name).write_text('{"video": "a.mp4", "question": "q", "answer": "a"}\n')
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / f"{tool}.py"), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: --out: {out} holds files that tools/{tool}.py did not write"), lines
+    assert _files(tmp_path / "data") == before

@@ -3,14 +3,18 @@ read by energon's loaders sharded over DP ranks only, exact resume from the chec
 bad samples skipped, counted and named."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
+import yaml
 from train_harness import TINY, train_losses
 
 from lvx_megatron.data import VideoQAGenerator, build_tokenizer, write_clip
@@ -31,14 +35,16 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, Path, str]:
-    """Generated mp4 clips + JSONL (with a line lacking its answer and one naming a missing clip), converted by
-    the tool; returns (clips folder, energon dataset, the tool's stderr)."""
+    """Generated mp4 clips + JSONL (with a line lacking its answer, one naming a missing clip and one a clip
+    outside the folder), converted by the tool; returns (clips folder, energon dataset, the tool's stderr)."""
     root = tmp_path_factory.mktemp("energon")
     clips = root / "clips"
     _run(sys.executable, str(REPO / "tools" / "make_video_clips.py"), "--out", str(clips), "--train", "64")
     with open(clips / "train.jsonl", "a") as f:
         f.write(json.dumps({"video": "clips/train-000000.mp4", "question": "what?"}) + "\n")
         f.write(json.dumps({"video": "clips/gone.mp4", "question": "what?", "answer": "yes"}) + "\n")
+        f.write(json.dumps({"video": "../outside.mp4", "question": "what?", "answer": "yes"}) + "\n")
+    (root / "outside.mp4").write_bytes((clips / "clips" / "train-000000.mp4").read_bytes())
     out = root / "energon"
     tool = [sys.executable, str(REPO / "tools" / "video_jsonl_to_energon.py"), "--input", str(clips)]
     proc = _run(*tool, "--out", str(out), "--samples-per-shard", "16")
@@ -49,7 +55,9 @@ def test_the_tool_writes_a_prepared_energon_dataset_and_names_the_lines_it_skips
     clips, out, log = dataset
     assert f"{clips}/train.jsonl:65: missing or non-string field 'answer' (or 'response')" in log
     assert f"{clips}/train.jsonl:66: {clips}/clips/gone.mp4: clip not found" in log
-    assert "64 train and 256 eval samples (2 lines skipped)" in log
+    outside = f"clip '../outside.mp4' is {clips.parent / 'outside.mp4'}, outside the dataset folder {clips}"
+    assert f"{clips}/train.jsonl:67: {outside}; --allow-outside-paths allows clips outside it" in log
+    assert "64 train and 256 eval samples (3 lines skipped)" in log
     assert "energon prepare " in log  # the command a user can re-run
     assert (out / ".nv-meta" / "dataset.yaml").read_text().split() == [
         "__module__:",
@@ -169,10 +177,12 @@ def test_bad_energon_samples_are_skipped_counted_and_named(tmp_path, capsys):
     source = EnergonBatchSource(cfg, "eval", build_tokenizer("words"), 0, 1, verbose=True)
     try:
         (batch,) = source.micro_batches(0, torch.device("cpu"), prefetch_next=False)
+        source.micro_batches(0, torch.device("cpu"), prefetch_next=False)  # the next evaluation: the same samples
     finally:
         source.close()
-    assert source.bad_samples == 5 and batch["tokens"].shape[0] == 2
+    assert source.bad_samples == 5 and batch["tokens"].shape[0] == 2  # each bad sample counted once
     log = capsys.readouterr().out
+    assert log.count("skipping bad sample") == 5, log
     for key, reason in [
         ("val-000", "VideoError: sample val-000 (a.jsonl:1 cut.mp4): val-000.mp4: cannot be decoded"),
         ("val-002", "VideoError: sample val-002: no clip (mp4/webm/mkv member)"),
@@ -180,7 +190,7 @@ def test_bad_energon_samples_are_skipped_counted_and_named(tmp_path, capsys):
         ("val-004", "ValueError: sample val-004: missing or non-string field 'answer' (or 'response')"),
         ("val-005", "ValueError: sample val-005: val-005.mp4: window [start, end] must have 0 <= start < end"),
     ]:
-        assert f"skipping bad sample {key}: {reason}" in log, log
+        assert f"skipping bad sample {data / 'val' / 'shard-000000.tar'}:{key}: {reason}" in log, log
 
     strict = load_config(ENERGON_TINY, {**overrides, "data.max_bad_samples": 4})
     source = EnergonBatchSource(strict, "eval", build_tokenizer("words"), 0, 1, verbose=False)
@@ -189,6 +199,104 @@ def test_bad_energon_samples_are_skipped_counted_and_named(tmp_path, capsys):
             source.micro_batches(0, torch.device("cpu"), prefetch_next=False)
     finally:
         source.close()
+
+
+def _bad_samples_saved_and_restored(rank: int, world_size: int, data: str) -> dict:
+    """Worker: a train source reads iteration 0 and saves its data state; a second one restores it and reads
+    iterations 1 to 4 (a full pass more over the 7 samples)."""
+    overrides = {"data.path": data, "data.num_workers": 0, "data.shuffle_buffer_size": 1}
+    cfg = load_config(ENERGON_TINY, overrides | {"training.micro_batch_size": 2, "training.global_batch_size": 2})
+    tokenizer = build_tokenizer("words")
+    first = EnergonBatchSource(cfg, "train", tokenizer, 0, 1, verbose=False)
+    try:
+        first.micro_batches(0, torch.device("cpu"), prefetch_next=False)
+        state = first.data_state(1)
+    finally:
+        first.close()
+    resumed = EnergonBatchSource(cfg, "train", tokenizer, 0, 1, verbose=False)
+    try:
+        resumed.restore(state)
+        restored = resumed.bad_samples
+        for iteration in range(1, 5):
+            resumed.micro_batches(iteration, torch.device("cpu"), prefetch_next=False)
+    finally:
+        resumed.close()
+    return {"saved": first.bad_samples, "restored": restored, "final": resumed.bad_samples, "state": state}
+
+
+def test_the_energon_bad_sample_count_is_saved_and_goes_on_after_a_restore(tmp_path):
+    data = _bad_dataset(tmp_path)
+    got = spawn_gloo(1, _bad_samples_saved_and_restored, str(data))[0]
+    keys = got["state"]["bad_samples"]["keys"]
+    assert got["saved"] == got["restored"] == len(keys) > 0 and got["final"] == 5, got
+    assert all(k.startswith(f"{data / 'train' / 'shard-000000.tar'}:train-00") for k in keys), keys
+
+
+def _damaged_copy(dataset, tmp_path: Path, fault: str) -> tuple[Path, Path]:
+    """A copy of the converted dataset whose ``val/shard-000000.tar`` is deleted, cut in half, or has the tar
+    header of its sample 3 zeroed; returns (copy, that tar)."""
+    data = tmp_path / "energon"
+    shutil.copytree(dataset[1], data)
+    tar_path = data / "val" / "shard-000000.tar"
+    if fault == "deleted":
+        tar_path.unlink()
+    elif fault == "truncated":
+        tar_path.write_bytes(tar_path.read_bytes()[: tar_path.stat().st_size // 2])
+    else:
+        with tarfile.open(tar_path) as tar:
+            header = next(m for m in tar if m.name.startswith("val-000000003.")).offset
+        with open(tar_path, "r+b") as f:
+            f.seek(header)
+            f.write(bytes(tarfile.BLOCKSIZE))
+    return data, tar_path
+
+
+@pytest.mark.parametrize(("fault", "message"), [("deleted", "missing"), ("truncated", "truncated: ")])
+def test_a_missing_or_truncated_tar_is_a_one_line_data_error_naming_it(dataset, tmp_path, fault, message):
+    """When the loaders are built, before any read (it was a 216/239-line traceback from the loader)."""
+    data, tar_path = _damaged_copy(dataset, tmp_path, fault)
+    cfg = load_config(ENERGON_TINY, {"data.path": str(data), "data.num_workers": 0})
+    with pytest.raises(DataError) as err:
+        EnergonBatchSource(cfg, "eval", build_tokenizer("words"), 0, 1, verbose=False)
+    assert str(err.value).startswith(f"{tar_path}: {message}") and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_truncated_tar_stops_the_command_line_run_with_one_line(dataset, tmp_path):
+    data, tar_path = _damaged_copy(dataset, tmp_path, "truncated")
+    tree = yaml.safe_load(ENERGON_TINY.read_text())
+    tree["data"].update(path=str(data), num_workers=0)
+    tree["parallel"]["context_parallel_size"] = 1
+    tree["checkpoint"], tree["logging"] = {}, {"wandb_mode": "disabled", "run_dir": str(tmp_path / "run")}
+    config = tmp_path / "energon.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pretrain_mllm.py"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"data error: {tar_path}: truncated: "), proc.stderr
+
+
+def test_a_damaged_tar_header_is_a_bad_sample_naming_the_tar(dataset, tmp_path, capsys):
+    """A sample whose tar members cannot be read is skipped and counted like an undecodable clip, its message
+    naming the tar and the sample's place in it; the samples around it are read."""
+    data, tar_path = _damaged_copy(dataset, tmp_path, "header")
+    overrides = {"data.path": str(data), "data.num_workers": 0}
+    cfg = load_config(ENERGON_TINY, overrides | {"training.micro_batch_size": 8, "training.global_batch_size": 8})
+    source = EnergonBatchSource(cfg, "eval", build_tokenizer("words"), 0, 1, verbose=True)
+    try:
+        (batch,) = source.micro_batches(0, torch.device("cpu"), prefetch_next=False)
+    finally:
+        source.close()
+    assert source.bad_samples == 1 and batch["tokens"].shape[0] == 8
+    skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipping")]
+    assert skipped == [
+        f"skipping bad sample {tar_path}:#3: ShardError: {tar_path}: sample 3 of it cannot be read "
+        f"(ValueError: Unexpected end of tar file: val/shard-000000.tar) (1 so far)"
+    ], skipped
 
 
 @pytest.mark.parametrize(

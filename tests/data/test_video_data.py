@@ -20,6 +20,7 @@ from train_harness import TINY, train_losses
 
 from lvx_megatron.data import VideoJsonlDataset, VideoQAGenerator, build_tokenizer, decode_clip, write_clip
 from lvx_megatron.data.batch import collate
+from lvx_megatron.data.checks import PATH_CHARS
 from lvx_megatron.data.sampler import micro_batches
 from lvx_megatron.training.config import ConfigError, load_config
 from lvx_megatron.training.data import BatchSource, prepare_datasets
@@ -153,7 +154,7 @@ def test_bad_clips_and_lines_are_skipped_counted_and_named(tmp_path, capsys):
     source.close()
     (indices,) = micro_batches(0, n, n, 0, 1, n, 0)
     skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipping")]
-    # The batch holds every line once, so every bad line is met (again when it follows another bad one).
+    # The batch holds every line once, so every bad line is met, and named once.
     named = {int(line.split()[3].rstrip(":")) for line in skipped}
     assert sorted(indices) == list(range(n)) and named == set(expected)
     assert source.bad_samples == len(skipped)
@@ -171,6 +172,74 @@ def test_bad_clips_and_lines_are_skipped_counted_and_named(tmp_path, capsys):
         [substitute(i) for i in indices], tokenizer, d.seq_length, d.max_images, v.max_num_tiles, v.image_size
     )
     assert all(torch.equal(batch[k], want[k]) for k in want)
+
+
+def _one_clip_folder(tmp_path: Path, videos: list[str], **fields) -> tuple[Path, np.ndarray]:
+    """``tmp_path/videos`` with ``clips/0.mp4`` and a train.jsonl naming each of ``videos`` (``fields`` on every
+    line); also ``tmp_path/outside.mp4`` (the same frames) and ``clips/link.mp4``, a symlink to it."""
+    frames = VideoQAGenerator(1, num_frames=4, frame_size=16, seed=3)[0]["frames"]
+    root = tmp_path / "videos"
+    (root / "clips").mkdir(parents=True)
+    write_clip(str(root / "clips" / "0.mp4"), frames)
+    write_clip(str(tmp_path / "outside.mp4"), frames)
+    (root / "clips" / "link.mp4").symlink_to(tmp_path / "outside.mp4")
+    (root / "clips" / "inner.mp4").symlink_to(root / "clips" / "0.mp4")
+    text = {"question": "does any frame show red?", "answer": "yes"}
+    (root / "train.jsonl").write_text("".join(json.dumps({"video": v, **text, **fields}) + "\n" for v in videos))
+    (root / "eval.jsonl").write_text(json.dumps({"video": "clips/0.mp4", **text}) + "\n")
+    return root, frames
+
+
+def test_a_clip_outside_the_folder_is_a_bad_sample_naming_the_line(tmp_path):
+    """``../x.mp4``, an absolute path and a symlink pointing out of data.path are bad samples (they were read
+    silently), unless data.allow_outside_paths; paths and symlinks that stay inside are read."""
+    outside = str(tmp_path / "outside.mp4")
+    videos = ["clips/0.mp4", "../outside.mp4", outside, "clips/link.mp4", "clips/../clips/inner.mp4"]
+    root, frames = _one_clip_folder(tmp_path, videos)
+    jsonl = root / "train.jsonl"
+    ds = VideoJsonlDataset(str(root), "train", num_frames=4)
+    for i in (0, 4):
+        assert np.array_equal(ds[i]["frames"], frames)
+    for i in (1, 2, 3):
+        with pytest.raises(ValueError) as err:
+            ds[i]
+        message = str(err.value)
+        assert message.startswith(f"{jsonl}:{i + 1}: clip {videos[i]!r} is {outside}, outside the dataset folder")
+        assert message.endswith("data.allow_outside_paths allows clips outside it") and "\n" not in message
+
+    overrides = {"data.kind": "video_jsonl", "data.path": str(root), "data.max_images": 4}
+    allowed = prepare_datasets(load_config(TINY, {**overrides, "data.allow_outside_paths": True}))["train"]
+    assert all(np.array_equal(allowed[i]["frames"], frames) for i in range(len(videos)))
+    with pytest.raises(ValueError, match="outside the dataset folder"):
+        prepare_datasets(load_config(TINY, overrides))["train"][1]
+
+
+def test_a_huge_value_is_cut_and_every_message_names_the_line(tmp_path, capsys):
+    """A 1,000,000-character question, clip name or window: each skipped line says ``train.jsonl:LINE:`` and
+    shows the start of the value, ``...`` and its length (a clip's path from PATH_MAX on), in one short log line
+    (the whole value was printed, without the line, at every read)."""
+    huge = "x" * 1_000_000
+    root, _ = _one_clip_folder(tmp_path, ["clips/0.mp4"] * 2 + [huge + ".mp4"])
+    lines = (root / "train.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    records[0]["question"] = huge  # not a word of the tokenizer's
+    records[1]["question"] = "does any frame show red ? " * 40_000  # words it has, far more than seq_length
+    records.append({**records[0], "question": "q", "start": huge})
+    records.append({"video": "clips/0.mp4", "question": "does any frame show red?", "answer": "yes"})
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    n = len(records)
+    overrides = {"data.kind": "video_jsonl", "data.path": str(root), "data.max_images": 4}
+    cfg = load_config(TINY, overrides | {"training.micro_batch_size": n, "training.global_batch_size": n})
+    ds = prepare_datasets(cfg)["train"]
+    source = BatchSource(cfg, ds, build_tokenizer("words"), 0, 1, seed=0, verbose=True)
+    source.micro_batches(0, device="cpu", prefetch_next=False)
+    source.close()
+    skipped = {int(line.split()[3].rstrip(":")): line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("skipping")}  # fmt: skip
+    assert sorted(skipped) == [0, 1, 2, 3], skipped.keys()
+    for i, shown in {0: "characters)", 1: "tokens (data.seq_length = 24)", 2: "characters)", 3: "characters)"}.items():
+        line = skipped[i]
+        assert f"{root / 'train.jsonl'}:{i + 1}: " in line and shown in line and len(line) < 2 * PATH_CHARS, line[:300]
 
 
 # --- configuration errors: one line naming the field --------------------------------------------------
@@ -192,6 +261,10 @@ def test_bad_clips_and_lines_are_skipped_counted_and_named(tmp_path, capsys):
             "config error: data.fps: required by frame_sampling 'fps'",
         ),
         ({"data.kind": "video_jsonl", "data.fps": 2.0}, "config error: data.fps: used by frame_sampling 'fps' only"),
+        (
+            {"data.kind": "shards", "data.allow_outside_paths": True},
+            "config error: data.allow_outside_paths: used by kind 'video_jsonl' only",
+        ),
         (
             {"data.kind": "video_jsonl", "data.frame_sampling": "fps", "data.fps": -1},
             "config error: data.fps: Input should be greater than 0",

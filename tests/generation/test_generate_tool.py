@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from generation_harness import TOOL_TOKENS, parse_error, train_and_answer
+from train_harness import TINY
 
 from lvx_megatron.data.video import write_clip
 from lvx_megatron.data.video_qa import VideoQAGenerator
@@ -52,6 +54,8 @@ def test_the_readme_command_prints_the_api_answer(run):
             "--max-new-tokens must be a positive",
         ),
         (["--load", "x", "--prompt", "p"], "one of the arguments --clip --frames is required"),
+        (["--load", "x", "--clip", "c", "--prompt", ""], "--prompt must not be empty or only white space, got ''"),
+        (["--load", "x", "--clip", "c", "--prompt", " \t"], "--prompt must not be empty or only white space"),
     ],
 )
 def test_bad_flags_name_the_flag(argv, message, capsys):
@@ -68,6 +72,40 @@ def test_bad_inputs_get_one_error_line(run, capsys):
     assert "error: --prompt: word 'what' is not in the WordTokenizer vocabulary" in capsys.readouterr().err
     assert main(["--load", load, "--clip", clip, "--prompt", QUESTION, "--num-frames", "9"]) == 2
     assert "error: --num-frames must be at most data.max_images (4), got 9" in capsys.readouterr().err
+
+
+LONG_PROMPT = " ".join([QUESTION] * 5)  # 30 question tokens: with 4 frames and bos, 35 > data.seq_length = 24
+
+
+def test_a_prompt_past_the_sequence_length_is_an_error_or_truncated(run, capsys):
+    """It used to run for minutes and answer nothing; now one line naming both lengths, or with
+    --truncate-prompt a warning and an answer."""
+    argv = ["--load", str(run["run"]), "--clip", str(run["clip"]), "--max-new-tokens", str(TOOL_TOKENS)]
+    assert main([*argv, "--prompt", LONG_PROMPT]) == 2
+    err = capsys.readouterr().err
+    assert "error: --prompt: the prompt is 35 tokens (4 frames, bos and the question), longer than the run's " \
+        "sequence length data.seq_length = 24; shorten it, or pass --truncate-prompt" in err, err  # fmt: skip
+    assert main([*argv, "--prompt", LONG_PROMPT, "--truncate-prompt"]) == 0
+    out = capsys.readouterr()
+    assert "warning: --truncate-prompt: the prompt is 35 tokens, longer than data.seq_length = 24: its first 11 " \
+        "question tokens are dropped" in out.err and f"Q: {LONG_PROMPT}\nA: " in out.out, out  # fmt: skip
+
+
+def test_a_truncated_prompt_is_the_prompt_of_its_last_tokens():
+    """``build_prompts(max_length=...)`` drops the question's first tokens: the same tokens, mask and images as
+    the prompt of the question's end (the image tokens and bos stay)."""
+    from lvx_megatron.data.tokenizer import build_tokenizer
+    from lvx_megatron.generation import build_prompts
+    from lvx_megatron.training.config import load_config
+
+    cfg, tokenizer = load_config(TINY), build_tokenizer("words")
+    frames = VideoQAGenerator(2, 4, 32, split="eval")[1]["frames"]
+    end = " ".join(["does any frame show red ?"] * 3) + " blue"  # 19 tokens: 4 frames + bos + 19 = 24
+    cut = build_prompts(cfg, tokenizer, [{"frames": frames, "question": f"how many frames {end}"}], max_length=24)
+    whole = build_prompts(cfg, tokenizer, [{"frames": frames, "question": end}])
+    assert cut.tokens.shape == (1, 24) and torch.equal(cut.tokens, whole.tokens)
+    assert torch.equal(cut.prompt_mask, whole.prompt_mask) and cut.images.keys() == whole.images.keys()
+    assert all(torch.equal(cut.images[k], whole.images[k]) for k in whole.images)
 
 
 def test_frames_instead_of_a_clip(run, capsys):

@@ -3,6 +3,7 @@ status 2, through the real command line (``pretrain_mllm.py`` and ``python -m lv
 the schema rejects everything the model constructors would reject later."""
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -147,6 +148,57 @@ def test_the_launcher_reports_a_crash_as_torchrun_does(tmp_path):
     assert proc.returncode == 1
     assert "RuntimeError: rank 1 crashed" in proc.stderr and "ChildFailedError" in proc.stderr
     assert "failed (exitcode: 1)" in proc.stderr  # torchrun's own log lines are shown for a crash
+
+
+# Each tool with a bad input: its argv (``{missing}``: a folder that does not exist) and its one error line.
+TOOL_ERRORS = {
+    "generate": (["--load", "{missing}", "--clip", "c.mp4", "--prompt", "q"], "error: --load: no checkpoint in "),
+    "evaluate": (["{missing}"], "error: --load: no checkpoint in "),
+    "mllama_forward": (
+        ["--load", "{missing}", "--inputs", "{missing}/in.pt", "--output", "{missing}/out.pt"],
+        "error: [Errno 2] No such file or directory: ",
+    ),
+    "convert_hf_checkpoint": (
+        ["export", "--load", "{missing}", "--out", "{missing}/hf"],
+        "error: --load: no checkpoint",
+    ),
+    "generate-bad-flag": (
+        ["--load", "x", "--clip", "c", "--prompt", "p", "--top-p", "0"],
+        "error: argument --top-p: --top-p must be a number in (0, 1]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", TOOL_ERRORS)
+def test_every_tool_reports_its_error_through_the_launchers_one_line_path(tmp_path, monkeypatch, capsys, case):
+    """As a worker of ``python -m lvx_megatron.torchrun``: the tool's one line goes to its torchelastic error
+    file (the launcher prints it and exits with the status, 2), nothing to stderr (it used to print its line,
+    then torchrun's failure report followed, exit status 1)."""
+    import importlib
+
+    argv, line = TOOL_ERRORS[case]
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("LVX_TORCHRUN", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    main = importlib.import_module(f"tools.{case.removesuffix('-bad-flag')}").main
+    try:
+        status = main([arg.format(missing=tmp_path / "missing") for arg in argv])
+    except SystemExit as exit_:  # argparse's errors
+        status = exit_.code
+    assert capsys.readouterr().err == ""
+    reported = json.loads(error_file.read_text())
+    assert reported[ERROR_FILE_KEY].startswith(line) and "\n" not in reported[ERROR_FILE_KEY], reported
+    failure = SimpleNamespace(exitcode=status, error_file_data=reported)
+    assert one_line_errors({0: failure, 1: failure}) == ([reported[ERROR_FILE_KEY]], 2)
+
+
+def test_a_tool_under_the_launcher_ends_with_its_one_line_and_status_2(tmp_path):
+    command = [sys.executable, "-m", "lvx_megatron.torchrun", "--nproc-per-node=2", "tools/generate.py"]
+    args = ["--load", str(tmp_path / "missing"), "--clip", "c.mp4", "--prompt", "q"]
+    proc = subprocess.run([*command, *args], capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 2 and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
+    assert errors == [f"error: --load: no checkpoint in {tmp_path / 'missing'} (no latest_checkpointed_iteration.txt)"]
 
 
 def _failure(exitcode: int, line: str | None = None) -> SimpleNamespace:

@@ -3,6 +3,7 @@ samples, hangs, a second run on the same folder."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,7 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from train_harness import TINY, inf_weight_run, nan_run, run_trainers, signal_run, small_run, train_losses
+from train_harness import (
+    TINY,
+    bad_sample_counts,
+    inf_weight_run,
+    nan_run,
+    run_trainers,
+    run_trainers_or_errors,
+    signal_run,
+    small_run,
+    train_losses,
+)
 
 from lvx_megatron.data.shards import ShardedVideoDataset, write_shards
 from lvx_megatron.data.tokenizer import build_tokenizer
@@ -282,6 +293,64 @@ def test_broken_samples_are_skipped_counted_and_bounded(tmp_path):
     with pytest.raises(DataError, match=r"3 unreadable or invalid samples \(more than data.max_bad_samples = 2\)"):
         source.micro_batches(0, device="cpu", prefetch_next=False)
     source.close()
+
+
+def test_a_bad_sample_is_counted_once_however_often_it_is_read(tmp_path, capsys):
+    """Three epochs over the 8 samples: 3 bad samples, each named once (they were counted at every read
+    attempt: 3 more each epoch, more where one bad sample follows another)."""
+    shards = _broken_shards(tmp_path)
+    overrides = {"data.path": str(shards), "training.micro_batch_size": 4, "training.global_batch_size": 4}
+    source = BatchSource(load_config(TINY, overrides), ShardedVideoDataset(str(shards)), build_tokenizer("words"),
+                         0, 1, seed=0, verbose=True)  # fmt: skip
+    counts = []
+    for iteration in range(6):
+        source.micro_batches(iteration, device="cpu")
+        counts.append(source.bad_samples)
+    source.close()
+    assert counts[1:] == [3] * 5, counts
+    named = [line.split()[3] for line in capsys.readouterr().out.splitlines() if line.startswith("skipping")]
+    assert sorted(named) == ["1:", "3:", "5:"], named
+
+
+def test_bad_samples_are_counted_over_all_data_parallel_ranks(tmp_path):
+    """DP 2, each rank reading its own half: both ranks count the bad samples of both halves, each once."""
+    shards = _broken_shards(tmp_path)
+    counts = spawn_gloo(2, bad_sample_counts, str(shards), 3)
+    assert counts[0] == counts[1] and counts[0][-1] == 3, counts
+
+
+def test_the_bad_sample_limit_saves_a_checkpoint_and_a_resume_counts_on(tmp_path):
+    """Past data.max_bad_samples the run saves its iterations, then stops with one line naming the limit and
+    the checkpoint; resumed with a higher limit, it counts on from the checkpoint's count (not from 0) and
+    each bad sample once: 3 after two epochs."""
+    root = tmp_path / "data"
+    (root / "train").parent.mkdir()
+    _broken_shards(tmp_path).rename(root / "train")
+    gen = VideoQAGenerator(4, 4, 32, seed=4)
+    write_shards([gen[i] for i in range(4)], str(root / "eval"), log_every=0)
+    ckpt = str(tmp_path / "ckpt")
+    run = small_run(str(root), str(tmp_path / "run"), **{
+        "data.kind": "shards", "data.max_images": 4, "training.global_batch_size": 4, "training.train_iters": 4,
+        "checkpoint.save": ckpt, "checkpoint.load": ckpt,
+    })  # fmt: skip
+    first = load_config(TINY, run)  # how many bad samples the first iteration meets: the limit
+    probe = BatchSource(first, ShardedVideoDataset(str(root / "train")), build_tokenizer("words"), 0, 1, seed=0)
+    probe.micro_batches(0, device="cpu", prefetch_next=False)
+    probe.close()
+    limit = probe.bad_samples
+    assert 0 < limit < 3
+
+    stopped, resumed = spawn_gloo(1, run_trainers_or_errors, [{**run, "data.max_bad_samples": limit}, run])[0]
+    assert isinstance(stopped, str) and "\n" not in stopped, stopped
+    assert stopped.startswith(f"{limit + 1} unreadable or invalid samples (more than data.max_bad_samples = {limit})")
+    saved = re.search(rf"; iteration (\d+) is saved under {ckpt}: fix the data or raise data.max_bad_samples, and "
+                      "resume from it$", stopped)  # fmt: skip
+    at = int(saved[1])
+    assert at >= 1 and (tmp_path / "ckpt" / f"iter_{at:07d}").is_dir(), stopped
+    assert resumed["iteration"] == 4
+    counts = {r["iteration"]: r["bad_samples"] for r in _records(tmp_path / "ckpt") if r["kind"] == "train"}
+    assert sorted(counts) == [1, 2, 3, 4] and counts[4] == 3, counts
+    assert all(counts[i] >= limit + 1 for i in range(at + 1, 5)), counts  # counted on after the resume
 
 
 HANG_SCRIPT = """
