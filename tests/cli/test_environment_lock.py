@@ -45,13 +45,16 @@ def test_the_lock_pins_every_dependency_within_pyprojects_ranges():
 
 
 def test_the_installed_environment_is_the_locked_one():
-    """What this test run imports is what the lock pins (make setup installs with it), local labels aside."""
+    """What this test run imports is what the lock pins (make setup installs with it), local labels aside.
+
+    Each package as imports find it (the first on ``sys.path``): setuptools puts its own vendored copies of a
+    few packages on the path behind the installed ones."""
     pins = _pins(LOCK)
     differ = []
-    for dist in importlib.metadata.distributions():
-        name = _norm(dist.metadata["Name"])
-        if name in pins and dist.version.split("+")[0] != pins[name]:
-            differ.append(f"{name} {dist.version} (lock {pins[name]})")
+    for name in sorted({_norm(d.metadata["Name"]) for d in importlib.metadata.distributions()} & set(pins)):
+        version = importlib.metadata.version(name)
+        if version.split("+")[0] != pins[name]:
+            differ.append(f"{name} {version} (lock {pins[name]})")
     assert not differ, f"installed versions differ from {LOCK.name}: {', '.join(differ)}; run make setup"
 
 

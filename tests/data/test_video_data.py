@@ -344,7 +344,7 @@ def test_generated_clips_train_through_pretrain_mllm_as_the_synthetic_set_does(t
     )
 
     video = _train(tmp_path, "video", TINY.parent / "tiny-video.yaml", {"path": str(clips), "seed": 2})
-    synthetic = {"path": str(tmp_path / "shards"), "seed": 2, "train_samples": 16, "eval_samples": 8}
+    synthetic = {"path": str(tmp_path / "generated"), "seed": 2, "train_samples": 16, "eval_samples": 8}
     shards = _train(tmp_path, "shards", TINY, synthetic)
     assert len(video) == 3 and all(np.isfinite(video)), video
     assert video == pytest.approx(shards, rel=1e-6)

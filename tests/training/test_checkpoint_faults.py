@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from checkpoint_harness import EXPORT_VOCAB, TOOLS, TRACKER, fault_matrix, flip_a_weight, full_disk_on_rank
 from safetensors.torch import load_file
+from train_harness import TINY
 
 from lvx_megatron.launch import spawn_gloo
 
@@ -278,21 +280,23 @@ def test_a_change_that_keeps_the_weights_is_said_and_an_older_checkpoint_is_not_
 def test_a_changed_lr_schedule_is_refused_unless_megatron_s_flag_chooses_one(results):
     """Before, a changed --lr crashed in megatron's distributed optimizer (a 93-line KeyError) and a changed
     --train-iters silently kept the checkpoint's schedule."""
+    tiny = yaml.safe_load(TINY.read_text())["training"]
+    lr, min_lr = tiny["lr"], tiny["min_lr"]  # the checkpoint's
     says = [
         "config error: checkpoint.load: this run's LR schedule differs from the checkpoint's iter_0000004 "
-        "(checkpoint -> this run): training.lr 0.005 -> 0.01, training.train_iters 4 -> 8; pass "
+        f"(checkpoint -> this run): training.lr {lr} -> 0.01, training.train_iters 4 -> 8; pass "
         "--override-opt_param-scheduler",
         "--use-checkpoint-opt_param-scheduler",
     ]
     _refused(_result(results, "schedule-changed")["train"], "train", says)
-    # Megatron-LM's semantics at iteration 4 (1 warm-up iteration, cosine to min_lr 5e-4): this run's schedule
+    # Megatron-LM's semantics at iteration 4 (1 warm-up iteration, cosine to min_lr): this run's schedule
     # over 8 iterations from 0.01, or the checkpoint's, which ended at iteration 4.
     override = _result(results, "schedule-override")["train"]
-    _loaded(override, "train", "iter_4", ["the LR schedule changed (training.lr 0.005 -> 0.01", "using this run's"])
-    assert override["lr"] == pytest.approx(5e-4 + (0.01 - 5e-4) * 0.5 * (1 + math.cos(math.pi * 3 / 7)))
+    _loaded(override, "train", "iter_4", [f"the LR schedule changed (training.lr {lr} -> 0.01", "using this run's"])
+    assert override["lr"] == pytest.approx(min_lr + (0.01 - min_lr) * 0.5 * (1 + math.cos(math.pi * 3 / 7)))
     kept = _result(results, "schedule-of-the-checkpoint")["train"]
     _loaded(kept, "train", "iter_4", ["using the checkpoint's"])
-    assert kept["lr"] == pytest.approx(5e-4)
+    assert kept["lr"] == pytest.approx(min_lr)
 
 
 @pytest.mark.parametrize("loader", LOADERS)
