@@ -43,7 +43,7 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def _git(repo: Path, *args: str) -> str:
+def _git(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
     # safe.directory: the GPU machine's copy of the tree may belong to another user than the one
     # running the tool, and git then refuses to read it.
     proc = subprocess.run(
@@ -51,7 +51,8 @@ def _git(repo: Path, *args: str) -> str:
         capture_output=True,
         text=True,
         check=True,
-        timeout=60,
+        timeout=120,
+        env=env,
     )
     return proc.stdout
 
@@ -115,16 +116,8 @@ def tree_hash(repo: Path = REPO) -> str:
         if _git_dir(repo) is None:
             env.update(GIT_DIR=str(Path(tmp) / "git"), GIT_WORK_TREE=str(repo))
             subprocess.run(["git", "init", "-q"], env=env, capture_output=True, check=True, timeout=60)
-        for args in (("add", "-A"), ("write-tree",)):
-            out = subprocess.run(
-                ["git", "-c", f"safe.directory={repo}", "-C", str(repo), *args],
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=120,
-                env=env,
-            ).stdout
-    return out.strip()
+        _git(repo, "add", "-A", env=env)
+        return _git(repo, "write-tree", env=env).strip()
 
 
 def _verified_source(repo: Path, commit: str) -> dict:

@@ -88,6 +88,7 @@ class _HeldRecords(logging.Filter):
 
 def main(argv: list[str] | None = None) -> None:
     """Run torchrun with ``argv`` (default: the command line)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -101,6 +102,14 @@ def main(argv: list[str] | None = None) -> None:
         reported = one_line_errors(exc.failures)
         if reported is None:
             raise
+    except SignalException as exc:
+        # torchrun passed the signal on to the workers and waited for them (a run saves a checkpoint
+        # and stops on SIGTERM/SIGUSR1); its traceback would say nothing more. 128 + signal, as a shell.
+        name = signal.Signals(exc.sigval).name
+        reported = (
+            [f"launcher: {name}: passed on to the workers, which have ended; see their output above"],
+            128 + exc.sigval,
+        )
     finally:
         held.release(show=reported is None)
     if reported is not None:

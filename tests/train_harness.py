@@ -1,8 +1,13 @@
 """Runs of ``pretrain_mllm.py``'s trainer on the tiny config inside gloo worker processes."""
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
+
+import yaml
 
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|absl).*")
 
@@ -31,6 +36,24 @@ def small_run(data_dir: str, run_dir: str, **overrides) -> dict:
     }
     base.update(overrides)
     return base
+
+
+def run_pretrain(tmp_path: Path, config: Path, data: dict) -> subprocess.CompletedProcess:
+    """``pretrain_mllm.py`` in one process (CP 1) on ``config`` with these ``data`` fields, its run in
+    ``tmp_path/run``, no checkpoints or W&B."""
+    tree = yaml.safe_load(config.read_text())
+    tree["data"].update(data)
+    tree["parallel"]["context_parallel_size"] = 1
+    tree["checkpoint"], tree["logging"] = {}, {"wandb_mode": "disabled", "run_dir": str(tmp_path / "run")}
+    path = tmp_path / f"{config.stem}-run.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return subprocess.run(
+        [sys.executable, str(TINY.parents[2] / "pretrain_mllm.py"), "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def train_losses(run_dir: str) -> list[float]:

@@ -33,16 +33,17 @@ def test_every_results_file_a_doc_quotes_exists_and_is_named_beside_it():
 
 def test_a_number_that_disagrees_with_its_file_fails_the_check_and_is_rewritten(tmp_path, capsys):
     doc = tmp_path / "doc.md"
-    region = "<!-- results: value file=train_1b_h200.json key=summary.step_s fmt=.3g -->"
-    step = f"{json.loads((rr.RESULTS / 'train_1b_h200.json').read_text())['summary']['step_s']:.3g}"
+    region = "<!-- results: value file=xattn_memory_h100.json key=parity[run=cuda-fp32].errors.params_worst fmt=.3g -->"
+    parity = json.loads((rr.RESULTS / "xattn_memory_h100.json").read_text())["parity"]
+    step = f"{next(p for p in parity if p['run'] == 'cuda-fp32')['errors']['params_worst']:.3g}"
     wrong = f"{float(step) + 0.5:.3g}"
-    doc.write_text(f"A step takes {region}{wrong}<!-- /results --> s.\n")
+    doc.write_text(f"The worst error is {region}{wrong}<!-- /results -->.\n")
     assert rr.main([str(doc), "--check"]) == 1
     out = capsys.readouterr().out
-    assert f"{doc}:1: region 'value file=train_1b_h200.json key=summary.step_s fmt=.3g'" in out
-    assert "benchmarks/results/train_1b_h200.json" in out and f"-{wrong}" in out and f"+{step}" in out
+    assert f"{doc}:1: region '{region[len('<!-- results: ') : -len(' -->')]}'" in out
+    assert "benchmarks/results/xattn_memory_h100.json" in out and f"-{wrong}" in out and f"+{step}" in out
     assert rr.main([str(doc)]) == 0  # rewrite from the file
-    assert doc.read_text() == f"A step takes {region}{step}<!-- /results --> s.\n"
+    assert doc.read_text() == f"The worst error is {region}{step}<!-- /results -->.\n"
     assert rr.main([str(doc), "--check"]) == 0
 
 
@@ -50,15 +51,15 @@ def test_a_number_that_disagrees_with_its_file_fails_the_check_and_is_rewritten(
     "text, message",
     [
         ("x <!-- results: nope file=a.json -->1<!-- /results -->", "no renderer 'nope'"),
-        ("x <!-- results: value file=train_1b_h200.json key=summary.step_s typo=1 -->1<!-- /results -->", "unused"),
+        ("x <!-- results: value file=xattn_memory_h100.json key=meta.dtype typo=1 -->1<!-- /results -->", "unused"),
         ("x <!-- results: value file=missing.json key=a -->1<!-- /results -->", "no results file"),
-        ("x <!-- results: value file=train_1b_h200.json key=summary.nope -->1<!-- /results -->", "no key 'nope'"),
+        ("x <!-- results: value file=xattn_memory_h100.json key=meta.nope -->1<!-- /results -->", "no key 'nope'"),
         (
-            "<!-- results: value file=train_1b_h200.json key=summary.steps -->12<!-- /results -->",
+            "<!-- results: value file=xattn_memory_h100.json key=meta.dtype -->bf16<!-- /results -->",
             "must not start a line",
         ),
         (
-            "x <!-- results: value file=xattn_memory_h200.json key=memory[layers=8].peak -->1<!-- /results -->",
+            "x <!-- results: value file=xattn_memory_h100.json key=memory[layers=8].peak -->1<!-- /results -->",
             "matches 4",
         ),
     ],

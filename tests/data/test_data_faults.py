@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from train_harness import TINY
+from train_harness import TINY, run_pretrain
 
 from lvx_megatron.data import ShardedVideoDataset, ShardError, VideoQAGenerator, build_tokenizer, write_shards
 from lvx_megatron.data.batch import collate
@@ -120,19 +119,7 @@ def test_a_truncated_shard_stops_the_command_line_run_with_one_line(shards, tmp_
         write_shards(_samples(), str(root / split), samples_per_shard=PER_SHARD, log_every=0)
     tar_path = root / "train" / "shard-000001.tar"
     tar_path.write_bytes(tar_path.read_bytes()[:2000])
-    tree = yaml.safe_load(TINY.read_text())
-    tree["data"].update(kind="shards", path=str(root), max_images=4)
-    tree["parallel"]["context_parallel_size"] = 1
-    tree["checkpoint"], tree["logging"] = {}, {"wandb_mode": "disabled", "run_dir": str(tmp_path / "run")}
-    config = tmp_path / "shards.yaml"
-    config.write_text(yaml.safe_dump(tree))
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "pretrain_mllm.py"), "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = run_pretrain(tmp_path, TINY, {"kind": "shards", "path": str(root), "max_images": 4})
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert last.startswith(f"data error: {tar_path}: not a readable tar file"), last
@@ -390,19 +377,7 @@ def test_a_foreign_folder_stops_the_command_line_run_with_one_line(tmp_path):
     root = tmp_path / "data"
     _users_shards(root)
     before = _files(root)
-    tree = yaml.safe_load(TINY.read_text())
-    tree["data"]["path"] = str(root)
-    tree["parallel"]["context_parallel_size"] = 1
-    tree["checkpoint"], tree["logging"] = {}, {"wandb_mode": "disabled", "run_dir": str(tmp_path / "run")}
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(tree))
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "pretrain_mllm.py"), "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = run_pretrain(tmp_path, TINY, {"path": str(root)})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"config error: data.path: {root} holds files"), proc.stderr
     assert _files(root) == before

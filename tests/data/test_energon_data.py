@@ -3,7 +3,6 @@ read by energon's loaders sharded over DP ranks only, exact resume from the chec
 bad samples skipped, counted and named."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-import yaml
-from train_harness import TINY, train_losses
+from train_harness import TINY, run_pretrain, train_losses
 
 from lvx_megatron.data import VideoQAGenerator, build_tokenizer, write_clip
 from lvx_megatron.data.energon import ClipSettings, prepare_command, train_loader, worker_config
@@ -263,19 +261,7 @@ def test_a_missing_or_truncated_tar_is_a_one_line_data_error_naming_it(dataset, 
 
 def test_a_truncated_tar_stops_the_command_line_run_with_one_line(dataset, tmp_path):
     data, tar_path = _damaged_copy(dataset, tmp_path, "truncated")
-    tree = yaml.safe_load(ENERGON_TINY.read_text())
-    tree["data"].update(path=str(data), num_workers=0)
-    tree["parallel"]["context_parallel_size"] = 1
-    tree["checkpoint"], tree["logging"] = {}, {"wandb_mode": "disabled", "run_dir": str(tmp_path / "run")}
-    config = tmp_path / "energon.yaml"
-    config.write_text(yaml.safe_dump(tree))
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "pretrain_mllm.py"), "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = run_pretrain(tmp_path, ENERGON_TINY, {"path": str(data), "num_workers": 0})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"data error: {tar_path}: truncated: "), proc.stderr
 

@@ -168,6 +168,10 @@ def test_sigterm_to_the_launcher_during_a_save_lets_it_finish_then_stops(tmp_pat
     out, _ = proc.communicate(timeout=300)
     assert "SIGTERM: saving a checkpoint and stopping at iteration 2" in out, out[-3000:]
     assert "Connection closed by peer" not in out and "forcefully exiting" not in out, out[-3000:]
+    assert "Traceback" not in out and out.strip().splitlines()[-1].startswith("launcher: SIGTERM: passed on"), out[
+        -3000:
+    ]
+    assert proc.returncode == 128 + signal.SIGTERM
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == ["iter_0000002"]
     assert (ckpt / "iter_0000002" / "manifest.json").is_file()
