@@ -462,6 +462,8 @@ def render_tile_sweep_repeat(p: Params) -> str:
 
 # --- training (tools/train_summary.py) ------------------------------------------------------------
 
+# The cross-attention share is measured on sampled steps only; a short run's summary may have none.
+OPTIONAL_TRAIN_FIELDS = {"xattn_time_share": "not sampled"}
 TRAIN_COLUMNS = (  # header, summary field, format
     ("step", "step_s", lambda v: f"{v:.3g} s"),
     ("visual tokens/s", "visual_tokens_per_s", lambda v: f"{v / 1e3:.1f}K"),
@@ -480,10 +482,11 @@ def render_train_table(p: Params) -> str:
     lines.append("|" + "---|" * (len(TRAIN_COLUMNS) + 1))
     for name, label in p.items():
         summary = p.load(name)["summary"]
-        missing = [f for _, f, _ in TRAIN_COLUMNS if f not in summary]
+        missing = [f for _, f, _ in TRAIN_COLUMNS if f not in summary and f not in OPTIONAL_TRAIN_FIELDS]
         if missing:
             raise RenderError(f"{name}: summary has no {', '.join(missing)}")
-        lines.append(f"| {label} | " + " | ".join(show(summary[f]) for _, f, show in TRAIN_COLUMNS) + " |")
+        cells = [show(summary[f]) if f in summary else OPTIONAL_TRAIN_FIELDS[f] for _, f, show in TRAIN_COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -700,16 +703,18 @@ def render_demo_seeds(p: Params) -> str:
 def render_demo_output(p: Params) -> str:
     """A fenced block of one demo run's console (``seed``, ``kernels``): its first ``head`` lines, the
     lines that start with any of ``keep`` (comma-separated prefixes) and its last ``tail`` lines, with
-    ``...`` where lines are left out."""
+    ``...`` where lines are left out; lines longer than ``width`` (default: no limit) end in `` ...``."""
     console = _demo_run(p.file(), p)["console"]
     head, tail = int(p.get("head", "1")), int(p.get("tail", "3"))
+    width = int(p.get("width", "0"))
+    cut = lambda line: line if not width or len(line) <= width else line[: width - 4].rstrip() + " ..."
     keep = tuple(prefix for prefix in p.get("keep", "").split(",") if prefix)
     shown = [i for i, line in enumerate(console) if i < head or i >= len(console) - tail or line.startswith(keep)]
     lines, last = ["```"], -1
     for i in shown:
         if i > last + 1:
             lines.append("...")
-        lines.append(console[i])
+        lines.append(cut(console[i]))
         last = i
     return "\n".join([*lines, "```"])
 
