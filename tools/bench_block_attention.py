@@ -14,18 +14,27 @@ keys is not credited with their work:
 - ``interleaved``: 8 images of 4 real tiles; the first half of the text sees the first 4 images,
   the second half all 8 (75% of the work visible);
 - ``tiles``: 8 images of 4 tile slots with 1, 2, 3, 1, 2, 3, 1, 2 real tiles, every text token
-  sees every image.
+  sees every image;
+- ``segments``: the multi-image layout, 3 images and 3 text segments, segment ``i`` sees the images
+  up to ``i`` (2/3 of the work visible);
+- ``sparse``: 8 images and 8 text segments, segment ``j`` sees images ``j, j+1, j+2`` (mod 8): 3/8
+  of the work visible, in two key ranges for some segments.
 
 Variants: ``triton`` (our kernels, the mask's tile lists), ``fused`` (torch's fused kernels; masked
 blocks as dense runs), ``auto`` (the per-call selection of ``backend="auto"``), ``op`` (the whole
 ``distributed_cross_attention`` on one rank with a prebuilt ``MaskPlan``, what a model layer runs),
-``flex`` (FlexAttention, compiled, ``enable_gqa``, a ``mask_mod`` reading the image ids; with
-``--flex-masks`` only on some masks, it compiles per shape and mask: compile seconds are recorded),
-and, unmasked only, ``sdpa/cudnn`` and ``sdpa/flash`` (torch's public SDPA with ``enable_gqa``).
-``flash-attn-4`` is timed (unmasked) when it imports.
+``flex`` (FlexAttention, compiled, ``enable_gqa``, a ``mask_mod`` reading the image ids; it compiles
+per shape and mask: compile seconds are recorded; ``--flex-masks`` narrows the masks), ``flex/fa4``
+(the same on FlexAttention's FlashAttention-4 backend, ``kernel_options={"BACKEND": "FLASH"}``, when
+flash-attn-4 imports; its ``mask_mod`` reads padding as an extra image id no text token sees, since
+its DSL has no ``clamp``/``maximum``), and, unmasked only, ``sdpa/cudnn`` and ``sdpa/flash`` (torch's
+public SDPA with ``enable_gqa``), ``sdpa/cudnn-expanded`` (cuDNN on K/V expanded to every query
+head beforehand, untimed) and ``flash-attn-4`` when it imports. Peer packages for the GPU machine:
+``scripts/fetch_gpu_wheels.sh --peers``.
 
 The summary prints, per shape, the rates of ``auto`` per mask as a fraction of unmasked ``auto``,
-the interleaved/all time ratio, the whole op against ``auto`` and ``auto`` against FlexAttention.
+the interleaved/all time ratio, the whole op against ``auto``, and ``auto`` against the best peer
+timed on that mask (FlexAttention on either backend; unmasked also SDPA and flash-attn-4).
 
     python tools/bench_block_attention.py --output benchmarks/results/block_attention_h200.json
 
@@ -49,7 +58,7 @@ from lvx_megatron.ops.masks import BlockMask
 from lvx_megatron.ops.problem import output_delta
 from lvx_megatron.results import write_results
 
-MASKS = ("none", "all", "video", "interleaved", "tiles")
+MASKS = ("none", "all", "video", "interleaved", "tiles", "segments", "sparse")
 IMAGES, SLOTS = 8, 4
 REAL_TILES = (1, 2, 3, 1, 2, 3, 1, 2)  # the "tiles" mask: real tiles of each 4-slot image
 
@@ -81,6 +90,16 @@ def make_mask(kind: str, sq: int, skv: int, device: torch.device) -> BlockMask |
     """One of :data:`MASKS` for a block of ``sq`` text tokens and ``skv`` visual tokens (B = 1)."""
     if kind == "none":
         return None
+    if kind in ("segments", "sparse"):
+        images = 3 if kind == "segments" else IMAGES
+        ids = torch.arange(skv, device=device) * images // skv
+        segment = torch.arange(sq, device=device) * images // sq
+        image = torch.arange(images, device=device)
+        if kind == "segments":
+            q_mask = image[None, :] <= segment[:, None]
+        else:
+            q_mask = (image[None, :] - segment[:, None]) % images < 3
+        return BlockMask(q_mask.unsqueeze(0), ids.view(1, -1), sq)
     slot = -(-skv // (IMAGES * SLOTS))
     tile = torch.arange(skv, device=device) // slot  # tile slot of each key
     image, within = tile // SLOTS, tile % SLOTS
@@ -154,10 +173,22 @@ def _sdpa_fns(q, k, v, scale, dout, backend):
 
 
 _FLEX = {}
+FLEX_BACKENDS = {"flex": None, "flex/fa4": {"BACKEND": "FLASH"}}
 
 
-def _flex_fns(q, k, v, mask, scale, dout):
-    """FlexAttention compiled for this shape and mask; returns the functions and the compile seconds."""
+def flex_mask_tables(mask: BlockMask) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(visible [Sq, N + 1], ids [Skv])`` of sample 0 such that ``visible[q, ids[k]]`` is the mask:
+    padding (-1) becomes the extra id ``N``, whose column no text token sees (FA4's mask_mod DSL
+    has no ``clamp``/``maximum`` to guard a ``-1`` index)."""
+    num_ids = mask.q_image_mask.shape[-1]
+    raw = mask.kv_image_ids[0]
+    ids = torch.where(raw < 0, num_ids, raw).to(torch.int32)
+    return torch.nn.functional.pad(mask.q_image_mask[0], (0, 1)), ids
+
+
+def _flex_fns(q, k, v, mask, scale, dout, kernel_options: dict | None):
+    """FlexAttention compiled for this shape, mask and backend (``kernel_options``); returns the
+    functions and the compile seconds."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if "fn" not in _FLEX:
@@ -167,21 +198,22 @@ def _flex_fns(q, k, v, mask, scale, dout):
     sq, skv = q.shape[1], k.shape[1]
     block_mask = None
     if mask is not None:
-        ids = mask.kv_image_ids[0].to(torch.int32)
-        visible = mask.q_image_mask[0]
+        visible, ids = flex_mask_tables(mask)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            image = ids[kv_idx]
-            return (image >= 0) & visible[q_idx, image.clamp(min=0)]
+            return visible[q_idx, ids[kv_idx]]
 
         block_mask = create_block_mask(mask_mod, 1, None, sq, skv, device=q.device, _compile=True)
-    # Its short-query (decoding) path fails to compile with a block mask in torch 2.11.
-    options = {"FORCE_USE_FLEX_ATTENTION": True} if sq < 128 else None
+    options = dict(kernel_options or {})
+    if sq < 128 and not options:  # its short-query (decoding) path fails to compile with a block mask in torch 2.11
+        options["FORCE_USE_FLEX_ATTENTION"] = True
     qh, kh, vh = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
     doh = dout.transpose(1, 2)
 
     def call():
-        return _FLEX["fn"](qh, kh, vh, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=options)
+        return _FLEX["fn"](
+            qh, kh, vh, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=options or None
+        )
 
     def fwd():
         with torch.no_grad():
@@ -195,6 +227,23 @@ def _flex_fns(q, k, v, mask, scale, dout):
     fwd_bwd()
     torch.cuda.synchronize()
     return (fwd, fwd_bwd), time.perf_counter() - start
+
+
+def _fa4_available() -> bool:
+    try:
+        import flash_attn.cute  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _expanded_sdpa_fns(q, k, v, scale, dout):
+    """cuDNN SDPA on K/V expanded to every query head beforehand (the expansion is not timed)."""
+    group = q.shape[2] // k.shape[2]
+    k, v = (t.repeat_interleave(group, dim=2) for t in (k, v))
+    from torch.nn.attention import SDPBackend
+
+    return _sdpa_fns(q, k, v, scale, dout, SDPBackend.CUDNN_ATTENTION)
 
 
 def _fa4_fns(q, k, v, scale, dout):
@@ -217,7 +266,8 @@ def _fa4_fns(q, k, v, scale, dout):
 
 
 def _variants(q, k, v, mask, scale, dout, with_flex: bool) -> dict:
-    """name -> (forward fn, forward+backward fn) for one mask; ``flex`` also gives compile seconds."""
+    """name -> (forward fn, forward+backward fn) for one mask; ``flex`` variants are functions that
+    compile and give ``((forward fn, forward+backward fn), compile seconds)``."""
     from torch.nn.attention import SDPBackend
 
     out = {
@@ -229,11 +279,15 @@ def _variants(q, k, v, mask, scale, dout, with_flex: bool) -> dict:
     if mask is None:
         out["sdpa/cudnn"] = _sdpa_fns(q, k, v, scale, dout, SDPBackend.CUDNN_ATTENTION)
         out["sdpa/flash"] = _sdpa_fns(q, k, v, scale, dout, SDPBackend.FLASH_ATTENTION)
+        if q.shape[2] != k.shape[2]:
+            out["sdpa/cudnn-expanded"] = _expanded_sdpa_fns(q, k, v, scale, dout)
         fa4 = _fa4_fns(q, k, v, scale, dout)
         if fa4 is not None:
             out["flash-attn-4"] = fa4
     if with_flex:
-        out["flex"] = _flex_fns(q, k, v, mask, scale, dout)
+        for name, options in FLEX_BACKENDS.items():
+            if options is None or _fa4_available():
+                out[name] = lambda options=options: _flex_fns(q, k, v, mask, scale, dout, options)
     return out
 
 
@@ -278,36 +332,46 @@ def _rate(rows: dict, variant: str, mask: str, metric: str) -> float | None:
     return None if row is None or "error" in row else row[f"{metric}_tflops"]
 
 
+PEERS = ("flex", "flex/fa4", "sdpa/cudnn", "sdpa/flash", "sdpa/cudnn-expanded", "flash-attn-4")
+
+
+def _best_peer(rows: dict, mask: str) -> tuple[str | None, float | None]:
+    """The fastest peer timed on ``mask`` (fwd+bwd) and its rate."""
+    rates = [(rate, name) for name in PEERS if (rate := _rate(rows, name, mask, "fwd_bwd")) is not None]
+    if not rates:
+        return None, None
+    rate, name = max(rates)
+    return name, rate
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per shape: each mask's ``auto`` rate over unmasked ``auto`` (fwd+bwd), the interleaved/all
-    time ratio, the op over ``auto`` and ``auto`` over FlexAttention, per mask."""
+    """Per shape and mask: ``auto``'s fwd+bwd rate, over unmasked ``auto``, the op over ``auto``,
+    the best peer on that mask and ``auto`` over it; the interleaved/all and segments/all times."""
     out = []
     key = lambda r: (r["hq"], r["hkv"], r["sq"], r["skv"])
     for shape, group in itertools.groupby(sorted(rows, key=key), key=key):
         by = {(r["variant"], r["mask"]): r for r in group}
         entry = dict(zip(("hq", "hkv", "sq", "skv"), shape, strict=True))
         unmasked = _rate(by, "auto", "none", "fwd_bwd")
-        best_torch = max(
-            (r for v in ("sdpa/cudnn", "sdpa/flash", "fused") if (r := _rate(by, v, "none", "fwd_bwd"))), default=None
-        )
-        entry["unmasked_auto_tflops"], entry["best_torch_unmasked_tflops"] = unmasked, best_torch
         entry["masks"] = {}
-        for mask in MASKS[1:]:
-            auto, op, flex = (_rate(by, v, mask, "fwd_bwd") for v in ("auto", "op", "flex"))
+        for mask in MASKS:
+            auto, op = (_rate(by, v, mask, "fwd_bwd") for v in ("auto", "op"))
             if auto is None:
                 continue
+            peer, peer_rate = _best_peer(by, mask)
             entry["masks"][mask] = dict(
                 auto_tflops=auto,
                 triton_tflops=_rate(by, "triton", mask, "fwd_bwd"),
                 fused_tflops=_rate(by, "fused", mask, "fwd_bwd"),
                 over_unmasked=auto / unmasked if unmasked else None,
                 op_over_auto=op / auto if op else None,
-                over_flex=auto / flex if flex else None,
+                best_peer=peer,
+                best_peer_tflops=peer_rate,
+                over_best_peer=auto / peer_rate if peer_rate else None,
             )
-        if ("auto", "interleaved") in by and ("auto", "all") in by:
-            entry["interleaved_over_all_time"] = (
-                by["auto", "interleaved"]["fwd_bwd_ms"] / by["auto", "all"]["fwd_bwd_ms"]
-            )
+        for mask in ("interleaved", "segments", "sparse"):
+            if ("auto", mask) in by and ("auto", "all") in by and "error" not in by["auto", mask]:
+                entry[f"{mask}_over_all_time"] = by["auto", mask]["fwd_bwd_ms"] / by["auto", "all"]["fwd_bwd_ms"]
         out.append(entry)
     return out
 
@@ -315,22 +379,33 @@ def summarize(rows: list[dict]) -> list[dict]:
 def _print_summary(summary: list[dict], matmul: float) -> None:
     print(f"\ndense bf16 matmul 8192^3: {matmul:.0f} TFLOP/s (same run); fwd+bwd TFLOP/s of visible work")
     print(f"{'Hq/Hkv':>7}{'Sq':>6}{'Skv':>8}  {'mask':<12}{'auto':>6}{'triton':>7}{'fused':>7}"
-          f"{'/unmasked':>10}{'op/auto':>8}{'/flex':>7}")  # fmt: skip
+          f"{'/unmasked':>10}{'op/auto':>8}  {'best peer':<20}{'auto/peer':>9}")  # fmt: skip
     fmt = lambda x, spec: "-" if x is None else format(x, spec)
     for e in summary:
         head = f"{e['hq']:>4}/{e['hkv']:<2}{e['sq']:>6}{e['skv']:>8}"
-        print(
-            f"{head}  {'none':<12}{fmt(e['unmasked_auto_tflops'], '6.0f')}"
-            f"  best torch {fmt(e['best_torch_unmasked_tflops'], '.0f')}"
-        )
         for mask, m in e["masks"].items():
+            peer = "-" if m["best_peer"] is None else f"{m['best_peer']} {m['best_peer_tflops']:.0f}"
             print(
                 f"{head}  {mask:<12}{fmt(m['auto_tflops'], '6.0f')}{fmt(m['triton_tflops'], '7.0f')}"
                 f"{fmt(m['fused_tflops'], '7.0f')}{fmt(m['over_unmasked'], '10.2f')}{fmt(m['op_over_auto'], '8.2f')}"
-                f"{fmt(m['over_flex'], '7.2f')}"
+                f"  {peer:<20}{fmt(m['over_best_peer'], '9.2f')}"
             )
-        if "interleaved_over_all_time" in e:
-            print(f"{head}  interleaved time / all time: {e['interleaved_over_all_time']:.2f}")
+        for mask in ("interleaved", "segments", "sparse"):
+            if f"{mask}_over_all_time" in e:
+                print(f"{head}  {mask} time / all time: {e[f'{mask}_over_all_time']:.2f}")
+
+
+def _peer_versions() -> dict[str, str | None]:
+    """Versions of the peer packages this run could import (None: absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("flash-attn-4", "nvidia-cutlass-dsl", "quack-kernels"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
 
 
 def _run_shape(args, hq, hkv, sq, skv, dtype, wanted) -> list[dict]:
@@ -350,11 +425,11 @@ def _run_shape(args, hq, hkv, sq, skv, dtype, wanted) -> list[dict]:
             if wanted is not None and name not in wanted:
                 continue
             base = dict(hq=hq, hkv=hkv, sq=sq, skv=skv, mask=mask_name, variant=name, visible=pairs / (sq * skv))
-            if name == "flex":
-                fns, base["compile_s"] = fns
             try:
+                if name in FLEX_BACKENDS:
+                    fns, base["compile_s"] = fns()
                 t_f, t_fb = (_time_ms(fn, args.iters, args.budget) for fn in fns)
-            except (RuntimeError, ValueError) as err:  # a kernel that does not take this shape
+            except Exception as err:  # a kernel that does not take this shape or mask (peers raise their own types)
                 if "CUDA error" in str(err) or "out of memory" in str(err):
                     raise  # the context is lost; later numbers would be meaningless
                 rows.append({**base, "error": str(err).splitlines()[0][:200]})
@@ -368,7 +443,7 @@ def _run_shape(args, hq, hkv, sq, skv, dtype, wanted) -> list[dict]:
             print(
                 f"{hq:>4}/{hkv:<2}{sq:>6}{skv:>8}  {mask_name:<12}{name:<13}{t_f:>9.3f}{row['fwd_tflops']:>8.0f}"
                 f"{t_fb:>9.3f}{row['fwd_bwd_tflops']:>8.0f}"
-                + (f"  compile {base['compile_s']:.0f} s" if name == "flex" else ""),
+                + (f"  compile {base['compile_s']:.0f} s" if name in FLEX_BACKENDS else ""),
                 flush=True,
             )
     return rows
@@ -381,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated Hq/Hkv:Sq:Skv")  # fmt: skip
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--masks", default=",".join(MASKS), help=f"comma-separated subset of {MASKS}")
-    parser.add_argument("--flex-masks", default="all,interleaved", help="masks FlexAttention is timed on")
+    parser.add_argument("--flex-masks", default=",".join(MASKS), help="masks FlexAttention is timed on")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     parser.add_argument("--iters", type=int, default=20, help="most timed iterations per measurement")
     parser.add_argument("--budget", type=float, default=0.3, help="seconds of timed iterations per measurement")
@@ -431,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
             "head_dim": args.head_dim,
             "batch": 1,
             "flops": "4*Hq*d per visible (query, key) pair forward, fwd+bwd 3.5x (sweep backward: 2.5x)",
-            "masks": "see the docstring of tools/bench_block_attention.py (none, all, video, interleaved, tiles)",
+            "masks": f"see the docstring of tools/bench_block_attention.py ({', '.join(MASKS)})",
+            "peers": _peer_versions(),
             "matmul_tflops": matmul,
         }
         write_results(args.output, "bench_block_attention.py", argv, extra, results=rows, summary=summary)

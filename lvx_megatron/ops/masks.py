@@ -227,6 +227,13 @@ class BlockMask:
 
         return self._once(("tiles", group, block_m, block_n, by_keys), make)
 
+    def has_partial_tiles(self, group: int, block_m: int, block_n: int, by_keys: bool = False) -> bool:
+        """Whether any tile of :meth:`tiles` is partial (one host synchronisation, once per tiling)."""
+        return self._once(
+            ("has_partial", group, block_m, block_n, by_keys),
+            lambda: bool(self.tiles(group, block_m, block_n, by_keys).partial_count.any()),
+        )
+
     def dense_runs(self) -> list[list[DenseRun]]:
         """Per sample, the row runs and the key ranges they see (:func:`sample_dense_runs`); one
         host copy of the mask (a synchronisation, once per BlockMask)."""

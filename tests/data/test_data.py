@@ -1,10 +1,13 @@
 """Data pipeline: synthetic video QA, tokenizers, Mllama tiling/masks vs HF, collate, shards, sampler, tools."""
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +29,7 @@ from lvx_megatron.data import (
     collate,
     cross_attention_token_mask,
     micro_batches,
+    shards,
     supported_aspect_ratios,
     tile_image,
     write_shards,
@@ -480,3 +484,51 @@ def test_sampler_errors_name_fields():
 
 def test_question_types_cover_all():
     assert set(COUNTS) == set(QUESTION_TYPES["count"][1]) and set(COLORS) == set(QUESTION_TYPES["most"][1])
+
+
+def _tarfile_scan(path: Path, monkeypatch) -> list:
+    """What the tarfile-based scan (the fallback) finds in ``path``."""
+    with monkeypatch.context() as patch:
+        patch.setattr(shards, "_scan_headers", lambda view: None)
+        patch.setattr(shards, "_scanned", {})
+        return shards._scan_tar(str(path))
+
+
+@pytest.mark.parametrize(
+    "fmt", [tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT], ids=["pax", "ustar", "gnu"]
+)
+def test_the_header_scan_finds_what_tarfile_finds(tmp_path, monkeypatch, fmt):
+    """Long names (a pax path, a ustar prefix, a GNU long name), folders and links among the members."""
+    long_dir = "d" * 60 + "/" + "e" * 60
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        folder = tarfile.TarInfo("samples")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for i, (name, data) in enumerate([("a.json", b"{}"), ("a.000.png", b"x" * 700), (f"{long_dir}/b.json", b"[]")]):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1_700_000_000 + i
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("c.json")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.json"
+        tar.addfile(link)
+    found = shards._scan_tar(str(path))
+    assert found == _tarfile_scan(path, monkeypatch)
+    assert [key for key, _ in found] == ["a", f"{long_dir}/b"]
+    raw = path.read_bytes()
+    assert raw[slice(*(lambda o, n: (o, o + n))(*found[0][1]["000.png"]))] == b"x" * 700
+    if fmt == tarfile.GNU_FORMAT:  # GNU long names are left to tarfile
+        assert shards._scan_headers(memoryview(raw)) is None
+
+
+def test_written_shards_are_scanned_from_their_headers_once_per_process(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    samples = [{"frames": rng.integers(0, 255, (2, 8, 8, 3), dtype=np.uint8), "question": "q?", "answer": "a"}] * 5
+    shards.write_shards(samples, str(tmp_path / "s"), samples_per_shard=2)
+    first = tmp_path / "s" / "shard-000000.tar"
+    assert shards._scan_headers(memoryview(first.read_bytes())) == _tarfile_scan(first, monkeypatch)
+    dataset = shards.ShardedVideoDataset(str(tmp_path / "s"))
+    with monkeypatch.context() as patch:
+        patch.setattr(shards, "_scan_headers", lambda view: pytest.fail("a shard was scanned twice"))
+        again = shards.ShardedVideoDataset(str(tmp_path / "s"))
+    assert len(again) == len(dataset) == 5 and again[4]["question"] == "q?"

@@ -34,7 +34,7 @@ class Shape:
     hkv: int
     skv: int
     d: int
-    mask: str  # none | ids | images | video | interleaved | blind
+    mask: str  # none | ids | images | video | interleaved | blind | segments
 
 
 def _video_mask(shape: Shape, g: torch.Generator, interleaved: bool, padded: bool = True) -> BlockMask:
@@ -52,6 +52,16 @@ def _video_mask(shape: Shape, g: torch.Generator, interleaved: bool, padded: boo
     if interleaved:
         q_mask[:, 2 : shape.sq // 2, frames // 2 :] = False
     return BlockMask(q_mask, ids, shape.sq)
+
+
+def _segments_mask(shape: Shape) -> BlockMask:
+    """The multi-image layout on tile boundaries: 4 images of ``skv / 4`` keys (the third padding),
+    text segment ``i`` of 2 sees images ``<= 2 i + 1``; every tile of every kernel is full or empty."""
+    ids = torch.arange(4).repeat_interleave(shape.skv // 4)
+    ids[ids == 2] = -1
+    q_mask = torch.ones(shape.b, shape.sq, 4, dtype=torch.bool)
+    q_mask[:, : shape.sq // 2, 2:] = False
+    return BlockMask(q_mask, ids.expand(shape.b, -1).clone(), shape.sq)
 
 
 def _problem(shape: Shape, seed: int, sorted_ids: bool = True):
@@ -73,6 +83,8 @@ def _problem(shape: Shape, seed: int, sorted_ids: bool = True):
         mask = BlockMask(q_mask, ids, shape.sq)
     elif shape.mask in ("video", "interleaved", "blind"):
         mask = _video_mask(shape, g, shape.mask == "interleaved", padded=shape.mask != "blind")
+    elif shape.mask == "segments":
+        mask = _segments_mask(shape)
     return q, k, v, dout, mask
 
 
@@ -139,6 +151,7 @@ INTERPRETER_SHAPES = [
     Shape(1, 40, 4, 2, 700, 16, "video"),
     Shape(1, 150, 2, 2, 700, 16, "interleaved"),
     Shape(2, 30, 4, 2, 400, 16, "blind"),  # only a blind prefix: the unmasked kernels on the other rows
+    Shape(1, 128, 4, 2, 512, 16, "segments"),  # tile lists without partial tiles (HAS_PARTIAL off)
     Shape(1, 9, 4, 1, 65, 80, "none"),
 ]
 
@@ -156,6 +169,19 @@ def test_kernels_match_float64_reference(shape, dtype):
 def test_masked_shapes_meet_every_tile_kind(shape):
     _, _, _, _, mask = _problem(shape, 0)
     assert _tile_kinds(mask, shape, torch.float32) == {TILE_EMPTY, TILE_PARTIAL, TILE_FULL}
+
+
+def test_a_mask_on_tile_boundaries_has_no_partial_tiles_in_any_kernel():
+    shape = next(s for s in INTERPRETER_SHAPES if s.mask == "segments")
+    _, _, _, _, mask = _problem(shape, 0)
+    assert seeing_rows(mask) is None  # the masked kernels, not the unmasked ones on a row range
+    for dtype in (torch.float32, torch.float16):
+        assert _tile_kinds(mask, shape, dtype) == {TILE_EMPTY, TILE_FULL}
+    g = shape.hq // shape.hkv
+    assert not mask.has_partial_tiles(g, 64, 32) and not mask.has_partial_tiles(g, 32, 32, by_keys=True)
+    images = next(s for s in INTERPRETER_SHAPES if s.mask == "images")
+    _, _, _, _, random_mask = _problem(images, 1)
+    assert random_mask.has_partial_tiles(images.hq // images.hkv, 64, 32)
 
 
 def test_a_blind_prefix_alone_runs_the_unmasked_kernels_on_the_other_rows():

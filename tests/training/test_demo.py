@@ -63,11 +63,51 @@ def _demo(config: Path, env: dict[str, str] | None = None) -> subprocess.Complet
     return proc
 
 
+SHORT = {"train_iters": 500, "eval_interval": 0, "log_interval": 10}  # the short demo's overrides
+
+
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory, demo_data):
+    """The short demo on a kernel set, run once per module: ``(its output, its run folder)``."""
+    runs: dict[str, tuple[subprocess.CompletedProcess, Path]] = {}
+
+    def run(kernels: str) -> tuple[subprocess.CompletedProcess, Path]:
+        if kernels not in runs:
+            folder = tmp_path_factory.mktemp(f"short-{kernels}")
+            config = _config(folder / "demo.yaml", demo_data, folder / "run", **SHORT)
+            runs[kernels] = (_demo(config, demo_seeds.KERNEL_ENVS[kernels]), folder / "run")
+        return runs[kernels]
+
+    return run
+
+
+def _recorded_run(kernels: str) -> dict:
+    """The seeds file's seed-1234 run on ``kernels``; for the default kernels, the one of this machine's
+    capability if the file has it."""
+    runs = [r for r in json.loads(SEEDS_FILE.read_text())["runs"] if r["seed"] == 1234]
+    if kernels == "default":
+        capability = demo_seeds.cpu_capability({})
+        return next(
+            (r for r in runs if r["capability"] == capability), next(r for r in runs if r["kernels"] == kernels)
+        )
+    return next(r for r in runs if r["kernels"] == kernels)
+
+
+def _assert_recorded(losses: dict[str, float], kernels: str) -> None:
+    """``losses`` at ``PINNED`` are those the seeds file recorded on ``kernels``, within ``LOSS_TOLERANCE``."""
+    recorded = _recorded_run(kernels)
+    for iteration in map(str, PINNED):
+        ours, theirs = losses[iteration], recorded["train_losses"][iteration]
+        assert abs(ours - theirs) <= LOSS_TOLERANCE * abs(theirs), (
+            f"iteration {iteration}: loss {ours!r}, {SEEDS_FILE.name} recorded {theirs!r} "
+            f"({recorded['kernels']} kernels, {recorded['capability']}): the demo computes something else now; "
+            + REGENERATE
+        )
+
+
 @pytest.mark.parametrize("kernels", ["default", "avx2"])
-def test_a_short_demo_learns_from_the_frames_and_ends_with_its_picture(tmp_path, demo_data, kernels):
-    run = tmp_path / "run"
-    config = _config(tmp_path / "demo.yaml", demo_data, run, train_iters=500, eval_interval=0, log_interval=50)
-    proc = _demo(config, demo_seeds.KERNEL_ENVS[kernels])
+def test_a_short_demo_learns_from_the_frames_and_ends_with_its_picture(short_demo, kernels):
+    proc, run = short_demo(kernels)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r["kind"] == "eval"][-1]
     chance = next(r for r in records if r["kind"] == "data")["chance"]
@@ -83,40 +123,26 @@ def test_a_short_demo_learns_from_the_frames_and_ends_with_its_picture(tmp_path,
     assert summary.startswith("done in ") and "averaged over question types" in summary and "metrics.png" in summary
     assert "500/500" in proc.stdout
     assert "common state dict differs" not in proc.stderr  # the CP ranks' saves agree (checkpointing.py)
+    # Its first iterations (the warm-up, whose learning rates do not depend on train_iters) are the
+    # full demo's that the seeds file recorded on the same kernels.
+    _assert_recorded(demo_seeds.train_losses(run / "metrics.jsonl", PINNED[-1]), kernels)
 
 
-def _first_losses(tmp_path: Path, data: Path, name: str, hog: bool) -> dict[str, float]:
-    """The logged losses of the demo's iterations ``PINNED`` (its own schedule: it stops there)."""
-    run = tmp_path / name
-    config = _config(tmp_path / f"{name}.yaml", data, run, exit_interval=PINNED[-1])
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if hog else None
+def test_the_demo_computes_the_same_whatever_the_load(tmp_path, short_demo, demo_data):
+    """The short demo's first iterations again, with a CPU hog beside them: the same losses, bit for bit."""
+    _, plain = short_demo("default")
+    run = tmp_path / "loaded"
+    config = _config(tmp_path / "loaded.yaml", demo_data, run, **SHORT, exit_interval=PINNED[-1])
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         _demo(config)
     finally:
-        if spinner is not None:
-            spinner.kill()
-            spinner.wait()
-    return demo_seeds.train_losses(run / "metrics.jsonl", PINNED[-1])
-
-
-def _recorded_run(capability: str) -> dict:
-    """The seeds file's seed-1234 run on this machine's kernel set, else on its default kernels."""
-    runs = [r for r in json.loads(SEEDS_FILE.read_text())["runs"] if r["seed"] == 1234]
-    return next((r for r in runs if r["capability"] == capability), next(r for r in runs if r["kernels"] == "default"))
-
-
-def test_the_demo_computes_what_its_results_file_recorded_whatever_the_load(tmp_path, demo_data):
-    plain = _first_losses(tmp_path, demo_data, "plain", hog=False)
-    loaded = _first_losses(tmp_path, demo_data, "loaded", hog=True)
-    assert loaded == plain, "the same seed gave other losses with a CPU hog beside it: something depends on timing"
-    recorded = _recorded_run(demo_seeds.cpu_capability({}))
-    for iteration in map(str, PINNED):
-        ours, theirs = plain[iteration], recorded["train_losses"][iteration]
-        assert abs(ours - theirs) <= LOSS_TOLERANCE * abs(theirs), (
-            f"iteration {iteration}: loss {ours!r}, {SEEDS_FILE.name} recorded {theirs!r} "
-            f"({recorded['kernels']} kernels, {recorded['capability']}): the demo computes something else now; "
-            + REGENERATE
-        )
+        spinner.kill()
+        spinner.wait()
+    loaded = demo_seeds.train_losses(run / "metrics.jsonl", PINNED[-1])
+    assert loaded == demo_seeds.train_losses(plain / "metrics.jsonl", PINNED[-1]), (
+        "the same seed gave other losses with a CPU hog beside it: something depends on timing"
+    )
 
 
 def test_the_recorded_kernel_sets_agree_within_the_tolerance():

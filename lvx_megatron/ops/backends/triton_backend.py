@@ -104,22 +104,35 @@ def _rows_view(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+@dataclass(frozen=True)
+class _MaskArguments:
+    """What a kernel launch takes for its mask: ``pointers`` ``QBITS, KV_IDS, FULL_CNT, RUN_CNT,
+    RUN_START, RUN_LEN, RUN_POS, PART_CNT, PART_IDX``, ``strides`` ``stride_bb, stride_bq, stride_ib,
+    stride_cb, stride_xb, stride_xt``, and the constants ``MASK_MODE``, ``NUM_WORDS``, ``HAS_PARTIAL``."""
+
+    pointers: list
+    strides: list
+    constants: dict
+
+
 def _mask_arguments(
     mask: MaskOrAll, q: Tensor, group: int, block_m: int, block_n: int, by_keys: bool
-) -> tuple[int, int, list, list]:
-    """``(MASK_MODE, NUM_WORDS, pointers, strides)`` of a call: pointers ``QBITS, KV_IDS, FULL_CNT,
-    RUN_CNT, RUN_START, RUN_LEN, RUN_POS, PART_CNT, PART_IDX``, strides ``stride_bb, stride_bq,
-    stride_ib, stride_cb, stride_xb, stride_xt``; the tile lists are those of this kernel's tiles."""
+) -> _MaskArguments:
+    """The mask arguments of a call; the tile lists are those of this kernel's tiles."""
     if mask is None:
-        return 0, 1, [q] * 9, [0] * 6
+        return _MaskArguments([q] * 9, [0] * 6, dict(MASK_MODE=0, NUM_WORDS=1, HAS_PARTIAL=False))
     ids = mask.key_ids()
     t = mask.tiles(group, block_m, block_n, by_keys)
     lists = [t.full_count, t.run_count, t.run_start, t.run_length, t.run_position, t.partial_count, t.partial_index]
     list_strides = [t.full_count.stride(0), t.partial_index.stride(0), t.partial_index.stride(1)]
+    partial = mask.has_partial_tiles(group, block_m, block_n, by_keys)
     if mask.q_image_mask is None:
-        return 3, 1, [q, ids, *lists], [0, 0, ids.stride(0), *list_strides]
+        constants = dict(MASK_MODE=3, NUM_WORDS=1, HAS_PARTIAL=partial)
+        return _MaskArguments([q, ids, *lists], [0, 0, ids.stride(0), *list_strides], constants)
     bits = mask.image_bits()
-    return 2, bits.shape[-1], [bits, ids, *lists], [bits.stride(0), bits.stride(1), ids.stride(0), *list_strides]
+    constants = dict(MASK_MODE=2, NUM_WORDS=bits.shape[-1], HAS_PARTIAL=partial)
+    strides = [bits.stride(0), bits.stride(1), ids.stride(0), *list_strides]
+    return _MaskArguments([bits, ids, *lists], strides, constants)
 
 
 def seeing_rows(mask: MaskOrAll) -> tuple[int, int] | None:
@@ -194,7 +207,7 @@ class TritonBackend(BlockAttentionBackend):
         tiles = self.forward_tiles or forward_config(rows, d, q.dtype)
         row_blocks = _cdiv(rows, tiles.block_m)
         splits, split_len = _split(row_blocks * b * hkv, skv, q.device, tiles.waves)
-        mode, words, mask_ptrs, mask_strides = _mask_arguments(mask, q, g, tiles.block_m, tiles.block_n, False)
+        masking = _mask_arguments(mask, q, g, tiles.block_m, tiles.block_n, False)
         direct = splits == 1
         if direct:
             o_out, lse_out = o, lse
@@ -205,11 +218,11 @@ class TritonBackend(BlockAttentionBackend):
             out_strides = [o_out.stride(0), o_out.stride(1), o_out.stride(2), lse_out.stride(0), lse_out.stride(1), 0]
         block_d = max(16, _pow2(d))
         _fwd_kernel[(row_blocks, splits, b * hkv)](
-            q, k, v, *mask_ptrs, o_out, lse_out, scale, sq, skv, split_len, splits,
+            q, k, v, *masking.pointers, o_out, lse_out, scale, sq, skv, split_len, splits,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *mask_strides, *out_strides,
+            v.stride(0), v.stride(1), v.stride(2), *masking.strides, *out_strides,
             HKV=hkv, G=g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-            MASK_MODE=mode, NUM_WORDS=words, DIRECT=direct, IEEE=q.dtype == torch.float32,
+            **masking.constants, DIRECT=direct, IEEE=q.dtype == torch.float32,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
         if not direct:
@@ -262,21 +275,21 @@ class TritonBackend(BlockAttentionBackend):
         ]  # fmt: skip
         constants = dict(HKV=hkv, G=g, HEAD_DIM=d, BLOCK_D=max(16, _pow2(d)), IEEE=q.dtype == torch.float32)
         tiles = self.dkdv_tiles or dkdv_config(d, q.dtype)
-        mode, words, mask_ptrs, mask_strides = _mask_arguments(mask, q, g, tiles.block_m, tiles.block_n, True)
+        masking = _mask_arguments(mask, q, g, tiles.block_m, tiles.block_n, True)
         _bwd_dkdv_kernel[(_cdiv(skv, tiles.block_n), b * hkv)](
-            q, k, v, dout, lse, delta, *mask_ptrs, dk, dv, scale, sq, skv,
-            *shared, *mask_strides, dk.stride(0), dk.stride(1), dk.stride(2),
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, MASK_MODE=mode, NUM_WORDS=words,
+            q, k, v, dout, lse, delta, *masking.pointers, dk, dv, scale, sq, skv,
+            *shared, *masking.strides, dk.stride(0), dk.stride(1), dk.stride(2),
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **masking.constants,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages, **constants,
         )  # fmt: skip
         tiles = self.dq_tiles or dq_config(d, q.dtype)
         row_blocks = _cdiv(rows, tiles.block_m)
         splits, split_len = _split(row_blocks * b * hkv, skv, q.device, tiles.waves)
-        mode, words, mask_ptrs, mask_strides = _mask_arguments(mask, q, g, tiles.block_m, tiles.block_n, False)
+        masking = _mask_arguments(mask, q, g, tiles.block_m, tiles.block_n, False)
         _bwd_dq_kernel[(row_blocks, splits, b * hkv)](
-            q, k, v, dout, lse, delta, *mask_ptrs, dq, scale, sq, skv, split_len, splits,
-            *shared, *mask_strides, dq.stride(0), dq.stride(1), dq.stride(2),
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, MASK_MODE=mode, NUM_WORDS=words,
+            q, k, v, dout, lse, delta, *masking.pointers, dq, scale, sq, skv, split_len, splits,
+            *shared, *masking.strides, dq.stride(0), dq.stride(1), dq.stride(2),
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **masking.constants,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages, **constants,
         )  # fmt: skip
         return dq, dk, dv

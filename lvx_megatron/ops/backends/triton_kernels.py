@@ -23,7 +23,9 @@ Masks (``MASK_MODE`` 0: none; 2: image bitsets per query token and an int32 imag
 :class:`~lvx_megatron.ops.masks.BlockMask` (:meth:`~lvx_megatron.ops.masks.BlockMask.tiles`):
 per row tile (forward, ``dQ``) or per key tile (``dK``/``dV``) the runs of consecutive *full*
 tiles, each walked by the plain unmasked inner loop, and the indices of the *partial* ones, which
-apply the per-row bits; empty tiles are in neither and never loaded. Split-KV programs take equal
+apply the per-row bits; empty tiles are in neither and never loaded. A call whose tile lists hold
+no partial tile compiles without the partial loop (``HAS_PARTIAL``): the partial path's registers
+and code do not weigh on the full tiles. Split-KV programs take equal
 shares of the full and of the partial tiles.
 In partial tiles, keys a row does not see are selected away (``where``, never ``0 *``), and the
 K/V rows entering a product are sanitised, so NaN or Inf in padding or hidden images cannot reach
@@ -266,6 +268,7 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,
     MASK_MODE: tl.constexpr,
     NUM_WORDS: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr,
     DIRECT: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -306,14 +309,15 @@ def _fwd_kernel(
                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                     stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, False, IEEE,
                 )  # fmt: skip
-        lo, hi = _share(tl.load(PART_CNT + b * stride_cb + pid_m), pid_s, num_splits)
-        for i in range(lo, hi):
-            cols = tl.load(PART_IDX + lists + i) * BLOCK_N + tl.arange(0, BLOCK_N)
-            acc, m_i, l_i, bad = _fwd_tile(
-                acc, m_i, l_i, bad, q, K, V, QBITS, KV_IDS, b, hk, qi, row_ok, cols, cols < SKV, offs_d, d_ok,
-                qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, True, IEEE,
-            )  # fmt: skip
+        if HAS_PARTIAL:
+            lo, hi = _share(tl.load(PART_CNT + b * stride_cb + pid_m), pid_s, num_splits)
+            for i in range(lo, hi):
+                cols = tl.load(PART_IDX + lists + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+                acc, m_i, l_i, bad = _fwd_tile(
+                    acc, m_i, l_i, bad, q, K, V, QBITS, KV_IDS, b, hk, qi, row_ok, cols, cols < SKV, offs_d, d_ok,
+                    qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                    stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, True, IEEE,
+                )  # fmt: skip
 
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -515,6 +519,7 @@ def _bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     MASK_MODE: tl.constexpr,
     NUM_WORDS: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     """``dK``, ``dV`` of one key block: walk the packed query rows, keep the sums in registers."""
@@ -551,14 +556,15 @@ def _bwd_dkdv_kernel(
                     stride_db, stride_ds, stride_dh, stride_bb, stride_bq, stride_ib,
                     G, BLOCK_M, MASK_MODE, NUM_WORDS, False, IEEE,
                 )  # fmt: skip
-        for i in range(0, tl.load(PART_CNT + b * stride_cb + pid_n)):
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, Q, DO, LSE, DELTA, QBITS, KV_IDS, b, hk, tl.load(PART_IDX + lists + i) * BLOCK_M, SQ,
-                cols, col_ok, offs_d, d_ok, qk_scale,
-                stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_lb, stride_ls, stride_lh,
-                stride_db, stride_ds, stride_dh, stride_bb, stride_bq, stride_ib,
-                G, BLOCK_M, MASK_MODE, NUM_WORDS, True, IEEE,
-            )  # fmt: skip
+        if HAS_PARTIAL:
+            for i in range(0, tl.load(PART_CNT + b * stride_cb + pid_n)):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, Q, DO, LSE, DELTA, QBITS, KV_IDS, b, hk, tl.load(PART_IDX + lists + i) * BLOCK_M,
+                    SQ, cols, col_ok, offs_d, d_ok, qk_scale,
+                    stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_lb, stride_ls,
+                    stride_lh, stride_db, stride_ds, stride_dh, stride_bb, stride_bq, stride_ib,
+                    G, BLOCK_M, MASK_MODE, NUM_WORDS, True, IEEE,
+                )  # fmt: skip
     out = b * stride_dkb + cols[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :]
     kv_mask = col_ok[:, None] & d_ok[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -674,6 +680,7 @@ def _bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     MASK_MODE: tl.constexpr,
     NUM_WORDS: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     """``dQ`` of one row block over one share of the keys (split-KV like the forward), summed in
@@ -714,13 +721,14 @@ def _bwd_dq_kernel(
                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                     stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, False, IEEE,
                 )  # fmt: skip
-        lo, hi = _share(tl.load(PART_CNT + b * stride_cb + pid_m), pid_s, num_splits)
-        for i in range(lo, hi):
-            cols = tl.load(PART_IDX + lists + i) * BLOCK_N + tl.arange(0, BLOCK_N)
-            dq = _dq_tile(
-                dq, q, do, lse, delta, K, V, QBITS, KV_IDS, b, hk, qi, row_ok, cols, cols < SKV, offs_d, d_ok,
-                qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, True, IEEE,
-            )  # fmt: skip
+        if HAS_PARTIAL:
+            lo, hi = _share(tl.load(PART_CNT + b * stride_cb + pid_m), pid_s, num_splits)
+            for i in range(lo, hi):
+                cols = tl.load(PART_IDX + lists + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+                dq = _dq_tile(
+                    dq, q, do, lse, delta, K, V, QBITS, KV_IDS, b, hk, qi, row_ok, cols, cols < SKV, offs_d, d_ok,
+                    qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                    stride_bb, stride_bq, stride_ib, MASK_MODE, NUM_WORDS, True, IEEE,
+                )  # fmt: skip
     dq_ptrs = DQ + b * stride_dqb + qi[:, None] * stride_dqs + head[:, None] * stride_dqh + offs_d[None, :]
     tl.atomic_add(dq_ptrs, dq * sm_scale, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
