@@ -15,7 +15,13 @@ import torch
 from lvx_megatron.launch import spawn_gloo
 from lvx_megatron.ops import TorchReferenceBackend, TritonBackend, get_backend
 from lvx_megatron.ops.backends import ShapeSelectingBackend, TorchFusedBackend
-from lvx_megatron.ops.backends.triton_backend import dkdv_config, dq_config, forward_config, seeing_rows
+from lvx_megatron.ops.backends.triton_backend import (
+    dkdv_config,
+    dq_config,
+    forward_config,
+    seeing_rows,
+    single_range_runs,
+)
 from lvx_megatron.ops.masks import TILE_EMPTY, TILE_FULL, TILE_PARTIAL, BlockMask, classify_tiles
 
 CUDA = torch.cuda.is_available()
@@ -34,7 +40,7 @@ class Shape:
     hkv: int
     skv: int
     d: int
-    mask: str  # none | ids | images | video | interleaved | blind | segments
+    mask: str  # none | ids | images | video | interleaved | blind | segments | ragged
 
 
 def _video_mask(shape: Shape, g: torch.Generator, interleaved: bool, padded: bool = True) -> BlockMask:
@@ -64,6 +70,20 @@ def _segments_mask(shape: Shape) -> BlockMask:
     return BlockMask(q_mask, ids.expand(shape.b, -1).clone(), shape.sq)
 
 
+def _ragged_mask(shape: Shape) -> BlockMask:
+    """The multi-image layout off tile boundaries, other in each sample: 3 images of uneven size,
+    text segment ``i`` sees the images up to ``i``; the tiles at segment ends are partial."""
+    ids, q_mask = [], []
+    for b in range(shape.b):
+        edges = torch.tensor([0, shape.skv // 3 + 7 * b + 5, 2 * shape.skv // 3 - 3, shape.skv])
+        ids.append(torch.bucketize(torch.arange(shape.skv), edges[1:], right=True))
+        segment = torch.bucketize(
+            torch.arange(shape.sq), torch.tensor([shape.sq // 3 + b, 2 * shape.sq // 3 + 1]), right=True
+        )
+        q_mask.append(torch.arange(3)[None, :] <= segment[:, None])
+    return BlockMask(torch.stack(q_mask), torch.stack(ids), shape.sq)
+
+
 def _problem(shape: Shape, seed: int, sorted_ids: bool = True):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(shape.b, shape.sq, shape.hq, shape.d, generator=g, dtype=torch.float64)
@@ -85,6 +105,8 @@ def _problem(shape: Shape, seed: int, sorted_ids: bool = True):
         mask = _video_mask(shape, g, shape.mask == "interleaved", padded=shape.mask != "blind")
     elif shape.mask == "segments":
         mask = _segments_mask(shape)
+    elif shape.mask == "ragged":
+        mask = _ragged_mask(shape)
     return q, k, v, dout, mask
 
 
@@ -152,6 +174,7 @@ INTERPRETER_SHAPES = [
     Shape(1, 150, 2, 2, 700, 16, "interleaved"),
     Shape(2, 30, 4, 2, 400, 16, "blind"),  # only a blind prefix: the unmasked kernels on the other rows
     Shape(1, 128, 4, 2, 512, 16, "segments"),  # tile lists without partial tiles (HAS_PARTIAL off)
+    Shape(2, 70, 4, 2, 400, 16, "ragged"),  # a forward by dense runs, a backward by tile lists
     Shape(1, 9, 4, 1, 65, 80, "none"),
 ]
 
@@ -184,10 +207,23 @@ def test_a_mask_on_tile_boundaries_has_no_partial_tiles_in_any_kernel():
     assert random_mask.has_partial_tiles(images.hq // images.hkv, 64, 32)
 
 
+def test_a_forward_with_partial_tiles_and_single_range_runs_goes_by_runs():
+    shape = next(s for s in INTERPRETER_SHAPES if s.mask == "ragged")
+    _, _, _, _, mask = _problem(shape, 0)
+    g = shape.hq // shape.hkv
+    tiles = forward_config(g * shape.sq, shape.d, torch.float32)
+    assert mask.has_partial_tiles(g, tiles.block_m, tiles.block_n)
+    runs = single_range_runs(mask)
+    assert runs is not None and runs[0] != runs[1]  # the samples' runs differ
+    assert [len(sample) for sample in runs] == [3, 3] and runs[0][0][2:] == (0, shape.skv // 3 + 5)
+    video = next(s for s in INTERPRETER_SHAPES if s.mask == "video")
+    assert single_range_runs(_problem(video, 0)[4]) is None  # padding between frames: several ranges
+
+
 def test_a_blind_prefix_alone_runs_the_unmasked_kernels_on_the_other_rows():
-    _, _, _, _, mask = _problem(INTERPRETER_SHAPES[-2], 0)
+    _, _, _, _, mask = _problem(next(s for s in INTERPRETER_SHAPES if s.mask == "blind"), 0)
     assert seeing_rows(mask) == (2, 30)
-    _, _, _, _, video = _problem(INTERPRETER_SHAPES[4], 0)
+    _, _, _, _, video = _problem(next(s for s in INTERPRETER_SHAPES if s.mask == "video"), 0)
     assert seeing_rows(video) is None  # padding between frames: the tile lists
 
 

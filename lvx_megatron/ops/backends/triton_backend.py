@@ -1,6 +1,8 @@
 """Block attention on our Triton kernels (:mod:`.triton_kernels`): split-KV forward, GQA packed rows,
 masked calls walking the tile lists of their :class:`~lvx_megatron.ops.masks.BlockMask` (or, when the
-mask only hides some rows from everything, the unmasked kernels on the other rows).
+mask only hides some rows from everything, the unmasked kernels on the other rows; or, for a forward
+whose tile lists hold partial tiles and whose text rows form a few runs that each see one key range,
+one unmasked launch per run).
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, set
 before Triton is first imported), which is how CI checks the kernels' logic without a GPU.
@@ -150,6 +152,21 @@ def seeing_rows(mask: MaskOrAll) -> tuple[int, int] | None:
     return first[0][0], first[0][1]
 
 
+MAX_RUN_LAUNCHES = 8  # the most unmasked launches a forward by dense runs takes
+
+
+def single_range_runs(mask: MaskOrAll) -> list[list[tuple[int, int, int, int]]] | None:
+    """Per sample, ``(first row, end row, first key, end key)`` of each dense run, when every run
+    sees one contiguous key range and all samples together have at most :data:`MAX_RUN_LAUNCHES`
+    runs (the multi-image layout: text segment ``i`` sees images up to ``i``), else None."""
+    if mask is None:
+        return None
+    runs = mask.dense_runs()
+    if sum(len(r) for r in runs) > MAX_RUN_LAUNCHES or any(len(keys) != 1 for r in runs for _, _, keys in r):
+        return None
+    return [[(r0, r1, keys[0][0], keys[0][1]) for r0, r1, keys in sample] for sample in runs]
+
+
 class TritonBackend(BlockAttentionBackend):
     """Our Triton kernels behind the block-attention interface (fp16, bf16, fp32; any head dim up to 256).
 
@@ -184,12 +201,41 @@ class TritonBackend(BlockAttentionBackend):
         self._check(q)
         rows = seeing_rows(mask)
         if rows is None:
+            runs = self._runs_instead_of_partial_tiles(q, k, mask)
+            if runs is not None:
+                return self._forward_runs(q, k, v, runs, scale)
             return self._forward(q, k, v, mask, scale)
         if rows == (0, q.shape[1]):
             return self._forward(q, k, v, None, scale)
         o = torch.zeros_like(q)
         lse = q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
         o[:, rows[0] : rows[1]], lse[:, rows[0] : rows[1]] = self._forward(q[:, rows[0] : rows[1]], k, v, None, scale)
+        return o, lse
+
+    def _runs_instead_of_partial_tiles(self, q: Tensor, k: Tensor, mask: MaskOrAll) -> list | None:
+        """The dense runs a masked forward takes instead of its tile lists: when those hold partial
+        tiles and the runs are few single key ranges. A partial tile costs several full ones (per-row
+        bits, sanitised V, an indirect walk), and a text segment that ends inside a row tile makes
+        every tile of the next image partial for that row tile: the multi-image layout's forward took
+        longer than the all-visible one (``tools/bench_block_attention.py``, mask ``segments``). The
+        backward keeps the tile lists: it reads the global LSE, so its tiles need not match."""
+        if mask is None:
+            return None
+        g, d = q.shape[2] // k.shape[2], q.shape[-1]
+        tiles = self.forward_tiles or forward_config(g * q.shape[1], d, q.dtype)
+        if not mask.has_partial_tiles(g, tiles.block_m, tiles.block_n):
+            return None
+        return single_range_runs(mask)
+
+    def _forward_runs(self, q: Tensor, k: Tensor, v: Tensor, runs: list, scale: float) -> tuple[Tensor, Tensor]:
+        """The forward as one unmasked launch per dense run (rows outside every run see nothing)."""
+        o = torch.zeros_like(q)
+        lse = q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+        for b, sample in enumerate(runs):
+            for r0, r1, k0, k1 in sample:
+                o[b : b + 1, r0:r1], lse[b : b + 1, r0:r1] = self._forward(
+                    q[b : b + 1, r0:r1], k[b : b + 1, k0:k1], v[b : b + 1, k0:k1], None, scale
+                )
         return o, lse
 
     def _forward(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskOrAll, scale: float) -> tuple[Tensor, Tensor]:
