@@ -9,7 +9,9 @@
 #       flash-attn-4 and its CuTe DSL, 110 MB) into .whl-peers/1 and .whl-peers/2, each under the
 #       64 MB a call carries: files over 56 MB are cut into pieces (NAME.whl.part-aa, -ab, ...),
 #       one in each folder. Carry .whl-peers/1 in one call and .whl-peers/2 in the next while the
-#       machine is warm; the second joins the pieces (cat NAME.whl.part-* > NAME.whl) and installs.
+#       machine is warm; the second joins the pieces (cat NAME.whl.part-* > NAME.whl) and installs
+#       them with pip --target DIR; run with PYTHONPATH=DIR:DIR/nvidia_cutlass_dsl/dsl_packages (what
+#       the CuTe DSL's .pth file adds, which a --target install does not read).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 lock="${LVX_LOCK:-requirements/lock.txt}"
