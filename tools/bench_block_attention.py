@@ -495,23 +495,31 @@ def main(argv: list[str] | None = None) -> int:
                     )
         else:
             rows += _run_shape(args, hq, hkv, sq, skv, dtype, wanted)
+            if args.output:  # the shapes done so far survive a run stopped later (meta.complete: false)
+                _write(args, argv, rows, summarize(rows), None)
         torch.cuda.empty_cache()
     matmul = _matmul_tflops(dtype)
     summary = [] if args.sweep else summarize(rows)
     if summary:
         _print_summary(summary, matmul)
     if args.output:
-        extra = {
-            "dtype": args.dtype,
-            "head_dim": args.head_dim,
-            "batch": 1,
-            "flops": "4*Hq*d per visible (query, key) pair forward, fwd+bwd 3.5x (sweep backward: 2.5x)",
-            "masks": f"see the docstring of tools/bench_block_attention.py ({', '.join(MASKS)})",
-            "peers": _peer_versions(),
-            "matmul_tflops": matmul,
-        }
-        write_results(args.output, "bench_block_attention.py", argv, extra, results=rows, summary=summary)
+        _write(args, argv, rows, summary, matmul)
     return 0
+
+
+def _write(args, argv: list[str] | None, rows: list[dict], summary: list[dict], matmul: float | None) -> None:
+    """The results file; ``matmul`` None: written before the run ended (``complete`` false)."""
+    extra = {
+        "dtype": args.dtype,
+        "head_dim": args.head_dim,
+        "batch": 1,
+        "flops": "4*Hq*d per visible (query, key) pair forward, fwd+bwd 3.5x (sweep backward: 2.5x)",
+        "masks": f"see the docstring of tools/bench_block_attention.py ({', '.join(MASKS)})",
+        "peers": _peer_versions(),
+        "matmul_tflops": matmul,
+        "complete": matmul is not None,
+    }
+    write_results(args.output, "bench_block_attention.py", argv, extra, results=rows, summary=summary)
 
 
 if __name__ == "__main__":
