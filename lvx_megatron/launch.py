@@ -9,8 +9,23 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# Ranks fork from one server process that imported these once (a spawned rank spends seconds
+# importing them again); the server runs no torch op, so no thread pool is forked with it.
+PRELOAD = ("torch", "torch.distributed", "megatron.core")
 
-def _worker(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], args: tuple, result_dir: str) -> None:
+
+def _worker(
+    rank: int,
+    world_size: int,
+    init_file: str,
+    fn: Callable[..., Any],
+    args: tuple,
+    result_dir: str,
+    environ: dict[str, str],
+) -> None:
+    # The server's environment is the one it started with: take the caller's of this call.
+    os.environ.clear()
+    os.environ.update(environ)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
@@ -30,5 +45,12 @@ def spawn_gloo(world_size: int, fn: Callable[..., Any], *args: Any) -> list[Any]
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     with tempfile.TemporaryDirectory(prefix="lvx_gloo_") as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(world_size, init_file, fn, args, tmp), nprocs=world_size, join=True)
+        mp.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
+        mp.start_processes(
+            _worker,
+            args=(world_size, init_file, fn, args, tmp, dict(os.environ)),
+            nprocs=world_size,
+            join=True,
+            start_method="forkserver",
+        )
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

@@ -3,7 +3,7 @@ import ctypes
 import os
 import sys
 import time
-from multiprocessing import resource_tracker
+from multiprocessing import forkserver, resource_tracker
 
 import psutil
 import pytest
@@ -31,9 +31,11 @@ def _new_processes(before: set[int]) -> list[psutil.Process]:
     # pytest's own resource tracker: started by the first torch.multiprocessing spawn, shared by every
     # later one, it ends with pytest.
     tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    # and the fork server that lvx_megatron.launch.spawn_gloo's ranks fork from, likewise shared
+    server = getattr(forkserver._forkserver, "_forkserver_pid", None)
     live = []
     for p in psutil.Process().children(recursive=True):
-        if p.pid in before or p.pid == tracker:
+        if p.pid in before or p.pid in (tracker, server):
             continue
         try:
             if p.status() != psutil.STATUS_ZOMBIE:

@@ -362,6 +362,33 @@ def render_mask_table(p: Params) -> str:
     return "\n".join(lines)
 
 
+@renderer("peer_table")
+def render_peer_table(p: Params) -> str:
+    """Per shape and mask of ``file`` (tools/bench_block_attention.py): the share of visible work,
+    ``auto``'s forward+backward TFLOP/s, the fastest peer the benchmark found on that mask (its
+    summary's ``best_peer``) and its rate, ``auto`` over that peer, and ``auto``'s time over its
+    all-visible time."""
+    headers = ["Hq/Hkv", "Sq", "Skv", "mask", "visible", "auto", "best peer", "peer", "auto / peer", "time / all"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    data = p.file()
+    if not data.get("summary"):
+        raise RenderError("the file has no summary (a --sweep run, or one that stopped before its first shape)")
+    shapes = block_shapes(data)
+    for entry in data["summary"]:
+        rows = next(r for shape, r in shapes.items() if (shape[0], shape[1], shape[3], shape[4]) == (
+            entry["hq"], entry["hkv"], entry["sq"], entry["skv"]))  # fmt: skip
+        auto_ms = {r["mask"]: r["fwd_bwd_ms"] for r in rows if r["variant"] == "auto"}
+        for mask, m in entry["masks"].items():
+            visible = next(r["visible"] for r in rows if r.get("mask") == mask)
+            ratio = "-" if m.get("over_best_peer") is None else f"{m['over_best_peer']:.2f}"
+            peer = "-" if m.get("best_peer") is None else f"{m['best_peer_tflops']:.0f}"
+            over_all = f"{auto_ms[mask] / auto_ms['all']:.2f}" if "all" in auto_ms and mask != "none" else "-"
+            cells = [f"{entry['hq']}/{entry['hkv']}", str(entry["sq"]), _kilo(entry["skv"]), mask, f"{visible:.0%}"]
+            cells += [f"{m['auto_tflops']:.0f}", m.get("best_peer") or "-", peer, ratio, over_all]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 @renderer("block_grid")
 def render_block_grid(p: Params) -> str:
     """The measured grid of ``file``: ``Sq 64-4096, Skv 16K-256K``."""

@@ -104,6 +104,28 @@ def test_block_table_reads_rows_by_variant_mask_and_shape(tmp_path, monkeypatch)
         rr.render_block_span(rr.Params(["file=bench.json", "of=triton", "stat=one"]))
 
 
+def test_peer_table_shows_the_benchmarks_best_peer_per_mask(tmp_path, monkeypatch):
+    from tools import bench_block_attention as bench
+
+    shape = dict(hq=32, hkv=8, head_dim=128, sq=256, skv=65536)
+    timings = (("auto", "none", 1.0), ("sdpa/cudnn", "none", 1.25), ("auto", "all", 1.0), ("flex/fa4", "all", 2.0),
+               ("auto", "segments", 0.8), ("flex", "segments", 2.4))  # fmt: skip
+    visible = {"none": 1.0, "all": 1.0, "segments": 2 / 3}
+    rows = [
+        {**shape, "variant": v, "mask": m, "visible": visible[m], "fwd_bwd_ms": ms, "fwd_ms": ms / 3,
+         "fwd_bwd_tflops": 100 * visible[m] / ms, "fwd_tflops": 300 * visible[m] / ms}
+        for v, m, ms in timings
+    ]  # fmt: skip
+    _results(tmp_path, monkeypatch, "bench.json", {"results": rows, "summary": bench.summarize(rows)})
+    table = rr.render_peer_table(rr.Params(["file=bench.json"])).splitlines()
+    assert table[0] == "| Hq/Hkv | Sq | Skv | mask | visible | auto | best peer | peer | auto / peer | time / all |"
+    assert table[2:] == [
+        "| 32/8 | 256 | 64K | none | 100% | 100 | sdpa/cudnn | 80 | 1.25 | - |",
+        "| 32/8 | 256 | 64K | all | 100% | 100 | flex/fa4 | 50 | 2.00 | 1.00 |",
+        "| 32/8 | 256 | 64K | segments | 67% | 83 | flex | 28 | 3.00 | 0.80 |",
+    ]
+
+
 def test_tile_sweep_compares_the_tiles_the_code_picks_with_each_masks_best(tmp_path, monkeypatch):
     """The defaults come from the code (forward_config & co.), the rates from the sweep's rows."""
     import torch
