@@ -3,6 +3,7 @@
 import os
 import tempfile
 from collections.abc import Callable
+from multiprocessing import reduction
 from typing import Any
 
 import torch
@@ -14,6 +15,21 @@ import torch.multiprocessing as mp
 PRELOAD = ("torch", "torch.distributed", "megatron.core")
 
 
+class _CallerFd:
+    """One of the caller's file descriptors, duplicated into a rank as it starts: forked from the
+    server, a rank would otherwise write to the server's stdout/stderr, not the caller's now."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self):
+        return _adopt, (reduction.DupFd(self.fd),)
+
+
+def _adopt(duplicate) -> int:
+    return duplicate.detach()
+
+
 def _worker(
     rank: int,
     world_size: int,
@@ -22,10 +38,14 @@ def _worker(
     args: tuple,
     result_dir: str,
     environ: dict[str, str],
+    outputs: tuple[int, int],
 ) -> None:
-    # The server's environment is the one it started with: take the caller's of this call.
+    # The server's environment and output are those it started with: take the caller's of this call.
     os.environ.clear()
     os.environ.update(environ)
+    for fd, target in zip(outputs, (1, 2), strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
@@ -48,7 +68,7 @@ def spawn_gloo(world_size: int, fn: Callable[..., Any], *args: Any) -> list[Any]
         mp.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
         mp.start_processes(
             _worker,
-            args=(world_size, init_file, fn, args, tmp, dict(os.environ)),
+            args=(world_size, init_file, fn, args, tmp, dict(os.environ), (_CallerFd(1), _CallerFd(2))),
             nprocs=world_size,
             join=True,
             start_method="forkserver",
