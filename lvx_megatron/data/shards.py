@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 import re
 import sys
@@ -149,6 +150,7 @@ def write_shards(
 _Members = list[tuple[str, dict[str, tuple[int, int]]]]
 _FILE_TYPES = (b"0", b"\0", b"7")  # regular files (tarfile's isfile())
 _OTHER_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, folders, FIFOs: no sample data
+_PAX_KEYS = {"path", "size", "mtime", "atime", "ctime", "uid", "gid", "uname", "gname"}  # what the fast scan reads past
 _scanned: dict[tuple[str, int, int], _Members] = {}  # (path, size, mtime_ns) -> members: one scan a process
 
 
@@ -205,8 +207,7 @@ def _scan_headers(view: memoryview) -> _Members | None:
         at = offset + (size + block - 1) // block * block
         if kind == b"x":
             records = _pax_records(bytes(view[offset : offset + size]))
-            if records is None or set(records) - {"path", "size", "mtime", "atime", "ctime", "uid", "gid",
-                                                   "uname", "gname"}:  # fmt: skip
+            if records is None or set(records) - _PAX_KEYS:
                 return None
             pending = records
             continue
@@ -233,14 +234,19 @@ def _scan_tar(path: str) -> _Members:
     cache_key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
     if cache_key in _scanned:
         return _scanned[cache_key]
-    with open(path, "rb") as f:
-        data = f.read()
-    fast = _scan_headers(memoryview(data))
-    if fast is not None:
-        _scanned[cache_key] = fast
-        return fast
+    if stat.st_size:
+        # Mapped, not read: only the pages of the headers are touched, not the frames between them.
+        with (
+            open(path, "rb") as f,
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+            memoryview(mapped) as view,
+        ):
+            fast = _scan_headers(view)
+        if fast is not None:
+            _scanned[cache_key] = fast
+            return fast
     samples: _Members = []
-    size, end = len(data), 0
+    size, end = stat.st_size, 0
     try:
         with tarfile.open(path, "r:") as tar:
             for m in tar:
@@ -252,7 +258,9 @@ def _scan_tar(path: str) -> _Members:
                     _add_member(samples, m.name, m.offset_data, m.size)
     except tarfile.TarError as exc:
         raise ShardError(f"{path}: not a readable tar file ({exc}); truncated or damaged?") from None
-    block = data[end : end + tarfile.BLOCKSIZE]
+    with open(path, "rb") as f:
+        f.seek(end)
+        block = f.read(tarfile.BLOCKSIZE)
     if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
         raise ShardError(
             f"{path}: truncated or damaged after {len(samples)} samples (byte {end} of {size} is not the "
