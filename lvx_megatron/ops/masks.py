@@ -219,19 +219,23 @@ class BlockMask:
         ``by_keys``, per key tile (for kernels that walk the row tiles of one key tile)."""
 
         def make() -> TileLists:
-            kind = self._once(
-                ("kind", group, block_m, block_n),
-                lambda: classify_tiles(self.q_image_mask, self.kv_image_ids, self.num_queries, group, block_m, block_n),
-            )
+            kind = self._kinds(group, block_m, block_n)
             return _tile_lists(kind.transpose(1, 2) if by_keys else kind)
 
         return self._once(("tiles", group, block_m, block_n, by_keys), make)
 
-    def has_partial_tiles(self, group: int, block_m: int, block_n: int, by_keys: bool = False) -> bool:
-        """Whether any tile of :meth:`tiles` is partial (one host synchronisation, once per tiling)."""
+    def _kinds(self, group: int, block_m: int, block_n: int) -> Tensor:
+        """:func:`classify_tiles` of this block for one tiling, made once."""
         return self._once(
-            ("has_partial", group, block_m, block_n, by_keys),
-            lambda: bool(self.tiles(group, block_m, block_n, by_keys).partial_count.any()),
+            ("kind", group, block_m, block_n),
+            lambda: classify_tiles(self.q_image_mask, self.kv_image_ids, self.num_queries, group, block_m, block_n),
+        )
+
+    def has_partial_tiles(self, group: int, block_m: int, block_n: int) -> bool:
+        """Whether any tile of this tiling is partial (one host synchronisation, once per tiling)."""
+        return self._once(
+            ("has_partial", group, block_m, block_n),
+            lambda: bool((self._kinds(group, block_m, block_n) == TILE_PARTIAL).any()),
         )
 
     def dense_runs(self) -> list[list[DenseRun]]:

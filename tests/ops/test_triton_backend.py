@@ -201,7 +201,7 @@ def test_a_mask_on_tile_boundaries_has_no_partial_tiles_in_any_kernel():
     for dtype in (torch.float32, torch.float16):
         assert _tile_kinds(mask, shape, dtype) == {TILE_EMPTY, TILE_FULL}
     g = shape.hq // shape.hkv
-    assert not mask.has_partial_tiles(g, 64, 32) and not mask.has_partial_tiles(g, 32, 32, by_keys=True)
+    assert not mask.has_partial_tiles(g, 64, 32) and not mask.has_partial_tiles(g, 32, 32)
     images = next(s for s in INTERPRETER_SHAPES if s.mask == "images")
     _, _, _, _, random_mask = _problem(images, 1)
     assert random_mask.has_partial_tiles(images.hq // images.hkv, 64, 32)

@@ -127,7 +127,7 @@ def _mask_arguments(
     t = mask.tiles(group, block_m, block_n, by_keys)
     lists = [t.full_count, t.run_count, t.run_start, t.run_length, t.run_position, t.partial_count, t.partial_index]
     list_strides = [t.full_count.stride(0), t.partial_index.stride(0), t.partial_index.stride(1)]
-    partial = mask.has_partial_tiles(group, block_m, block_n, by_keys)
+    partial = mask.has_partial_tiles(group, block_m, block_n)
     if mask.q_image_mask is None:
         constants = dict(MASK_MODE=3, NUM_WORDS=1, HAS_PARTIAL=partial)
         return _MaskArguments([q, ids, *lists], [0, 0, ids.stride(0), *list_strides], constants)
@@ -221,11 +221,14 @@ class TritonBackend(BlockAttentionBackend):
         backward keeps the tile lists: it reads the global LSE, so its tiles need not match."""
         if mask is None:
             return None
-        g, d = q.shape[2] // k.shape[2], q.shape[-1]
-        tiles = self.forward_tiles or forward_config(g * q.shape[1], d, q.dtype)
-        if not mask.has_partial_tiles(g, tiles.block_m, tiles.block_n):
+        tiles = self._forward_tiles(q, k)
+        if not mask.has_partial_tiles(q.shape[2] // k.shape[2], tiles.block_m, tiles.block_n):
             return None
         return single_range_runs(mask)
+
+    def _forward_tiles(self, q: Tensor, k: Tensor) -> KernelConfig:
+        """The forward kernel's tiles for these shapes (the override, else the shape's default)."""
+        return self.forward_tiles or forward_config(q.shape[2] // k.shape[2] * q.shape[1], q.shape[-1], q.dtype)
 
     def _forward_runs(self, q: Tensor, k: Tensor, v: Tensor, runs: list, scale: float) -> tuple[Tensor, Tensor]:
         """The forward as one unmasked launch per dense run (rows outside every run see nothing)."""
@@ -250,7 +253,7 @@ class TritonBackend(BlockAttentionBackend):
         lse = torch.empty((b, sq, hq), dtype=torch.float32, device=q.device)
         q, k, v = _rows_view(q), _rows_view(k), _rows_view(v)
         g, rows = hq // hkv, hq // hkv * sq
-        tiles = self.forward_tiles or forward_config(rows, d, q.dtype)
+        tiles = self._forward_tiles(q, k)
         row_blocks = _cdiv(rows, tiles.block_m)
         splits, split_len = _split(row_blocks * b * hkv, skv, q.device, tiles.waves)
         masking = _mask_arguments(mask, q, g, tiles.block_m, tiles.block_n, False)
