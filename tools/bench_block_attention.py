@@ -59,6 +59,7 @@ from lvx_megatron.ops.problem import output_delta
 from lvx_megatron.results import write_results
 
 MASKS = ("none", "all", "video", "interleaved", "tiles", "segments", "sparse")
+PARTIAL_MASKS = ("interleaved", "segments", "sparse")  # the summary's time over the all-visible time
 IMAGES, SLOTS = 8, 4
 REAL_TILES = (1, 2, 3, 1, 2, 3, 1, 2)  # the "tiles" mask: real tiles of each 4-slot image
 
@@ -248,10 +249,10 @@ def _expanded_sdpa_fns(q, k, v, scale, dout):
 
 def _fa4_fns(q, k, v, scale, dout):
     """flash-attn-4 (CuTe DSL) when it imports, else None."""
-    try:
-        from flash_attn.cute import flash_attn_func
-    except ImportError:
+    if not _fa4_available():
         return None
+    from flash_attn.cute import flash_attn_func
+
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
 
     def fwd():
@@ -369,7 +370,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                 best_peer_tflops=peer_rate,
                 over_best_peer=auto / peer_rate if peer_rate else None,
             )
-        for mask in ("interleaved", "segments", "sparse"):
+        for mask in PARTIAL_MASKS:
             if ("auto", mask) in by and ("auto", "all") in by and "error" not in by["auto", mask]:
                 entry[f"{mask}_over_all_time"] = by["auto", mask]["fwd_bwd_ms"] / by["auto", "all"]["fwd_bwd_ms"]
         out.append(entry)
@@ -390,7 +391,7 @@ def _print_summary(summary: list[dict], matmul: float) -> None:
                 f"{fmt(m['fused_tflops'], '7.0f')}{fmt(m['over_unmasked'], '10.2f')}{fmt(m['op_over_auto'], '8.2f')}"
                 f"  {peer:<20}{fmt(m['over_best_peer'], '9.2f')}"
             )
-        for mask in ("interleaved", "segments", "sparse"):
+        for mask in PARTIAL_MASKS:
             if f"{mask}_over_all_time" in e:
                 print(f"{head}  {mask} time / all time: {e[f'{mask}_over_all_time']:.2f}")
 
