@@ -163,7 +163,10 @@ def prepare_datasets(cfg: RunConfig) -> dict[str, ShardedVideoDataset | VideoJso
                 raise ConfigError(f"config error: data.path: {ds.jsonl} holds no samples (no non-blank lines)")
         return datasets
     if d.kind == "synthetic_video_qa":
-        check_synthetic_folder(cfg)  # on every rank: a refusal ends all of them, not rank 0 alone
+        # Every rank checks, and all have checked before rank 0 writes: a refusal ends all of them, not
+        # rank 0 alone, and no rank sees the folder half-claimed.
+        check_synthetic_folder(cfg)
+        dist.barrier()
         if dist.get_rank() == 0:
             ensure_synthetic(cfg)
         dist.barrier()
