@@ -246,7 +246,8 @@ def counted_bytes(case: Case, rank: int, world_size: int, group=None):
 
 def measured_and_predicted_bytes(rank: int, world_size: int, seed: int) -> list[tuple[Case, tuple, tuple]]:
     """Worker: per strategy and mask kind, counted (plan, fwd, bwd) bytes and the cost model's prediction."""
-    from lvx_megatron.ops.cost_model import predicted_bytes, predicted_plan_bytes
+    from lvx_megatron.ops.auto import predicted_bytes
+    from lvx_megatron.ops.cost_model import predicted_plan_bytes
 
     cases = [
         Case(strategy, 8, 2, masks, dtype, seed=seed + i, num_ids=3)

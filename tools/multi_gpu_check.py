@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from lvx_megatron.ops import STRATEGIES, count_communication, dense_cross_attention, distributed_cross_attention
-from lvx_megatron.ops.auto import choose_for_call
+from lvx_megatron.ops.auto import choose_for_call, predicted_bytes
 from lvx_megatron.ops.backends import get_backend
-from lvx_megatron.ops.cost_model import CallShape, predicted_bytes, uniform_lengths
+from lvx_megatron.ops.cost_model import CallShape, uniform_lengths
 from lvx_megatron.results import write_results
 
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float32: 1e-5}

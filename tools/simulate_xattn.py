@@ -22,16 +22,11 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|absl).*")
 
-from lvx_megatron.ops.cost_model import (  # noqa: E402
-    CallShape,
-    ComputeModel,
-    Link,
-    Topology,
-    choose_strategy,
-    uniform_lengths,
-)
+from lvx_megatron.ops.auto import choose_strategy  # noqa: E402
+from lvx_megatron.ops.cost_model import CallShape, ComputeModel, Link, Topology, uniform_lengths  # noqa: E402
 from lvx_megatron.ops.hierarchical import predicted_level_bytes  # noqa: E402
 from lvx_megatron.ops.rate_table import MASKS, compute_model, load_rate_table  # noqa: E402
+from lvx_megatron.ops.registry import REGISTRY  # noqa: E402
 from lvx_megatron.results import write_results  # noqa: E402
 from lvx_megatron.training.config import load_config  # noqa: E402
 from lvx_megatron.training.flops import flops_per_sample, visual_tokens_per_image  # noqa: E402
@@ -60,16 +55,6 @@ def call_shape(cfg, text: int, visual: int, gpus: int) -> CallShape:
     )
 
 
-def peak_kv_bytes(strategy: str, s: CallShape) -> int:
-    """Visual K/V bytes one GPU holds at once for one layer (recompute: one layer at a time)."""
-    own = 2 * max(s.kv_lens) * s.kv_heads * s.head_dim * s.elem_bytes
-    if strategy == "kv_ring":
-        return 3 * own  # its own block plus the two blocks in flight (double buffer)
-    if strategy == "kv_allgather":
-        return 2 * sum(s.kv_lens) * s.kv_heads * s.head_dim * s.elem_bytes
-    return own
-
-
 def simulate(args) -> tuple[list[tuple], dict]:
     cfg = load_config(args.config)
     gpus = args.nodes * args.gpus_per_node
@@ -88,7 +73,9 @@ def simulate(args) -> tuple[list[tuple], dict]:
     rows = []
     for name, p in predictions.items():
         xattn = layers * p.total_s
-        rows.append((name, xattn, p.forward_bytes + p.backward_bytes, peak_kv_bytes(name, shape), xattn + rest))
+        rows.append(
+            (name, xattn, p.forward_bytes + p.backward_bytes, REGISTRY[name].peak_kv_bytes(shape), xattn + rest)
+        )
     meta = dict(gpus=gpus, text=text, visual=visual, frames=frames, layers=layers, best=best)
     if "hierarchical" in predictions:  # rank 0 holds the longest shards
         meta["levels"] = {k: sum(v) for k, v in predicted_level_bytes(shape, 0, args.gpus_per_node).items()}

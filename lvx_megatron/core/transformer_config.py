@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 from pydantic import PositiveFloat, PositiveInt
 
-from ..ops import BACKENDS, LinkSettings, SharedComm
+from ..ops import AUTO, LinkSettings, SettingFields, SharedComm, check_cross_attention_settings
 from ..ops.policy import LINK_SOURCES
-from ..ops.registry import AUTO, check_strategy_name
 
 # The settings of a run config's section ``model.cross_attention`` (lvx_megatron.training.config),
 # by their name there, and the field of this config each one is. The section's fields are made
@@ -29,6 +28,15 @@ SECTION_FIELDS: Mapping[str, str] = MappingProxyType(
         "inner_link_latency_us": "cross_attention_inner_link_latency_us",
         "link": "cross_attention_link",
     }
+)
+
+
+# How this config names the settings the ops check (lvx_megatron.ops.settings).
+CORE_FIELDS = SettingFields(
+    strategy="cross_attention_strategy",
+    backend="cross_attention_backend",
+    ranks_per_node="cross_attention_ranks_per_node",
+    layers="cross_attention_layers",
 )
 
 
@@ -94,21 +102,13 @@ class CrossAttentionTransformerConfig(TransformerConfig):
                 f"cross_attention_layers must be distinct indices in [0, num_layers={self.num_layers}), got {layers}"
             )
         self.cross_attention_layers = sorted(layers)
-        strategies = self.cross_attention_strategy
-        if isinstance(strategies, list):
-            if len(strategies) != len(layers):
-                raise ValueError(
-                    f"cross_attention_strategy lists {len(strategies)} strategies for "
-                    f"{len(layers)} cross_attention_layers; give one per layer or a single name"
-                )
-        else:
-            strategies = [strategies]
-        for name in strategies:
-            check_strategy_name(
-                name, "cross_attention_strategy", self.cross_attention_ranks_per_node, "cross_attention_ranks_per_node"
-            )
-        if self.cross_attention_backend not in BACKENDS:
-            raise ValueError(f"cross_attention_backend must be one of {BACKENDS}, got {self.cross_attention_backend!r}")
+        check_cross_attention_settings(
+            self.cross_attention_strategy,
+            self.cross_attention_backend,
+            self.cross_attention_ranks_per_node,
+            layers,
+            CORE_FIELDS,
+        )
         self._check_links()
 
     def _check_links(self) -> None:

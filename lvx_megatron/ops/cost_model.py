@@ -1,4 +1,4 @@
-"""Predicted bytes and time of each strategy for one cross-attention call, and the choice of one.
+"""The terms the strategies' predictions of bytes and time for one cross-attention call are made of.
 
 Bytes follow the counting conventions of :mod:`.comm_stats` exactly (ring exchanges count what
 they send; collectives what a ring algorithm sends per rank), so predictions can be checked
@@ -10,17 +10,14 @@ the other chunks' compute, ``kv_allgather`` does not overlap. Given a :class:`To
 node, a link inside and one between nodes) the two-level strategies are predicted too.
 
 Each strategy's own terms live in its file and are read through :mod:`.registry`; this module
-holds the shapes, links, compute model and the terms they share.
+holds the shapes, links, compute model and the terms they share, below every strategy. The
+choice between strategies is :mod:`.auto`'s.
 """
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from .head_chunks import head_chunk_bounds, head_chunk_count
-
-if TYPE_CHECKING:
-    from .strategy import Strategy
 
 BACKWARD_FLOPS_FACTOR = 2.5  # backward attention FLOPs / forward FLOPs
 
@@ -191,6 +188,11 @@ def kv_bytes(s: CallShape, rows: int, width: int) -> int:
     return s.batch * rows * s.kv_heads * s.head_dim * width
 
 
+def local_kv_bytes(s: CallShape) -> int:
+    """Bytes of the largest rank's own K and V shards (one layer's, held while its attention runs)."""
+    return 2 * kv_bytes(s, max(s.kv_lens), s.elem_bytes)
+
+
 def ring_bytes(payload: list[int], carry: list[int], rank: int) -> int:
     """A ring pass: every block but the next rank's payload, and every block's carry."""
     n = len(payload)
@@ -232,63 +234,6 @@ def predicted_plan_bytes(q_lens: tuple[int, ...], kv_lens: tuple[int, ...], batc
 def busiest_rank(s: CallShape) -> int:
     """The rank with the largest shards (the first of equals): the one whose time a call waits for."""
     return max(range(s.world_size), key=lambda r: (s.q_lens[r] + s.kv_lens[r], -r))
-
-
-def _registered(strategy: str) -> "Strategy":
-    """The registered :class:`~.strategy.Strategy` named ``strategy``, or a ValueError listing the names."""
-    # Imported here: the registry imports every strategy, and their cost terms build on this module.
-    from .registry import REGISTRY
-
-    if strategy not in REGISTRY:
-        raise ValueError(f"strategy must be one of {list(REGISTRY)}, got {strategy!r}")
-    return REGISTRY[strategy]
-
-
-def predicted_bytes(strategy: str, s: CallShape, rank: int, ranks_per_node: int | None = None) -> tuple[int, int]:
-    """``(forward, backward)`` bytes sent by ``rank`` (exactly what ``count_communication`` counts).
-
-    ``ranks_per_node`` is needed by the two-level strategies only.
-    """
-    spec = _registered(strategy)
-    if not spec.two_level and s.world_size == 1:
-        return 0, 0
-    return spec.predicted_bytes(s, rank, ranks_per_node)
-
-
-def predict(strategy: str, s: CallShape, link: Link | Topology, compute: ComputeModel) -> Prediction:
-    """Bytes and time of ``strategy`` on the busiest rank (largest shards).
-
-    ``link``: one link for every hop, or a :class:`Topology` (strategies over all ranks then run
-    at its :meth:`~Topology.flat_link`; the two-level strategies need one).
-    """
-    spec = _registered(strategy)
-    rank = busiest_rank(s)
-    if spec.two_level:
-        if not isinstance(link, Topology):
-            raise ValueError(f"strategy {strategy!r} needs link=Topology(ranks_per_node, inner, outer)")
-        nbytes = predicted_bytes(strategy, s, rank, link.ranks_per_node)
-    else:
-        if isinstance(link, Topology):
-            link = link.flat_link(s.world_size)
-        nbytes = predicted_bytes(strategy, s, rank)
-    fwd_s, bwd_s = spec.predicted_seconds(s, link, compute, rank, nbytes)
-    return Prediction(strategy, nbytes[0], nbytes[1], fwd_s, bwd_s)
-
-
-def choose_strategy(s: CallShape, link: Link | Topology, compute: ComputeModel) -> tuple[str, dict[str, Prediction]]:
-    """The strategy with the smallest predicted forward + backward time, and every prediction.
-
-    With a :class:`Topology` whose ``ranks_per_node`` divides the world size, the two-level
-    strategies are candidates too.
-    """
-    from .registry import REGISTRY  # see _registered
-
-    two_level = isinstance(link, Topology) and s.world_size % link.ranks_per_node == 0
-    names = [name for name, spec in REGISTRY.items() if two_level or not spec.two_level]
-    predictions = {name: predict(name, s, link, compute) for name in names}
-    # Ties (e.g. one rank) go to the first registered (the query ring).
-    best = min(names, key=lambda name: (predictions[name].total_s, names.index(name)))
-    return best, predictions
 
 
 def uniform_lengths(total: int, n: int) -> tuple[int, ...]:

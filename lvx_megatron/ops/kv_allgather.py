@@ -57,6 +57,16 @@ def kv_allgather_seconds(
     return fwd_s, bwd_s
 
 
+def kv_allgather_peak_kv_bytes(s: CallShape) -> int:
+    """Every rank's K and V, gathered."""
+    return 2 * kv_bytes(s, sum(s.kv_lens), s.elem_bytes)
+
+
 STRATEGY = Strategy(
-    "kv_allgather", kv_allgather_forward, kv_allgather_backward, kv_allgather_bytes, kv_allgather_seconds
+    "kv_allgather",
+    kv_allgather_forward,
+    kv_allgather_backward,
+    kv_allgather_bytes,
+    kv_allgather_seconds,
+    peak_kv_bytes=kv_allgather_peak_kv_bytes,
 )

@@ -8,7 +8,7 @@ travel: every rank's plan (:class:`~.mask_plan.MaskPlan`) holds every block's id
 
 from torch import Tensor
 
-from .cost_model import CallShape, ComputeModel, Link, kv_bytes, ring_bytes, ring_seconds
+from .cost_model import CallShape, ComputeModel, Link, kv_bytes, local_kv_bytes, ring_bytes, ring_seconds
 from .merge import merge_partials
 from .problem import CrossAttentionProblem, accumulate, output_delta
 from .ring import Ring
@@ -69,4 +69,11 @@ def kv_ring_seconds(
     return ring_seconds(s, link, compute, nbytes)
 
 
-STRATEGY = Strategy("kv_ring", kv_ring_forward, kv_ring_backward, kv_ring_bytes, kv_ring_seconds)
+def kv_ring_peak_kv_bytes(s: CallShape) -> int:
+    """Its own K/V blocks and the two in flight (the double buffer)."""
+    return 3 * local_kv_bytes(s)
+
+
+STRATEGY = Strategy(
+    "kv_ring", kv_ring_forward, kv_ring_backward, kv_ring_bytes, kv_ring_seconds, peak_kv_bytes=kv_ring_peak_kv_bytes
+)

@@ -20,7 +20,8 @@ from .cost_model import Link, Topology
 from .groups import HierarchicalGroups, hierarchical_groups
 from .link_probe import probe_link
 from .mask_plan import MaskPlan
-from .registry import AUTO, REGISTRY, check_strategy_name
+from .registry import AUTO, REGISTRY
+from .settings import check_strategy_name
 
 LINK_SOURCES = ("config", "probe")
 

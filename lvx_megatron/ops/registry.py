@@ -26,15 +26,3 @@ REGISTRY: Mapping[str, Strategy] = MappingProxyType({s.name: s for s in _REGISTE
 # Strategies over any one process group, and those over the two levels of a HierarchicalGroups.
 STRATEGIES: Mapping[str, Strategy] = MappingProxyType({n: s for n, s in REGISTRY.items() if not s.two_level})
 TWO_LEVEL_STRATEGIES: Mapping[str, Strategy] = MappingProxyType({n: s for n, s in REGISTRY.items() if s.two_level})
-
-
-def check_strategy_name(name: object, field: str, ranks_per_node: int | None, ranks_field: str) -> None:
-    """Raise ValueError naming ``field`` unless ``name`` is ``"auto"`` or a registered strategy whose
-    group the settings can make (a two-level one needs ``ranks_field``, the CP ranks of one node)."""
-    if name != AUTO and name not in REGISTRY:
-        raise ValueError(
-            f"{field} must be {AUTO!r} or one of {sorted(STRATEGIES)} (or {sorted(TWO_LEVEL_STRATEGIES)}, "
-            f"with {ranks_field}), got {name!r}"
-        )
-    if name in TWO_LEVEL_STRATEGIES and ranks_per_node is None:
-        raise ValueError(f"{field} {name!r} needs {ranks_field} (the CP ranks of one node)")

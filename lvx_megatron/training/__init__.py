@@ -3,7 +3,7 @@
 import sys
 
 from ..torchrun import report_error
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, config_yaml, load_config
 from .data import DataError
 
 
@@ -13,10 +13,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     Exit status 2 on a config (or unusable checkpoint) or data error, 1 when a checkpoint cannot be
     written or the weights diverged; each is one line on stderr (see ``lvx_megatron.torchrun.report_error``).
     """
-    from .arguments import parse_run_config
+    from .arguments import parse_command_line
 
     try:
-        cfg = parse_run_config(argv)
+        command = parse_command_line(argv)
+        if command.print_config:
+            print(config_yaml(command.cfg), end="")
+            return None
+        cfg = command.cfg
         from .checkpointing import CheckpointSaveError
         from .loop import Trainer, TrainingDiverged
 

@@ -9,6 +9,7 @@ entry point does not use is an error rather than silently ignored.
 import argparse
 import difflib
 import re
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from .config import ConfigError, RunConfig, load_config
@@ -53,7 +54,7 @@ FLAG_FIELDS: dict[str, str] = {
 
 
 # Flags handled outside FLAG_FIELDS.
-_OTHER_FLAGS = ("config", "wandb_mode", "bf16", "help")
+_OTHER_FLAGS = ("config", "print_config", "wandb_mode", "bf16", "help")
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -96,11 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", required=True, help="YAML run config (see examples/configs/)")
     parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the whole config (its base files merged, flags applied, defaults filled in) and exit",
+    )
+    parser.add_argument(
         "--wandb-mode", choices=["auto", "online", "offline", "disabled"], help="W&B mode (auto: offline w/o key)"
     )
     add_megatron_arguments(parser)
     for action in parser._actions:
-        if action.dest not in ("help", "config"):
+        if action.dest not in ("help", "config", "print_config"):
             action.default = argparse.SUPPRESS
     return parser
 
@@ -109,7 +115,7 @@ def overrides_from_flags(flags: dict[str, Any]) -> dict[str, Any]:
     """Dotted-field overrides from the flags a user passed; unused Megatron flags are errors."""
     overrides: dict[str, Any] = {}
     for dest, value in flags.items():
-        if dest == "config":
+        if dest in ("config", "print_config"):
             continue
         if dest == "wandb_mode":
             overrides["logging.wandb_mode"] = value
@@ -126,11 +132,19 @@ def overrides_from_flags(flags: dict[str, Any]) -> dict[str, Any]:
     return overrides
 
 
-def parse_run_config(argv: list[str] | None = None) -> RunConfig:
-    """Parse the command line and return the validated run config; ConfigError (one line) if either is bad."""
+@dataclass(frozen=True)
+class CommandLine:
+    """What ``pretrain_mllm.py``'s command line asks for: the run's config, and whether only to print it."""
+
+    cfg: RunConfig
+    print_config: bool
+
+
+def parse_command_line(argv: list[str] | None = None) -> CommandLine:
+    """Parse the command line and validate the run config; ConfigError (one line) if either is bad."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise _unknown_argument(parser, unknown[0])
     flags = vars(args)
-    return load_config(flags["config"], overrides_from_flags(flags))
+    return CommandLine(load_config(flags["config"], overrides_from_flags(flags)), flags["print_config"])

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from ..core.transformer_config import SECTION_FIELDS, CrossAttentionTransformerConfig
-from ..ops import AUTO, BACKENDS, STRATEGIES, TWO_LEVEL_STRATEGIES
+from ..ops import SettingError, SettingFields, check_cross_attention_settings
 
 
 class ConfigError(ValueError):
@@ -132,10 +132,21 @@ class VisionModelConfig(_Section):
     activation_checkpointing: bool = False
 
 
+# How ``model`` names the settings the ops check (lvx_megatron.ops.settings): the fields an error is
+# raised on relative to the section, the others (named in messages only) in full.
+_SECTION_SETTING_FIELDS = SettingFields(
+    strategy="cross_attention.strategy",
+    backend="cross_attention.backend",
+    ranks_per_node="model.cross_attention.ranks_per_node",
+    layers="model.text.cross_attention_layers",
+)
+
+
 class _ModelCrossAttentionSettings(_Section):
     """``model.cross_attention`` without the core config's settings (added by :data:`CrossAttentionSettings`):
     what the model builders read (``heads``, ``head_dim``, ``ff_mult``: OpenFlamingo's gated blocks,
-    8, 64, 4, whatever the decoder's width), the checks that span settings, and their hand-over."""
+    8, 64, 4, whatever the decoder's width), and their hand-over (:class:`ModelConfig` checks them with
+    the decoder's layers)."""
 
     heads: PositiveInt | None = None
     head_dim: PositiveInt | None = None
@@ -143,18 +154,6 @@ class _ModelCrossAttentionSettings(_Section):
     # Text tokens that see no image: "zero" output (Meta's reference) or "attend_all" visual tokens
     # (Hugging Face's MllamaForConditionalGeneration; set by tools/convert_hf_checkpoint.py for parity).
     blind_rows: Literal["zero", "attend_all"] = "zero"
-
-    @model_validator(mode="after")
-    def _check(self) -> "_ModelCrossAttentionSettings":
-        allowed = [AUTO, *sorted(STRATEGIES), *sorted(TWO_LEVEL_STRATEGIES)]
-        for name in [self.strategy] if isinstance(self.strategy, str) else self.strategy:
-            if name not in allowed:
-                raise FieldError("strategy", f"must be one of {allowed} (or a list, one per layer), got {name!r}")
-            if name in TWO_LEVEL_STRATEGIES and self.ranks_per_node is None:
-                raise FieldError("ranks_per_node", f"required by strategy {name!r} (the CP ranks of one node)")
-        if self.backend not in BACKENDS:
-            raise FieldError("backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
-        return self
 
     def core_fields(self) -> dict[str, Any]:
         """The core config's fields these settings are (``CrossAttentionTransformerConfig(**...)``)."""
@@ -227,13 +226,12 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
         x = self.cross_attention
-        layers = self.text.cross_attention_layers
-        if isinstance(x.strategy, list) and len(x.strategy) != len(layers):
-            raise FieldError(
-                "cross_attention.strategy",
-                f"needs one entry per cross-attention layer ({len(layers)}: model.text.cross_attention_layers = "
-                f"{layers}) or a single name, got {x.strategy}",
+        try:
+            check_cross_attention_settings(
+                x.strategy, x.backend, x.ranks_per_node, self.text.cross_attention_layers, _SECTION_SETTING_FIELDS
             )
+        except SettingError as exc:
+            raise FieldError(exc.field, exc.problem) from None
         _families()[self.architecture].check(self)
         return self
 
@@ -480,20 +478,55 @@ def _yaml_error(path: Path, exc: yaml.YAMLError) -> ConfigError:
     return ConfigError(f"config error: {where}: not valid YAML: {problem}")
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read and validate ``path``; ``overrides`` maps dotted field names to values that win."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config error: --config: no such file {str(path)!r}")
+BASE_KEY = "base"  # a config's base file: its settings, under this file's
+
+
+def _merged(base: dict, child: dict) -> dict:
+    """``child`` over ``base``: sections merge key by key, any other value (lists too) replaces."""
+    out = dict(base)
+    for key, value in child.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The settings of ``path`` over those of its ``base:`` file (and so on up), as one tree."""
     try:
         tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # a SafeLoader
     except yaml.YAMLError as exc:
         raise _yaml_error(path, exc) from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config error: {path}: the top level must be a mapping of sections")
+    if BASE_KEY not in tree:
+        return tree
+    name = tree.pop(BASE_KEY)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"config error: {path}: {BASE_KEY}: must be a file path relative to this file, got {name!r}")
+    base = (path.parent / name).resolve()
+    if not base.is_file():
+        raise ConfigError(f"config error: {path}: {BASE_KEY}: no such file {str(base)!r}")
+    chain = (*chain, path.resolve())
+    if base in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(base) :], base))
+        raise ConfigError(f"config error: {path}: {BASE_KEY}: the bases form a cycle: {cycle}")
+    return _merged(_read_tree(base, chain), tree)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and validate ``path`` (over its ``base:`` file, if it names one); ``overrides`` maps
+    dotted field names to values that win."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config error: --config: no such file {str(path)!r}")
+    tree = _read_tree(path)
     for dotted, value in (overrides or {}).items():
         _set_dotted(tree, dotted, value)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    """``cfg`` with every setting (defaults filled in, bases merged) as YAML that :func:`load_config` reads back."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from lvx_megatron.ops import STRATEGIES
-from lvx_megatron.ops.auto import CPU_RATE, DEFAULT_LINKS
-from lvx_megatron.ops.cost_model import CallShape, ComputeModel, predict, predicted_bytes, uniform_lengths
+from lvx_megatron.ops.auto import CPU_RATE, DEFAULT_LINKS, predict, predicted_bytes
+from lvx_megatron.ops.cost_model import CallShape, ComputeModel, uniform_lengths
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -35,7 +35,11 @@ def _config(**overrides):
             dict(cross_attention_layers=[1], cross_attention_strategy="ulysses"),
             r"cross_attention_strategy must be .auto. or one of",
         ),
-        (dict(cross_attention_layers=[1, 2], cross_attention_strategy=["kv_ring"]), r"lists 1 strategies for 2"),
+        (
+            dict(cross_attention_layers=[1, 2], cross_attention_strategy=["kv_ring"]),
+            r"cross_attention_strategy needs one entry per cross-attention layer "
+            r"\(2: cross_attention_layers = \[1, 2\]\)",
+        ),
         (dict(cross_attention_backend="tilelang"), r"cross_attention_backend must be one of"),
         (
             dict(cross_attention_strategy="hierarchical"),

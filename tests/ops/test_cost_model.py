@@ -4,16 +4,8 @@ import pytest
 from cases import auto_choice, measured_and_predicted_bytes
 
 from lvx_megatron.launch import spawn_gloo
-from lvx_megatron.ops.cost_model import (
-    CallShape,
-    ComputeModel,
-    Link,
-    Topology,
-    choose_strategy,
-    predict,
-    predicted_bytes,
-    uniform_lengths,
-)
+from lvx_megatron.ops.auto import choose_strategy, predict, predicted_bytes
+from lvx_megatron.ops.cost_model import CallShape, ComputeModel, Link, Topology, uniform_lengths
 
 # H100-like rates (forward, forward+backward FLOP/s) on a 2 x 2 (sq, skv) grid; GQA 32/32 at a quarter
 # of 32/8's rates, so a group of 2 interpolates to half of them.

@@ -6,8 +6,8 @@ import torch
 
 from lvx_megatron.launch import spawn_gloo
 from lvx_megatron.ops import MaskPlan, distributed_cross_attention
-from lvx_megatron.ops import api as ops_api
 from lvx_megatron.ops import masks as ops_masks
+from lvx_megatron.ops import prepare as ops_prepare
 from lvx_megatron.ops.masks import TILE_EMPTY, TILE_FULL, TILE_PARTIAL, BlockMask, block_mask, classify_tiles
 
 
@@ -146,7 +146,7 @@ def test_a_planned_call_pays_its_fixed_costs_once(monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(ops_api, "exchange_layout", counting("layout", ops_api.exchange_layout))
+    monkeypatch.setattr(ops_prepare, "exchange_layout", counting("layout", ops_prepare.exchange_layout))
     monkeypatch.setattr(ops_masks, "classify_tiles", counting("classify", ops_masks.classify_tiles))
     plan = MaskPlan.build(q_mask, ids)
     outs = []

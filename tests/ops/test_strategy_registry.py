@@ -18,12 +18,13 @@ from lvx_megatron.ops import (
     LinkSettings,
     SharedComm,
     Strategy,
-    cost_model,
+    auto,
     distributed_cross_attention,
     recomputed_kv_cross_attention,
 )
-from lvx_megatron.ops.cost_model import CallShape, ComputeModel, Link, Topology, choose_strategy, uniform_lengths
-from lvx_megatron.ops.registry import check_strategy_name
+from lvx_megatron.ops.auto import choose_strategy
+from lvx_megatron.ops.cost_model import CallShape, ComputeModel, Link, Topology, uniform_lengths
+from lvx_megatron.ops.settings import check_strategy_name
 
 PACKAGE = Path(__file__).resolve().parents[2] / "lvx_megatron"
 SHAPE = CallShape(uniform_lengths(96, 4), uniform_lengths(4096, 4), batch=1, q_heads=8, kv_heads=2, head_dim=64)
@@ -40,7 +41,7 @@ def test_every_strategy_declares_its_passes_costs_and_group():
         assert all(callable(f) for f in (s.forward, s.backward, s.predicted_bytes, s.predicted_seconds))
         ranks_per_node = 2 if s.two_level else None
         fwd, bwd = s.predicted_bytes(SHAPE, 0, ranks_per_node)
-        assert fwd > 0 and bwd > 0 and (fwd, bwd) == cost_model.predicted_bytes(name, SHAPE, 0, ranks_per_node)
+        assert fwd > 0 and bwd > 0 and (fwd, bwd) == auto.predicted_bytes(name, SHAPE, 0, ranks_per_node)
 
 
 def test_the_cost_model_predicts_every_registered_strategy():
@@ -49,7 +50,7 @@ def test_the_cost_model_predicts_every_registered_strategy():
     _, two_level = choose_strategy(SHAPE, Topology(2, Link(1e11), Link(1e9)), FLAT)
     assert list(two_level) == list(REGISTRY)
     with pytest.raises(ValueError, match=r"strategy must be one of \['query_ring', 'kv_ring'"):
-        cost_model.predicted_bytes("ulysses", SHAPE, 0)
+        auto.predicted_bytes("ulysses", SHAPE, 0)
 
 
 def test_validation_names_the_field_and_the_registered_values():

@@ -14,7 +14,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from train_harness import TINY
 
-from lvx_megatron.training.arguments import parse_run_config
+from lvx_megatron.training.arguments import parse_command_line
 from lvx_megatron.training.config import ConfigError
 from lvx_megatron.training.profiling import (
     IDLE,
@@ -127,8 +127,8 @@ def test_device_busy_time_reads_the_exported_trace(tmp_path):
 
 def test_profile_step_range_is_checked_against_train_iters():
     with pytest.raises(ConfigError, match="profile_step_end"):
-        parse_run_config(["--config", str(TINY), "--profile", "--profile-step-start", "4", "--profile-step-end", "4"])
-    cfg = parse_run_config(["--config", str(TINY), "--use-pytorch-profiler", "--profile-ranks", "0", "1"])
+        parse_command_line(["--config", str(TINY), "--profile", "--profile-step-start", "4", "--profile-step-end", "4"])
+    cfg = parse_command_line(["--config", str(TINY), "--use-pytorch-profiler", "--profile-ranks", "0", "1"]).cfg
     assert cfg.training.profile and cfg.training.profile_ranks == [0, 1]
 
 
