@@ -845,7 +845,7 @@ def render_doc(doc: Path) -> tuple[str, list[str]]:
 
 # Sections of measurements: every number there comes from a rendered region (or names code, in
 # backquotes). Elsewhere only figures with a unit are caught (a time, size, rate, share or ratio).
-MEASURED_SECTIONS = {"README.md": ("GPU results", "Roadmap"), "performance.md": ("*",)}
+MEASURED_SECTIONS = {"results.md": ("GPU results",), "roadmap.md": ("*",)}
 _NUMBER = r"(?<![\w.\-/])\d[\d,]*(?:\.\d+)?(?:e-?\d+)?(?:\s?-\s?\d[\d,]*(?:\.\d+)?)?"
 _UNIT = (
     r"(?:ms|us|µs|s|sec|seconds?|min|minutes?|h|hours?|GiB|MiB|KiB|GB|MB|KB|TB|TFLOP/s|GFLOP/s|GB/s|MB/s"

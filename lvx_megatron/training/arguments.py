@@ -127,7 +127,7 @@ def overrides_from_flags(flags: dict[str, Any]) -> dict[str, Any]:
             flag = "--" + dest.replace("_", "-")
             raise ConfigError(
                 f"config error: {flag}: a Megatron-LM flag that pretrain_mllm.py does not use; "
-                "set the matching field in the YAML config instead (README: config reference)"
+                "set the matching field in the YAML config instead (docs/training.md: config reference)"
             )
     return overrides
 

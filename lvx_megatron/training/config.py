@@ -432,7 +432,7 @@ def _one_line(error: ValidationError) -> str:
     loc = ".".join(loc) or "<top level>"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        msg = "unknown field (check the spelling; see the config reference in README.md)"
+        msg = "unknown field (check the spelling; see the config reference in docs/training.md)"
     elif "input" in first and not isinstance(first["input"], dict):
         msg += f" (got {first['input']!r})"
     more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""

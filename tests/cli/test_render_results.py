@@ -237,3 +237,19 @@ def test_committed_simulator_results_are_what_the_simulator_computes_now(path, t
     rerun = f"rerun `{committed['meta']['command']}`, then python tools/render_results.py"
     assert now["report"] == committed["report"], rerun
     assert now["strategies"] == committed["strategies"], rerun
+
+
+def test_a_hand_typed_number_fails_in_a_measured_section_and_a_figure_anywhere(tmp_path):
+    results, roadmap, other = tmp_path / "results.md", tmp_path / "roadmap.md", tmp_path / "data.md"
+    results.write_text(
+        "# Results\n\nMade with 3 ranks.\n\n## GPU results\n\nA step of 12 layers.\n\n## Later\n\nOn 2 nodes.\n"
+    )
+    assert rr.hand_typed_figures(results, results.read_text()) == [
+        f"{results}:7: '12' in 'A step of 12 layers.'"
+    ]  # the measured section only: plain numbers elsewhere are words
+    roadmap.write_text("# Roadmap\n\n- faster by 2 steps\n")
+    assert rr.hand_typed_figures(roadmap, roadmap.read_text()) == [f"{roadmap}:3: '2' in '- faster by 2 steps'"]
+    other.write_text("It takes 3.5 ms, in `4 ms` code and 2 words.\n")
+    assert rr.hand_typed_figures(other, other.read_text()) == [
+        f"{other}:1: '3.5 ms' in 'It takes 3.5 ms, in `4 ms` code and 2 words.'"
+    ]
