@@ -24,9 +24,7 @@ def test_the_readme_is_short():
 
 
 def test_every_relative_link_reaches_its_file_and_heading():
-    headings = {
-        doc: {_anchor(m.group(1)) for m in re.finditer(r"^#+ (.*)$", doc.read_text(), re.M)} for doc in DOCS
-    }
+    headings = {doc: {_anchor(m.group(1)) for m in re.finditer(r"^#+ (.*)$", doc.read_text(), re.M)} for doc in DOCS}
     broken = []
     for doc in DOCS:
         for link in _links(doc):
