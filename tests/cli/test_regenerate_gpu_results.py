@@ -101,8 +101,11 @@ def test_a_stopped_stage_is_interrupted_first_so_pytest_can_still_write_its_repo
     handler runs. The signal goes only once the child says it is inside its ``try`` (a file), so a
     slow start under load cannot make it arrive too early."""
     ready, marker = tmp_path / "ready", tmp_path / "interrupted"
+    # A shell's background job starts with SIGINT ignored, which Python then leaves alone: the child
+    # takes KeyboardInterrupt's handler itself, as pytest under a terminal has it.
     code = (
-        f"import time\ntry:\n    open({str(ready)!r}, 'w').close()\n    time.sleep(300)\n"
+        "import signal, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        f"try:\n    open({str(ready)!r}, 'w').close()\n    time.sleep(300)\n"
         f"except KeyboardInterrupt:\n    open({str(marker)!r}, 'w').close()"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
